@@ -1,0 +1,5 @@
+import sys
+
+from pycompress.cli.main import main
+
+sys.exit(main())

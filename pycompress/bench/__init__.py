@@ -1,0 +1,1 @@
+"""pycompress.bench: see ARCHITECTURE.md."""

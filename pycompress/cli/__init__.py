@@ -1,0 +1,3 @@
+from pycompress.cli.main import main
+
+__all__ = ["main"]

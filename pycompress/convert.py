@@ -1,0 +1,172 @@
+"""Bring a PyTorch model into ONNX: export, then check torch against onnxruntime.
+
+SOURCE is ``path/to/file.py:callable`` (the callable returns a
+``torch.nn.Module``; the file is the user's own code and is run as such) or a
+``torch.export`` archive ``.pt2``. Nothing is unpickled: ``.pt``/``.pth``
+pickles are refused, since loading one runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pycompress.errors import PycompressError
+
+
+@dataclass
+class ConversionReport:
+    output: str
+    exporter: str
+    seconds: float
+    max_abs_diff: float
+    max_abs_output: float
+    tolerance: float
+
+    @property
+    def relative_diff(self) -> float:
+        return self.max_abs_diff / max(1.0, self.max_abs_output)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise PycompressError(f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise PycompressError(f"--input-shape {text!r}: dimensions must be positive integers")
+    return dims
+
+
+def load_module_source(source: str):
+    """Return (torch module or ExportedProgram, description) for a SOURCE string."""
+    import torch
+
+    if source.endswith(".pt2"):
+        path = Path(source)
+        if not path.is_file():
+            raise PycompressError(f"{source}: no such file")
+        try:
+            return torch.export.load(str(path)), "exported program"
+        except Exception as exc:
+            raise PycompressError(f"{source}: not a loadable torch.export archive ({type(exc).__name__}: {exc})") from exc
+    if source.endswith((".pt", ".pth", ".pkl", ".ckpt")):
+        raise PycompressError(
+            f"{source}: pickled checkpoints are not loaded (unpickling runs arbitrary code); "
+            "pass file.py:factory that builds the module and loads its state_dict, or a torch.export .pt2"
+        )
+    if ":" not in source:
+        raise PycompressError(f"{source}: expected path/to/file.py:callable or a .pt2 archive")
+    file_part, _, attr = source.rpartition(":")
+    path = Path(file_part)
+    if not path.is_file():
+        raise PycompressError(f"{file_part}: no such file")
+    spec = importlib.util.spec_from_file_location(f"pycompress_user_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise PycompressError(f"{file_part}: cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise PycompressError(f"{file_part}: importing it failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise PycompressError(f"{file_part}: has no attribute '{attr}'")
+    try:
+        built = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    except Exception as exc:
+        raise PycompressError(f"{source}: calling it failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(built, torch.nn.Module):
+        raise PycompressError(f"{source}: returned {type(built).__name__}, expected a torch.nn.Module")
+    return built, "module"
+
+
+def export_to_onnx(
+    model,
+    input_shapes: list[tuple[int, ...]],
+    output: str | os.PathLike,
+    *,
+    exporter: str = "legacy",
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    tolerance: float = 1e-3,
+    seed: int = 0,
+) -> ConversionReport:
+    """Export a torch module (or ExportedProgram) and verify it with onnxruntime.
+
+    ``tolerance`` bounds max|torch - ort| / max(1, max|torch|); above it the
+    export is rejected and nothing is written.
+    """
+    import onnxruntime as ort
+    import torch
+
+    output = Path(output)
+    is_program = isinstance(model, torch.export.ExportedProgram)
+    if is_program:
+        exporter = "dynamo"
+        args = tuple(a for a in model.example_inputs[0])
+        input_shapes = [tuple(a.shape) for a in args]
+    else:
+        if not input_shapes:
+            raise PycompressError("--input-shape is required for a torch.nn.Module source")
+        model = model.eval()
+        gen = torch.Generator().manual_seed(seed)
+        args = tuple(torch.randn(*shape, generator=gen) for shape in input_shapes)
+    names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    start = time.perf_counter()
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise PycompressError(f"{output}: output folder {folder} does not exist")
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".pycompress-") as tmp:
+        tmp_path = Path(tmp) / output.name
+        try:
+            if exporter == "legacy":
+                dynamic_axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+                if dynamic_axes:
+                    dynamic_axes["output"] = {0: "batch"}
+                torch.onnx.export(model, args, str(tmp_path), dynamo=False, opset_version=opset,
+                                  input_names=names, output_names=["output"], dynamic_axes=dynamic_axes,
+                                  do_constant_folding=True)
+            elif exporter == "dynamo":
+                program = torch.onnx.export(model, args, dynamo=True, opset_version=max(opset, 18),
+                                            input_names=None if is_program else names,
+                                            external_data=False)
+                program.save(str(tmp_path), external_data=False)
+            else:
+                raise PycompressError(f"--exporter {exporter!r}: choose legacy or dynamo")
+        except PycompressError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise PycompressError(f"torch.onnx export failed: {type(exc).__name__}: {first}") from exc
+        seconds = time.perf_counter() - start
+
+        with torch.no_grad():
+            expected = model.module()(*args) if is_program else model(*args)
+        if isinstance(expected, (tuple, list)):
+            expected = expected[0]
+        expected = expected.detach().numpy()
+        session = ort.InferenceSession(str(tmp_path), providers=["CPUExecutionProvider"])
+        feeds = {inp.name: a.numpy() for inp, a in zip(session.get_inputs(), args)}
+        got = session.run(None, feeds)[0]
+        if got.shape != expected.shape:
+            raise PycompressError(f"exported model's output shape {got.shape} differs from torch's {expected.shape}")
+        report = ConversionReport(
+            output=str(output), exporter=exporter, seconds=seconds,
+            max_abs_diff=float(np.max(np.abs(got - expected))) if got.size else 0.0,
+            max_abs_output=float(np.max(np.abs(expected))) if expected.size else 0.0,
+            tolerance=tolerance,
+        )
+        if report.relative_diff > tolerance:
+            raise PycompressError(
+                f"exported model differs from torch: max |diff| = {report.max_abs_diff:.3g} "
+                f"(relative {report.relative_diff:.3g} > tolerance {tolerance:g}); nothing written"
+            )
+        os.replace(tmp_path, output)
+    return report

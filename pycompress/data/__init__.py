@@ -1,0 +1,1 @@
+"""pycompress.data: see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""pycompress.decisions: see ARCHITECTURE.md."""

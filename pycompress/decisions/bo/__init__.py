@@ -1,0 +1,1 @@
+"""pycompress.decisions.bo: see ARCHITECTURE.md."""

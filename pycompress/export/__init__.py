@@ -1,0 +1,1 @@
+"""pycompress.export: see ARCHITECTURE.md."""

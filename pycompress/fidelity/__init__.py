@@ -1,0 +1,1 @@
+"""pycompress.fidelity: see ARCHITECTURE.md."""

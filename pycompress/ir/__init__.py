@@ -1,0 +1,44 @@
+"""The ONNX model layer: safe load/save, graph queries, shapes, accounting.
+
+Everything above this package works on ``onnx_ir.Model`` objects obtained
+from ``load_model`` and written with ``save_model``.
+"""
+
+from pycompress.ir.accounting import LayerCost, ModelCost, model_cost, node_macs
+from pycompress.ir.graph import (
+    add_initializer,
+    attr_float,
+    attr_int,
+    attr_ints,
+    attr_str,
+    constant_array,
+    constant_inputs,
+    consumers,
+    node_by_name,
+    opset_version,
+    output_shapes,
+    producer,
+    remove_unused_initializers,
+    shape_of,
+    unique_name,
+)
+from pycompress.ir.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_external_data,
+    check_model,
+    infer_model_shapes,
+    load_model,
+    model_nbytes,
+    save_model,
+    simplify_model,
+)
+
+__all__ = [
+    "LayerCost", "ModelCost", "model_cost", "node_macs",
+    "add_initializer", "attr_float", "attr_int", "attr_ints", "attr_str",
+    "constant_array", "constant_inputs", "consumers", "node_by_name", "opset_version",
+    "output_shapes", "producer", "remove_unused_initializers", "shape_of", "unique_name",
+    "atomic_write_bytes", "atomic_write_text", "check_external_data", "check_model", "infer_model_shapes",
+    "load_model", "model_nbytes", "save_model", "simplify_model",
+]

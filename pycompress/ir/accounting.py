@@ -1,0 +1,131 @@
+"""Per-layer parameters, bytes and multiply-accumulates (MACs).
+
+MACs are per inference of the graph as shaped: a symbolic dimension (usually
+the batch) counts as 1, so a model exported with a dynamic batch reports the
+cost of one sample. Parameters are the elements of constant tensors a node
+reads, except int64 tensors (shapes, axes, indices of Reshape/Slice) and 0-d
+scalars (Clip bounds, Pad values written as Constant nodes): those are op
+settings, not weights. A constant read by several nodes is counted once, at its first
+reader in graph order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from pycompress.ir.graph import attr_int, constant_array, shape_of
+
+# Ops whose cost is their matrix product; everything else is counted for its
+# parameters only (elementwise work is small next to Conv/Gemm/MatMul).
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+@dataclass
+class LayerCost:
+    name: str
+    op: str
+    weight_shape: list[int] | None
+    params: int
+    bytes: int
+    macs: int
+
+
+@dataclass
+class ModelCost:
+    layers: list[LayerCost] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def bytes(self) -> int:
+        return sum(layer.bytes for layer in self.layers)
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    def by_name(self) -> dict[str, LayerCost]:
+        return {layer.name: layer for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [asdict(layer) for layer in self.layers],
+            "total": {"params": self.params, "bytes": self.bytes, "macs": self.macs},
+        }
+
+
+def _dims(shape: tuple[int | None, ...] | None) -> list[int] | None:
+    return None if shape is None else [1 if d is None else d for d in shape]
+
+
+def _is_weight(array: np.ndarray) -> bool:
+    return array.ndim >= 1 and array.dtype != np.int64 and array.dtype.kind in "fiu"
+
+
+def node_macs(node: ir.Node) -> int:
+    """Multiply-accumulates of one node, from its inferred shapes (0 if unknown)."""
+    op = node.op_type
+    if op not in COMPUTE_OPS or node.domain not in ("", "ai.onnx"):
+        return 0
+    out = _dims(shape_of(node.outputs[0]))
+    if out is None:
+        return 0
+    if op in ("Conv", "ConvTranspose"):
+        w = _dims(shape_of(node.inputs[1]))
+        if w is None:
+            arr = constant_array(node.inputs[1])
+            w = None if arr is None else list(arr.shape)
+        if w is None:
+            return 0
+        if op == "Conv":
+            # Each output element: (Ci / groups) * prod(kernel) MACs; w[1] = Ci / groups.
+            return math.prod(out) * w[1] * math.prod(w[2:])
+        x = _dims(shape_of(node.inputs[0]))
+        if x is None:
+            return 0
+        # ConvTranspose: each input element scatters into (Co / groups) * prod(kernel); w[1] = Co / groups.
+        return math.prod(x) * w[1] * math.prod(w[2:])
+    if op == "Gemm":
+        a = _dims(shape_of(node.inputs[0]))
+        if a is None:
+            return 0
+        k = a[0] if attr_int(node, "transA", 0) else a[1]
+        return math.prod(out) * k
+    # MatMul with numpy broadcasting: out[..., M, N], reduction over K.
+    a = _dims(shape_of(node.inputs[0]))
+    if a is None:
+        return 0
+    k = a[-1]
+    return math.prod(out) * k
+
+
+def model_cost(model: ir.Model) -> ModelCost:
+    """Parameters, bytes and MACs per layer (every node with weights or MACs)."""
+    counted: set[int] = set()
+    cost = ModelCost()
+    for node in model.graph:  # top-level graph; subgraphs are rare in vision/FC models
+        if node.op_type == "Constant":
+            continue
+        params = nbytes = 0
+        weight_shape = None
+        for value in node.inputs:
+            if value is None or id(value) in counted:
+                continue
+            array = constant_array(value)
+            if array is None or not _is_weight(array):
+                continue
+            counted.add(id(value))
+            params += int(array.size)
+            nbytes += int(array.nbytes)
+            if weight_shape is None or array.size > math.prod(weight_shape):
+                weight_shape = list(array.shape)
+        macs = node_macs(node)
+        if params or macs:
+            cost.layers.append(LayerCost(node.name, node.op_type, weight_shape, params, nbytes, macs))
+    return cost

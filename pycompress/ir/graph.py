@@ -1,0 +1,124 @@
+"""Graph queries on onnx_ir: producers, consumers, constants, shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from pycompress.errors import PycompressError
+
+
+def node_by_name(model: ir.Model, name: str) -> ir.Node:
+    for node in model.graph:
+        if node.name == name:
+            return node
+    raise PycompressError(f"node '{name}' not found in the model")
+
+
+def producer(value: ir.Value | None) -> ir.Node | None:
+    return None if value is None else value.producer()
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    """Nodes that read ``value``, each once, in graph order of their uses."""
+    seen: dict[int, ir.Node] = {}
+    for use in value.uses():
+        seen.setdefault(id(use.node), use.node)
+    return list(seen.values())
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value as a numpy array if it is a constant (initializer or Constant node)."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        attr = node.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+    return None
+
+
+def constant_inputs(node: ir.Node) -> dict[int, np.ndarray]:
+    """Input index -> array for the node's constant inputs."""
+    out = {}
+    for i, value in enumerate(node.inputs):
+        array = constant_array(value)
+        if array is not None:
+            out[i] = array
+    return out
+
+
+def shape_of(value: ir.Value | None) -> tuple[int | None, ...] | None:
+    """Static shape; symbolic or unknown dims are None; None if rank unknown."""
+    if value is None or value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in value.shape)
+
+
+def output_shapes(node: ir.Node) -> list[tuple[int | None, ...] | None]:
+    return [shape_of(v) for v in node.outputs]
+
+
+def attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.value)
+
+
+def attr_ints(node: ir.Node, name: str, default: list[int] | None) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return default if attr is None else [int(v) for v in attr.value]
+
+
+def attr_float(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else float(attr.value)
+
+
+def attr_str(node: ir.Node, name: str, default: str) -> str:
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    value = attr.value
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def opset_version(model: ir.Model, domain: str = "") -> int:
+    return int(model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 0)))
+
+
+def unique_name(model: ir.Model, base: str) -> str:
+    """A node/value name not used in the graph yet, readable: base, base_1, ..."""
+    taken = model.meta.setdefault("pycompress.names", None)
+    if taken is None:
+        taken = set()
+        for node in model.graph:
+            taken.add(node.name)
+            taken.update(v.name for v in node.outputs)
+        taken.update(v.name for v in model.graph.inputs)
+        taken.update(model.graph.initializers.keys())
+        model.meta["pycompress.names"] = taken
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def add_initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new constant under a unique name derived from ``name``."""
+    name = unique_name(model, name)
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    model.graph.register_initializer(value)
+    return value
+
+
+def remove_unused_initializers(model: ir.Model) -> None:
+    for name, value in list(model.graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del model.graph.initializers[name]

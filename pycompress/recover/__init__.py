@@ -1,0 +1,1 @@
+"""pycompress.recover: see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""pycompress.report: see ARCHITECTURE.md."""
