@@ -1,0 +1,109 @@
+"""Calibration data sources (see package docstring)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from pycompress.errors import PycompressError
+
+
+@dataclass
+class Calibration:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def batches(self, batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self), batch_size):
+            yield {k: v[start:start + batch_size] for k, v in self.inputs.items()}
+
+    def subset(self, index: np.ndarray) -> "Calibration":
+        return Calibration({k: v[index] for k, v in self.inputs.items()},
+                           None if self.labels is None else self.labels[index], self.source)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 real 8x8 handwritten digits, flattened, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return (data.data / 16.0).astype(np.float32), data.target.astype(np.int64)
+
+
+# name -> () -> (inputs for a single-input model, labels or None)
+BUILTIN: dict[str, Callable[[], tuple[np.ndarray, np.ndarray | None]]] = {"digits": _digits}
+
+
+def _check_against_model(inputs: dict[str, np.ndarray], model: ir.Model, source: str) -> dict[str, np.ndarray]:
+    graph_inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    names = [v.name for v in graph_inputs]
+    if set(inputs) != set(names):
+        if len(inputs) == 1 and len(names) == 1:
+            inputs = {names[0]: next(iter(inputs.values()))}
+        else:
+            raise PycompressError(f"{source}: arrays {sorted(inputs)} do not match the model's inputs {names}")
+    out = {}
+    for value in graph_inputs:
+        array = inputs[value.name]
+        expected = value.dtype.numpy() if value.dtype is not None else np.float32
+        if array.dtype != expected:
+            if array.dtype.kind == "f" and np.dtype(expected).kind == "f":
+                array = array.astype(expected)
+            else:
+                raise PycompressError(f"{source}: input '{value.name}' has dtype {array.dtype}, model expects {np.dtype(expected)}")
+        shape = value.shape
+        if shape is not None:
+            want = [d if isinstance(d, int) else None for d in shape]
+            got = list(array.shape)
+            if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want[1:], got[1:])):
+                raise PycompressError(f"{source}: input '{value.name}' has shape {tuple(got)}, model expects "
+                                      f"{tuple('?' if w is None else w for w in want)} (first axis = samples)")
+        out[value.name] = array
+    return out
+
+
+def load_data(spec: str, model: ir.Model, *, labels: str | None = None) -> Calibration:
+    """Load calibration data for ``model`` from SPEC: file.npz, file.npy or builtin:NAME."""
+    label_array = None
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise PycompressError(f"--data {spec}: unknown built-in source; known: {', '.join(sorted(BUILTIN))}")
+        x, label_array = BUILTIN[name]()
+        arrays = {"__single__": x}
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise PycompressError(f"{spec}: no such data file")
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as npz:
+                    arrays = {k: npz[k] for k in npz.files}
+                if "labels" in arrays:
+                    label_array = arrays.pop("labels")
+            elif path.suffix == ".npy":
+                arrays = {"__single__": np.load(path, allow_pickle=False)}
+            else:
+                raise PycompressError(f"{spec}: unsupported data format (use .npz, .npy or builtin:NAME)")
+        except PycompressError:
+            raise
+        except Exception as exc:  # pickled object arrays are refused by allow_pickle=False
+            raise PycompressError(f"{spec}: cannot read data ({type(exc).__name__}: {exc})") from exc
+    if labels is not None:
+        try:
+            label_array = np.load(labels, allow_pickle=False)
+        except Exception as exc:
+            raise PycompressError(f"{labels}: cannot read labels ({type(exc).__name__})") from exc
+    inputs = _check_against_model(arrays, model, spec)
+    cal = Calibration(inputs, label_array, spec)
+    if label_array is not None and len(label_array) != len(cal):
+        raise PycompressError(f"{spec}: {len(label_array)} labels for {len(cal)} samples")
+    return cal

@@ -1,0 +1,78 @@
+"""onnxruntime sessions on in-memory models, and intermediate activations.
+
+The one place that turns an ``onnx_ir.Model`` into a runnable session. To read
+intermediate tensors (layer responses for PFA, layer inputs for data-aware
+low rank and recovery) a *copy* of the model exposes them as extra outputs;
+the user's model is never changed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from pycompress.errors import PycompressError
+
+
+def make_session(model: ir.Model, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                 extra_outputs: Sequence[str] = ()):
+    """An onnxruntime InferenceSession for ``model`` (plus ``extra_outputs`` exposed)."""
+    import onnxruntime as ort
+
+    proto = ir.to_proto(model)
+    if extra_outputs:
+        import onnx
+
+        known = {o.name for o in proto.graph.output}
+        values = {v.name: v for v in model.graph.all_nodes() for v in v.outputs}
+        for name in extra_outputs:
+            if name in known:
+                continue
+            if name not in values:
+                raise PycompressError(f"tensor '{name}' is not produced by any node of the model")
+            # Type only (no shape): ORT accepts it and infers the rest.
+            dtype = values[name].dtype or ir.DataType.FLOAT
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, int(dtype), None))
+            known.add(name)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), options,
+                                    providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PycompressError(f"onnxruntime cannot load the model: {first}") from exc
+
+
+def iterate_batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Split arrays that share their first dimension into feed dicts."""
+    n = len(next(iter(inputs.values())))
+    for start in range(0, n, batch_size):
+        yield {name: array[start:start + batch_size] for name, array in inputs.items()}
+
+
+def collect_activations(model: ir.Model, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]],
+                        *, threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield {tensor name: array} for each input batch (a streaming pass)."""
+    session = make_session(model, extra_outputs=names, threads=threads)
+    output_names = list(dict.fromkeys(names))
+    input_names = {i.name for i in session.get_inputs()}
+    for feeds in batches:
+        feeds = {k: v for k, v in feeds.items() if k in input_names}
+        yield dict(zip(output_names, session.run(output_names, feeds)))
+
+
+def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *, batch_size: int = 256,
+              threads: int | None = None) -> list[np.ndarray]:
+    """All graph outputs on ``inputs`` (batched, concatenated)."""
+    session = make_session(model, threads=threads)
+    input_names = {i.name for i in session.get_inputs()}
+    parts: list[list[np.ndarray]] = []
+    for feeds in iterate_batches({k: v for k, v in inputs.items() if k in input_names}, batch_size):
+        parts.append(session.run(None, feeds))
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
