@@ -27,5 +27,10 @@ else:
         BACKEND = "reference"
 
 CovarianceAccumulator = _impl.CovarianceAccumulator
+kmeans1d = _impl.kmeans1d
+huffman_code_lengths = _impl.huffman_code_lengths
+huffman_encode = _impl.huffman_encode
+huffman_decode = _impl.huffman_decode
 
-__all__ = ["BACKEND", "CovarianceAccumulator", "reference"]
+__all__ = ["BACKEND", "CovarianceAccumulator", "huffman_code_lengths", "huffman_decode", "huffman_encode",
+           "kmeans1d", "reference"]
