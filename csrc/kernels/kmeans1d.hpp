@@ -5,8 +5,12 @@
 // is a contiguous run of the sorted values, so the values are sorted once and each
 // iteration finds the K run boundaries by binary search (value i goes to cluster k
 // when mid_{k-1} < v_i <= mid_k, mid_k = (c_k + c_{k+1}) / 2) and the K means from
-// float64 prefix sums: O(K log n) per iteration after the O(n log n) sort. An empty cluster keeps its centroid (it stays
-// between its neighbours, so the centroids remain sorted).
+// float64 prefix sums: O(K log n) per iteration after the O(n log n) sort.
+// During Lloyd an empty cluster keeps its centroid (it stays between its
+// neighbours, so the centroids remain sorted). Once Lloyd has converged, empty
+// clusters are re-seeded: each moves to the farthest member of one of the
+// clusters with the largest squared error, and Lloyd runs again (repeated while
+// clusters are empty and some cluster holds two distinct values).
 #pragma once
 #include <cstdint>
 #include <vector>

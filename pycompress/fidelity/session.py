@@ -58,13 +58,20 @@ def iterate_batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterat
 
 def collect_activations(model: ir.Model, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]],
                         *, threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Yield {tensor name: array} for each input batch (a streaming pass)."""
-    session = make_session(model, extra_outputs=names, threads=threads)
-    output_names = list(dict.fromkeys(names))
+    """Yield {tensor name: array} for each input batch (a streaming pass).
+
+    Graph inputs may be named too (the first layer's input): they are passed
+    through from the feeds.
+    """
+    graph_inputs = {v.name for v in model.graph.inputs}
+    wanted = list(dict.fromkeys(names))
+    output_names = [n for n in wanted if n not in graph_inputs]
+    session = make_session(model, extra_outputs=output_names, threads=threads)
     input_names = {i.name for i in session.get_inputs()}
     for feeds in batches:
         feeds = {k: v for k, v in feeds.items() if k in input_names}
-        yield dict(zip(output_names, session.run(output_names, feeds)))
+        values = dict(zip(output_names, session.run(output_names, feeds))) if output_names else {}
+        yield {n: values[n] if n in values else feeds[n] for n in wanted}
 
 
 def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *, batch_size: int = 256,

@@ -79,10 +79,13 @@ def kmeans1d(values: np.ndarray, clusters: int, max_iter: int = 10000):
 
     Centroids start at ``c_k = lo + (hi - lo) k / (K - 1)`` and follow Lloyd's
     updates until the partition is a fixed point (``converged``) or
-    ``max_iter`` updates were done. Values are sorted once; value ``v`` joins
-    cluster ``#{k : mid_k < v}``, ``mid_k = (c_k + c_{k+1}) / 2``; means come
-    from float64 prefix sums and are clamped to their run; an empty cluster
-    keeps its centroid. Same arithmetic as the C++ kernel, so same bits.
+    ``max_iter`` updates were done in total. Values are sorted once; value
+    ``v`` joins cluster ``#{k : mid_k < v}``, ``mid_k = (c_k + c_{k+1}) / 2``;
+    means come from float64 prefix sums and are clamped to their run; an empty
+    cluster keeps its centroid. After convergence, empty clusters are
+    re-seeded at the farthest member of the clusters with the largest squared
+    error and Lloyd runs again (see csrc/kernels/kmeans1d.hpp). Same
+    arithmetic as the C++ kernel, so the same bits.
     """
     array = np.asarray(values)
     x = np.ascontiguousarray(array, dtype=np.float32).ravel()
@@ -98,31 +101,56 @@ def kmeans1d(values: np.ndarray, clusters: int, max_iter: int = 10000):
     order = np.argsort(x, kind="stable")
     s = x[order].astype(np.float64)
     prefix = np.concatenate([[0.0], np.cumsum(s)])
+    square_prefix = np.concatenate([[0.0], np.cumsum(s * s)])
     lo, hi = s[0], s[-1]
     c = np.array([lo]) if k_count == 1 else lo + (hi - lo) * np.arange(k_count) / (k_count - 1)
+    iterations = 0
 
     def assign() -> np.ndarray:
         mid = (c[:-1] + c[1:]) / 2
         # Same as the sweep: the running position never moves back.
         return np.concatenate([np.maximum.accumulate(np.searchsorted(s, mid, side="right")), [s.size]])
 
-    previous = None
-    iterations, converged = 0, False
-    while True:
-        end = assign()
-        if previous is not None and np.array_equal(end, previous):
-            converged = True
-            break
-        if iterations == max_iter:
+    def lloyd() -> tuple[bool, np.ndarray]:
+        nonlocal c, iterations
+        previous = None
+        while True:
+            end = assign()
+            if previous is not None and np.array_equal(end, previous):
+                return True, end
+            if iterations == max_iter:
+                return False, end
+            start = np.concatenate([[0], end[:-1]])
+            count = end - start
+            full = count > 0
+            mean = (prefix[end[full]] - prefix[start[full]]) / count[full]
+            c = c.copy()
+            c[full] = np.minimum(np.maximum(mean, s[start[full]]), s[end[full] - 1])
+            previous = end
+            iterations += 1
+
+    converged, end = lloyd()
+    for _ in range(k_count):
+        if not converged:
             break
         start = np.concatenate([[0], end[:-1]])
         count = end - start
+        empty = np.flatnonzero(count == 0)
         full = count > 0
-        mean = (prefix[end[full]] - prefix[start[full]]) / count[full]
+        total = np.zeros(k_count)
+        total[full] = prefix[end[full]] - prefix[start[full]]
+        sse = np.zeros(k_count)
+        sse[full] = (square_prefix[end[full]] - square_prefix[start[full]]) - total[full] * total[full] / count[full]
+        splittable = [k for k in range(k_count) if full[k] and s[end[k] - 1] > s[start[k]]]
+        if empty.size == 0 or not splittable:
+            break
+        splittable.sort(key=lambda k: -sse[k])  # stable: ties keep the lower index first
         c = c.copy()
-        c[full] = np.minimum(np.maximum(mean, s[start[full]]), s[end[full] - 1])
-        previous = end
-        iterations += 1
+        for e, k in zip(empty, splittable):
+            first, last = start[k], end[k] - 1
+            c[e] = s[first] if c[k] - s[first] >= s[last] - c[k] else s[last]
+        c = np.sort(c)
+        converged, end = lloyd()
     labels = np.repeat(np.arange(k_count), np.diff(np.concatenate([[0], end])))
     indices = np.empty(x.size, np.uint8)
     indices[order] = labels
