@@ -170,6 +170,8 @@ class WeightSharing(Rewrite):
             if index is None:
                 weight = node.inputs[1] if len(node.inputs) > 1 else None
                 producer = weight.producer() if weight is not None else None
+                if producer is not None and producer.op_type == "Mul" and producer.inputs[0] is not None:
+                    producer = producer.inputs[0].producer()  # the per-channel scale
                 if producer is not None and is_codebook_lookup(producer):
                     site.ok, site.reason = False, "weight is already shared"
                 else:
