@@ -58,47 +58,57 @@ def markdown(results: Sequence[ModelBench]) -> str:
 
 
 def plot(results: Sequence[ModelBench], path: str | Path) -> Path:
-    """Left: file size vs p50 latency. Right (with data): file size vs top-1 agreement / output error."""
+    """Left: file size vs p50 latency (bar to p90). Right (with data): file size vs top-1 agreement / output error.
+
+    One colour per model in both panels, named in a shared legend (labels
+    next to points overlap when two models have the same size).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [r for r in results if r.latency_ms]
-    with_fidelity = [r for r in measured if r.fidelity]
+    with_fidelity = any(r.fidelity for r in results)
     panels = 2 if with_fidelity else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
-    ax = axes[0][0]
-    for r in measured:
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8), squeeze=False)
+    latency_ax = axes[0][0]
+    fidelity_ax = axes[0][1] if with_fidelity else None
+    use_top1 = all(r.fidelity["top1_agreement"] is not None for r in results if r.fidelity)
+    markers = "osD^v<>p*h"
+    for i, r in enumerate(results):
+        style = {"color": f"C{i % 10}", "marker": markers[i % len(markers)], "markersize": 8, "linestyle": "none"}
         size = r.file_bytes / 1e6
-        ax.scatter(size, r.latency_ms["p50"], s=40)
-        ax.errorbar(size, r.latency_ms["p50"],
-                    yerr=[[r.latency_ms["p50"] - r.latency_ms["p50"]], [r.latency_ms["p90"] - r.latency_ms["p50"]]],
-                    fmt="none", ecolor="grey", capsize=3)
-        ax.annotate(r.name, (size, r.latency_ms["p50"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("file size (MB)")
-    ax.set_ylabel("latency p50 (ms), bar to p90")
-    ax.set_title(f"latency on {measured[0].provider if measured else '?'} (batch {results[0].batch})")
-    ax.grid(alpha=0.3)
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    if with_fidelity:
-        ax = axes[0][1]
-        use_top1 = all(r.fidelity["top1_agreement"] is not None for r in with_fidelity)
-        for r in with_fidelity:
-            size = r.file_bytes / 1e6
+        label = r.name if r.latency_ms else f"{r.name} (not measured)"
+        if r.latency_ms:
+            lat = r.latency_ms
+            latency_ax.errorbar(size, lat["p50"], yerr=[[0.0], [lat["p90"] - lat["p50"]]], capsize=3, label=label,
+                                **style)
+        else:
+            latency_ax.plot([], [], label=label, **style)
+        if fidelity_ax is not None and r.fidelity:
+            f = r.fidelity
             if use_top1:
-                y, err = 100 * r.fidelity["top1_agreement"], 100 * (r.fidelity["top1_agreement_se"] or 0)
+                y, err = 100 * f["top1_agreement"], 100 * (f["top1_agreement_se"] or 0.0)
             else:
-                y, err = r.fidelity["mean_sq_error"], r.fidelity["sq_error_se"] or 0
-            ax.errorbar(size, y, yerr=err, fmt="o", capsize=3)
-            ax.annotate(r.name, (size, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xlabel("file size (MB)")
-        ax.set_ylabel("top-1 agreement with the first model (%)" if use_top1 else "output error vs first model")
-        ax.set_title("fidelity vs size")
-        ax.grid(alpha=0.3)
-        ax.set_xlim(left=0)
-    fig.tight_layout()
+                y, err = f["mean_sq_error"], f["sq_error_se"] or 0.0
+            fidelity_ax.errorbar(size, y, yerr=err, capsize=3, **style)
+    latency_ax.set_xlabel("file size (MB)")
+    latency_ax.set_ylabel("latency p50 (ms), bar to p90")
+    provider = results[0].provider if results else "?"
+    latency_ax.set_title(f"latency: {provider}, batch {results[0].batch if results else 1}")
+    latency_ax.grid(alpha=0.3)
+    latency_ax.set_xlim(left=0)
+    latency_ax.set_ylim(bottom=0)
+    if fidelity_ax is not None:
+        fidelity_ax.set_xlabel("file size (MB)")
+        fidelity_ax.set_ylabel("top-1 agreement with the first model (%)" if use_top1
+                               else "output error vs the first model")
+        fidelity_ax.set_title(f"fidelity vs size ({next(r.fidelity['samples'] for r in results if r.fidelity)} "
+                              "samples, ± 1 se)")
+        fidelity_ax.grid(alpha=0.3)
+        fidelity_ax.set_xlim(left=0)
+    fig.legend(loc="lower center", ncol=min(len(results), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(results) + 3) // 4), 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
