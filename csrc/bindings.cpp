@@ -8,6 +8,7 @@
 
 #include "kernels/blas.hpp"
 #include "kernels/covariance.hpp"
+#include "kernels/pfa_select.hpp"
 
 namespace py = pybind11;
 using namespace pycompress;
@@ -52,6 +53,22 @@ void covariance_update(CovarianceAccumulator& acc, py::array block) {
     }
 }
 
+py::array_t<int64_t> pfa_removal_order(py::array corr, int64_t n_remove) {
+    auto a = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(corr);
+    if (!a || a.ndim() != 2 || a.shape(0) != a.shape(1))
+        throw py::value_error("corr must be a square 2-D array, got shape " +
+                              std::string(py::str(corr.attr("shape"))));
+    const int64_t c = a.shape(0);
+    std::vector<int64_t> order;
+    {
+        py::gil_scoped_release nogil;
+        order = l1max_removal_order(a.data(), c, n_remove, PFA_TIE_RTOL);
+    }
+    py::array_t<int64_t> out(static_cast<py::ssize_t>(order.size()));
+    std::copy(order.begin(), order.end(), out.mutable_data());
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -79,4 +96,9 @@ PYBIND11_MODULE(_kernels, m) {
             if (a.count() < 2) throw py::value_error("correlation needs at least 2 rows");
             return square(a.correlation(floor), a.dim());
         }, py::arg("floor") = 1e-8);
+
+    m.attr("PFA_TIE_RTOL") = PFA_TIE_RTOL;
+    m.def("l1max_removal_order", &pfa_removal_order, py::arg("corr"), py::arg("n_remove"),
+          "PFA 'L1 max' filter selection: the n_remove filters removed from a (C, C) correlation\n"
+          "matrix, in removal order (int64). Signs and the diagonal are ignored; O(C^2) in total.");
 }

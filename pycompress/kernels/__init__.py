@@ -27,5 +27,7 @@ else:
         BACKEND = "reference"
 
 CovarianceAccumulator = _impl.CovarianceAccumulator
+l1max_removal_order = _impl.l1max_removal_order
+PFA_TIE_RTOL = _impl.PFA_TIE_RTOL
 
-__all__ = ["BACKEND", "CovarianceAccumulator", "reference"]
+__all__ = ["BACKEND", "CovarianceAccumulator", "PFA_TIE_RTOL", "l1max_removal_order", "reference"]

@@ -72,3 +72,52 @@ class CovarianceAccumulator:
         cov = self.cov
         sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
         return cov / np.maximum(np.outer(sd, sd), floor)
+
+
+# Relative tolerance under which two L1 norms (or coefficients) tie; the same
+# constant as csrc/kernels/pfa_select.hpp.
+PFA_TIE_RTOL = 1e-9
+
+
+def l1max_removal_order(corr: np.ndarray, n_remove: int) -> np.ndarray:
+    """PFA "L1 max" filter selection (ALGORITHMS.md 3.3): removed filters, in order.
+
+    ``corr`` is a (C, C) correlation matrix; signs and the diagonal are
+    ignored. Each step removes the filter whose column L1 norm over the
+    remaining filters is largest; ties (within ``PFA_TIE_RTOL``) go to the
+    larger single coefficient, then to the lowest index. Removing filter ``r``
+    only subtracts ``|corr[r, :]|`` from the running column norms: O(C^2) total.
+    Returns ``n_remove`` int64 indices (0 <= n_remove <= C).
+    """
+    a = np.asarray(corr, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"corr must be a square 2-D array, got shape {a.shape}")
+    c = a.shape[0]
+    n_remove = int(n_remove)
+    if not 0 <= n_remove <= c:
+        raise ValueError(f"n_remove must be in [0, {c}], got {n_remove}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("correlation matrix has a non-finite entry")
+    a = np.abs(a)
+    np.fill_diagonal(a, 0.0)
+    norms = a.sum(axis=0)
+    alive = np.ones(c, dtype=bool)
+    order = np.empty(n_remove, dtype=np.int64)
+
+    def ties(values: np.ndarray, best: float) -> np.ndarray:
+        return values >= best - PFA_TIE_RTOL * max(1.0, abs(best))
+
+    for step in range(n_remove):
+        live = np.flatnonzero(alive)
+        live_norms = norms[live]
+        candidates = live[ties(live_norms, float(live_norms.max()))]
+        chosen = candidates[0]
+        if len(candidates) > 1:
+            # Peak coefficient of each candidate over the remaining filters
+            # (the diagonal is already 0, and |corr| >= 0).
+            peaks = (a[:, candidates] * alive[:, None]).max(axis=0)
+            chosen = candidates[ties(peaks, float(peaks.max()))][0]
+        order[step] = chosen
+        alive[chosen] = False
+        norms -= a[chosen]
+    return order
