@@ -238,12 +238,14 @@ class PfaAnalysis:
     inference_seconds: float
     analysis_seconds: float
     source: str = ""
+    data_seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, taus: Sequence[float] = DEFAULT_TAUS, *, min_keep: int = 1) -> dict[str, Any]:
         return {
             "source": self.source, "samples": self.samples, "response": self.after,
-            "inference_seconds": self.inference_seconds, "analysis_seconds": self.analysis_seconds,
+            "data_seconds": self.data_seconds, "inference_seconds": self.inference_seconds,
+            "analysis_seconds": self.analysis_seconds,
             "layers": [layer.summary(taus, min_keep=min_keep) for layer in self.layers],
             "skipped": [{"site": s.id, "width": s.width, "reason": s.reason} for s in self.skipped],
             **self.meta,
@@ -288,7 +290,7 @@ def analyze(model: ir.Model, calibration: Calibration, *, sites: Sequence[PfaSit
         layer.info["seconds"] = elapsed + sum(stats.accumulate_seconds[t] for t in tensors[site.id])
         layers.append(layer)
     return PfaAnalysis(layers, skipped, sites, after, stats.inputs, stats.inference_seconds, analysis_seconds,
-                       calibration.source)
+                       calibration.source, stats.data_seconds)
 
 
 def plan_from_analysis(model: ir.Model, analysis: PfaAnalysis, *, energy: float | None = None,

@@ -14,6 +14,7 @@ from pycompress.analysis import analyze, find_sites, plan_from_analysis, site_co
 from pycompress.data import load_data
 from pycompress.decisions import pfa
 from pycompress.errors import PycompressError
+from pycompress.fidelity import responses
 from pycompress.fidelity.responses import collect_responses, response_tensor
 from pycompress.ir import load_model, model_cost
 from pycompress.kernels import CovarianceAccumulator
@@ -217,9 +218,10 @@ def test_sites_and_cost_model_on_the_cnn(cnn):
     assert macs(keep) == pytest.approx(5 * 9 * 64 + 10 * 5 * 9 * 64 + 20 * 160 + 10 * 20)
 
 
-def test_responses_are_max_pooled_and_independent_of_batching(cnn):
+def test_responses_are_max_pooled_and_independent_of_batching(cnn, monkeypatch):
     module, model, (x, _) = cnn
     names = ["/c2/Conv_output_0", "/fc1/Gemm_output_0"]
+    monkeypatch.setattr(responses, "UPDATE_ROWS", 50)   # many accumulator updates of 49..56 rows
     one = collect_responses(model, names, ({"input": x[i:i + 7]} for i in range(0, len(x), 7)), progress=False)
     big = collect_responses(model, names, [{"input": x}], progress=False)
     with torch.no_grad():

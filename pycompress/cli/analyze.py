@@ -155,7 +155,7 @@ def run(args) -> int:
               f"({c['plan'] / c['original']:.3f}); PFA-KL: {c['kl'] / c['original']:.3f}"
               if c["original"] else f"{m}: 0")
     print(f"recipe: {recipe.describe()}; {len(plan.decisions)} prune decision(s); "
-          f"{analysis.samples} samples, inference {analysis.inference_seconds:.1f}s, "
+          f"{analysis.samples} samples; data {analysis.data_seconds:.1f}s, inference {analysis.inference_seconds:.1f}s, "
           f"analysis {analysis.analysis_seconds:.1f}s")
     print(f"wrote {out / 'plan.json'}, {out / 'analysis.json'}"
           + (f" and {len(plots)} plot(s) in {out}" if plots else ""), file=sys.stdout)

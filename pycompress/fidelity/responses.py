@@ -42,6 +42,11 @@ from pycompress.ir import unique_name
 from pycompress.kernels import CovarianceAccumulator
 
 RESPONSE_MODES = ("producer", "activation")
+# Rows gathered per tensor before one accumulator update. An update costs a
+# SYRK over the rows plus an O(C^2) merge: with 32-row batches the merge
+# dominates (C = 1152: 12x slower than with 1024-row blocks, measured), so
+# batches are buffered; memory stays bounded (1024 x C floats per tensor).
+UPDATE_ROWS = 1024
 
 # Ops that apply a per-channel or elementwise map after a producer.
 _CHANNEL_AFFINE = {"BatchNormalization"}
@@ -55,6 +60,7 @@ class ResponseStats:
 
     accumulators: dict[str, CovarianceAccumulator]
     inputs: int = 0                                  # calibration samples run through the model
+    data_seconds: float = 0.0                        # making the batches (decoding, resizing images)
     inference_seconds: float = 0.0                   # inside onnxruntime
     accumulate_seconds: dict[str, float] = field(default_factory=dict)  # per tensor: reshape + update
 
@@ -106,7 +112,14 @@ def _add_spatial_max(model: ir.Model, value: ir.Value) -> str:
     pooled = ir.Value(name=name)
     pooled.dtype = value.dtype
     node = ir.Node("", "GlobalMaxPool", [value], outputs=[pooled], name=unique_name(model, name))
-    model.graph.append(node)
+    # Right after the producer, so that onnxruntime can free the full feature
+    # map as usual (appended at the end, every map stayed alive until the
+    # last node: 3.5x the peak memory on EfficientNet-Lite0, measured).
+    producer = value.producer()
+    if producer is not None and producer.graph is model.graph:
+        model.graph.insert_after(producer, node)
+    else:
+        model.graph.insert_before(next(iter(model.graph)), node)
     return name
 
 
@@ -140,8 +153,40 @@ def collect_responses(model: ir.Model, names: Sequence[str], batches: Iterable[M
     from tqdm import tqdm
 
     stats = ResponseStats({})
+
+    def timed(source):  # time spent producing the batches, kept apart from onnxruntime's
+        iterator = iter(source)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                stats.data_seconds += time.perf_counter() - start
+            yield batch
+
+    pending: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    pending_rows = dict.fromkeys(names, 0)
+
+    def flush(name: str) -> None:
+        if not pending_rows[name]:
+            return
+        start = time.perf_counter()
+        block = np.concatenate(pending[name]) if len(pending[name]) > 1 else pending[name][0]
+        acc = stats.accumulators.get(name)
+        if acc is None:
+            acc = stats.accumulators[name] = CovarianceAccumulator(block.shape[1])
+        acc.update(np.ascontiguousarray(block))
+        pending[name], pending_rows[name] = [], 0
+        stats.accumulate_seconds[name] = stats.accumulate_seconds.get(name, 0.0) + time.perf_counter() - start
+
     bar = tqdm(total=total, unit="sample", desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    stream = collect_activations(probe, list(fetch.values()), batches, threads=threads)
+    # With many pooled outputs, onnxruntime's memory pattern keeps about every
+    # feature map of the batch: EfficientNet-Lite0, batch 32: 2.0 GB peak RSS
+    # with it, 1.1 GB without (plain inference 0.6 GB), and no slower (measured).
+    stream = collect_activations(probe, list(fetch.values()), timed(batches), threads=threads,
+                                 session_options={"enable_mem_pattern": False})
     try:
         while True:
             start = time.perf_counter()
@@ -152,7 +197,6 @@ def collect_responses(model: ir.Model, names: Sequence[str], batches: Iterable[M
             stats.inference_seconds += time.perf_counter() - start
             n = 0
             for name in names:
-                start = time.perf_counter()
                 array = outputs[fetch[name]]
                 n = array.shape[0]
                 if name in pooled:
@@ -161,15 +205,17 @@ def collect_responses(model: ir.Model, names: Sequence[str], batches: Iterable[M
                     rows = array
                 else:  # (N, T, C): every token is a sample
                     rows = array.reshape(-1, array.shape[-1])
-                acc = stats.accumulators.get(name)
-                if acc is None:
-                    acc = stats.accumulators[name] = CovarianceAccumulator(rows.shape[1])
-                acc.update(np.ascontiguousarray(rows))
-                stats.accumulate_seconds[name] = stats.accumulate_seconds.get(name, 0.0) + time.perf_counter() - start
+                pending[name].append(rows)
+                pending_rows[name] += rows.shape[0]
+                if pending_rows[name] >= UPDATE_ROWS:
+                    flush(name)
             stats.inputs += n
             bar.update(n)
+        for name in names:
+            flush(name)
     finally:
         bar.close()
+    stats.inference_seconds -= stats.data_seconds
     if stats.inputs == 0:
         raise PycompressError("no calibration samples: the data source is empty")
     return stats

@@ -8,7 +8,7 @@ the user's model is never changed.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -17,8 +17,12 @@ from pycompress.errors import PycompressError
 
 
 def make_session(model: ir.Model, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 extra_outputs: Sequence[str] = ()):
-    """An onnxruntime InferenceSession for ``model`` (plus ``extra_outputs`` exposed)."""
+                 extra_outputs: Sequence[str] = (), session_options: Mapping[str, Any] | None = None):
+    """An onnxruntime InferenceSession for ``model`` (plus ``extra_outputs`` exposed).
+
+    ``session_options``: attributes of ``onnxruntime.SessionOptions`` to set
+    (e.g. ``{"enable_mem_pattern": False}``).
+    """
     import onnxruntime as ort
 
     proto = ir.to_proto(model)
@@ -41,6 +45,10 @@ def make_session(model: ir.Model, *, providers: Sequence[str] | None = None, thr
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    for key, value in (session_options or {}).items():
+        if not hasattr(options, key):
+            raise PycompressError(f"unknown onnxruntime session option '{key}'")
+        setattr(options, key, value)
     try:
         return ort.InferenceSession(proto.SerializeToString(), options,
                                     providers=list(providers or ["CPUExecutionProvider"]))
@@ -57,9 +65,10 @@ def iterate_batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterat
 
 
 def collect_activations(model: ir.Model, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]],
-                        *, threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                        *, threads: int | None = None,
+                        session_options: Mapping[str, Any] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield {tensor name: array} for each input batch (a streaming pass)."""
-    session = make_session(model, extra_outputs=names, threads=threads)
+    session = make_session(model, extra_outputs=names, threads=threads, session_options=session_options)
     output_names = list(dict.fromkeys(names))
     input_names = {i.name for i in session.get_inputs()}
     for feeds in batches:
