@@ -4,7 +4,7 @@ This module wires the parts together (it is the only one that sees the
 graph, onnxruntime and the decisions at once):
 
 * ``find_sites(model)``: the decision sites and, for the footprint target,
-  which nodes lose output channels and which lose input channels;
+  which constants shrink with each site's channels;
 * ``pycompress.fidelity.responses``: one streaming pass over the data;
 * ``pycompress.decisions.pfa``: spectra, PFA-En / PFA-KL / footprint recipes,
   filter selection, the Plan.
@@ -15,21 +15,21 @@ gives the per-layer numbers that ``pycompress analyze`` reports, and
 ``plan_from_analysis`` turns one analysis into several plans without a
 second pass over the data.
 
-Sites, for now: every Conv (group 1) / Gemm / MatMul with a constant weight
+Sites are the channel groups of ``pycompress.ir.channels`` (one decision
+per group of coupled layers; ``keep_indices`` are group channels). A
+group's responses (one tensor per producer, e.g. the convs feeding a
+residual Add) are combined by ``pooled_covariance``. In a checkout without
+``pycompress.ir.channels`` (the channel-pruning work lands separately),
+``find_sites`` falls back to direct sites: a Conv (group 1) / Gemm / MatMul
 whose output reaches only per-channel ops (BatchNormalization, activations,
 pooling, Dropout, Identity, Flatten) and then input channels of other such
-producers. Outputs that reach anything else (residual Add, Concat,
-depthwise convs, graph outputs) belong to coupled channel groups, which
-``pycompress.ir.channels`` (the channel-pruning issue) provides; until it
-is merged, those layers are listed as skipped with the op that stopped the
-walk. A group's responses (``PfaSite.responses``, several tensors) are
-combined by ``pooled_covariance``.
+producers; other producers are listed as skipped with the op that stopped
+the walk.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -55,22 +55,38 @@ COST_MEASURES = ("params", "macs")
 
 
 @dataclass
+class AxisShrink:
+    """``count`` positions along ``axis`` of constant input ``input_index`` of ``node`` hold the site's channels.
+
+    A producer's weight on its output axis (``count = width``), its bias, the
+    per-channel parameters of BatchNormalization or a depthwise conv, a
+    consumer's weight on its input axis (``count = width``, or ``width * H*W``
+    behind a Flatten). Removing a fraction ``r`` of the site's channels
+    removes ``r * count`` positions there.
+    """
+
+    node: str
+    input_index: int
+    axis: int
+    count: int
+
+
+@dataclass
 class PfaSite:
     """One decision site as PFA needs it (a layer, or a group of coupled layers).
 
     ``responses``: the producer output tensors whose responses are combined
-    into the site's covariance (one per producer of the group).
-    ``out_nodes``: nodes that lose output channels with the site (producers,
-    per-channel ops such as BatchNormalization, depthwise convs).
-    ``in_nodes``: node -> share of that node's input channels that belong
-    to the site (1.0 for a direct consumer; a smaller share behind a Concat).
+    into the site's covariance (one per producer of a group), and
+    ``channel_maps[m][i]``: the site channel of output channel ``i`` of
+    response ``m`` (None: the identity). ``shrinks``: every constant the
+    site's pruning shrinks, for the footprint cost.
     """
 
     id: str
     width: int
     responses: list[str]
-    out_nodes: list[str]
-    in_nodes: dict[str, float]
+    shrinks: list[AxisShrink]
+    channel_maps: list[np.ndarray] | None = None
     op: str = ""
 
 
@@ -81,6 +97,11 @@ class SkippedSite:
     width: int | None = None
 
 
+def node_label(node: ir.Node) -> str:
+    """A node's name, or its first output's name when it has none (as pycompress.ir.channels labels nodes)."""
+    return node.name or (node.outputs[0].name if node.outputs else "")
+
+
 # Per-channel ops a producer's channels pass through unchanged in number.
 _PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
                  "Celu", "Gelu", "Softplus", "Mish", "Dropout", "Identity", "MaxPool", "AveragePool",
@@ -88,63 +109,47 @@ _PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwi
 _PRODUCERS = ("Conv", "Gemm", "MatMul")
 
 
-def _producer_width(node: ir.Node) -> tuple[int | None, str]:
-    """Output channels of a prunable producer, or (None, why not)."""
+def _producer_shrinks(node: ir.Node) -> tuple[int | None, list[AxisShrink], str]:
+    """(output channels, what shrinks with them, why not) for a prunable producer."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in _PRODUCERS:
-        return None, ""
+        return None, [], ""
+    label = node_label(node)
     weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None:
-        return None, "weight is not a constant"
+        return None, [], "weight is not a constant"
     if node.op_type == "Conv":
         if attr_int(node, "group", 1) != 1:
-            return None, "grouped/depthwise conv: its channels follow its input's producer"
-        return int(weight.shape[0]), ""
-    if node.op_type == "Gemm":
-        if weight.ndim != 2:
-            return None, "Gemm weight is not 2-D"
-        return int(weight.shape[0] if attr_int(node, "transB", 0) else weight.shape[1]), ""
-    if weight.ndim != 2:
-        return None, "MatMul weight is not 2-D"
-    return int(weight.shape[1]), ""
+            return None, [], "grouped/depthwise conv: its channels follow its input's producer"
+        axis = 0
+    elif weight.ndim != 2:
+        return None, [], f"{node.op_type} weight is not 2-D"
+    else:
+        axis = 0 if node.op_type == "Gemm" and attr_int(node, "transB", 0) else 1
+    width = int(weight.shape[axis])
+    shrinks = [AxisShrink(label, 1, axis, width)]
+    if node.op_type != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = constant_array(node.inputs[2])
+        if bias is None or bias.size != width or bias.shape[-1] != width:
+            return None, [], "bias is not one constant per output channel"
+        shrinks.append(AxisShrink(label, 2, bias.ndim - 1, width))
+    return width, shrinks, ""
 
 
-def _consumer_ok(node: ir.Node, index: int, flattened: bool) -> bool:
-    """Does ``node`` read the channels as input channels of a weight we can shrink?"""
+def _consumer_shrink(node: ir.Node, index: int, flattened: bool) -> AxisShrink | None:
+    """The input-channel axis of ``node``'s weight, if it reads the channels as input channels."""
     if index != 0 or node.domain not in ("", "ai.onnx"):
-        return False
-    if node.op_type == "Conv":
-        return not flattened and attr_int(node, "group", 1) == 1 and constant_array(node.inputs[1]) is not None
-    if node.op_type == "Gemm":
-        return attr_int(node, "transA", 0) == 0 and constant_array(node.inputs[1]) is not None
-    if node.op_type == "MatMul":
-        return constant_array(node.inputs[1]) is not None
-    return False
-
-
-def _direct_site(node: ir.Node, width: int) -> PfaSite | SkippedSite:
-    out = node.outputs[0]
-    site = PfaSite(node.name, width, [out.name], [node.name], {}, node.op_type)
-    frontier = [(out, False)]
-    while frontier:
-        value, flattened = frontier.pop()
-        if value.is_graph_output():
-            return SkippedSite(node.name, f"its channels reach the graph output '{value.name}'", width)
-        for use in value.uses():
-            reader, index = use.node, use.idx
-            op = reader.op_type
-            if index == 0 and op in _PASS_THROUGH:
-                frontier.append((reader.outputs[0], flattened))
-            elif index == 0 and op == "BatchNormalization":
-                site.out_nodes.append(reader.name)
-                frontier.append((reader.outputs[0], flattened))
-            elif index == 0 and op in ("Flatten", "Reshape") and _flattens_to_features(reader):
-                frontier.append((reader.outputs[0], True))
-            elif _consumer_ok(reader, index, flattened):
-                site.in_nodes[reader.name] = 1.0
-            else:
-                return SkippedSite(node.name, f"its channels reach {op} '{reader.name}' (a coupled group or an "
-                                              "op this walk does not follow; see pycompress.ir.channels)", width)
-    return site
+        return None
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return None
+    if node.op_type == "Conv" and not flattened and attr_int(node, "group", 1) == 1:
+        return AxisShrink(node_label(node), 1, 1, int(weight.shape[1]))
+    if node.op_type == "Gemm" and attr_int(node, "transA", 0) == 0 and weight.ndim == 2:
+        axis = 1 if attr_int(node, "transB", 0) else 0
+        return AxisShrink(node_label(node), 1, axis, int(weight.shape[axis]))
+    if node.op_type == "MatMul" and weight.ndim == 2:
+        return AxisShrink(node_label(node), 1, 0, int(weight.shape[0]))
+    return None
 
 
 def _flattens_to_features(node: ir.Node) -> bool:
@@ -155,75 +160,161 @@ def _flattens_to_features(node: ir.Node) -> bool:
     return node.op_type == "Reshape" or attr_int(node, "axis", 1) == 1
 
 
-def find_sites(model: ir.Model) -> tuple[list[PfaSite], list[SkippedSite]]:
-    """PFA decision sites of ``model`` (see the module docstring) and the producers left out, with why."""
+def _direct_site(node: ir.Node, width: int, shrinks: list[AxisShrink]) -> PfaSite | SkippedSite:
+    """Follow the producer's output through per-channel ops to the weights that read it."""
+    out = node.outputs[0]
+    label = node_label(node)
+    site = PfaSite(label, width, [out.name], list(shrinks), op=node.op_type)
+    frontier = [(out, False)]
+    while frontier:
+        value, flattened = frontier.pop()
+        if value.is_graph_output():
+            return SkippedSite(label, f"its channels reach the graph output '{value.name}'", width)
+        for use in value.uses():
+            reader, index = use.node, use.idx
+            op = reader.op_type
+            if index == 0 and op in _PASS_THROUGH:
+                frontier.append((reader.outputs[0], flattened))
+            elif index == 0 and op == "BatchNormalization":
+                site.shrinks += [AxisShrink(node_label(reader), i, 0, width) for i in range(1, 5)]
+                frontier.append((reader.outputs[0], flattened))
+            elif index == 0 and op in ("Flatten", "Reshape") and _flattens_to_features(reader):
+                frontier.append((reader.outputs[0], True))
+            elif (shrink := _consumer_shrink(reader, index, flattened)) is not None:
+                site.shrinks.append(shrink)
+            else:
+                return SkippedSite(label, f"its channels reach {op} '{reader.name}' (a coupled group or an "
+                                          "op this walk does not follow; see pycompress.ir.channels)", width)
+    return site
+
+
+def _direct_sites(model: ir.Model) -> tuple[list[PfaSite], list[SkippedSite]]:
     sites: list[PfaSite] = []
     skipped: list[SkippedSite] = []
     for node in model.graph:
-        width, why = _producer_width(node)
+        width, shrinks, why = _producer_shrinks(node)
         if width is None:
             if why:
-                skipped.append(SkippedSite(node.name, why))
+                skipped.append(SkippedSite(node_label(node), why))
             continue
-        found = _direct_site(node, width)
+        found = _direct_site(node, width, shrinks)
         (sites if isinstance(found, PfaSite) else skipped).append(found)
     return sites, skipped
+
+
+def sites_from_groups(groups: Sequence[Any]) -> tuple[list[PfaSite], list[SkippedSite]]:
+    """PFA sites from ``pycompress.ir.channels`` groups (``ChannelGroup``: id, width, producers, slices).
+
+    Each producer's output is a response; ``producer.channels`` maps its
+    output channels to the group's channels (the order of ``keep_indices``).
+    Every slice (producer weight/bias, BatchNormalization, depthwise filters,
+    per-channel constants, consumer weights) shrinks with the group.
+    """
+    sites: list[PfaSite] = []
+    skipped: list[SkippedSite] = []
+    for group in groups:
+        if not group.prunable:
+            skipped.append(SkippedSite(group.id, group.blocked_by or f"width {group.width}: nothing to prune",
+                                       group.width))
+            continue
+        maps = [np.asarray(p.channels, dtype=np.int64) for p in group.producers]
+        if any(sorted(m.tolist()) != list(range(group.width)) for m in maps):
+            skipped.append(SkippedSite(group.id, "a producer's channels do not map one-to-one onto the group's",
+                                       group.width))
+            continue
+        shrinks = [AxisShrink(s.node, s.input_index, s.axis, len(s.positions)) for s in group.slices]
+        ops = sorted({p.op for p in group.producers})
+        sites.append(PfaSite(group.id, group.width, [p.output for p in group.producers], shrinks, maps,
+                             "+".join(ops)))
+    return sites, skipped
+
+
+def find_sites(model: ir.Model) -> tuple[list[PfaSite], list[SkippedSite]]:
+    """PFA decision sites of ``model`` (see the module docstring) and the producers left out, with why."""
+    try:
+        from pycompress.ir.channels import channel_groups
+    except ImportError:  # the channel-pruning analysis has not landed in this checkout: direct sites only
+        return _direct_sites(model)
+    return sites_from_groups(channel_groups(model))
 
 
 def site_cost_model(model: ir.Model, sites: Sequence[PfaSite], measure: str = "params") -> tuple[CostModel, float]:
     """``(cost(keep), full cost)``: the model's parameters or MACs when site ``s`` keeps ``keep[s]`` channels.
 
-    Each node's cost is scaled by the fraction of its output channels kept
-    (if it is in a site's ``out_nodes``) times the fraction of its input
-    channels kept (``1 - sum share * removed / width`` over the sites it
-    consumes). Biases and per-channel parameters scale with the outputs
-    only. Exact for Conv / Gemm / MatMul / BatchNormalization; every other
+    Every constant a site shrinks loses ``count * (1 - k / width)`` positions
+    on its axis; a tensor shrunk on two axes (a conv that consumes one site
+    and produces another) loses the product. Parameters: the shrunk sizes.
+    MACs of a Conv / Gemm / MatMul scale with its weight's size (for
+    depthwise convs: with the channels). Exact for those ops; every other
     node keeps its cost.
     """
     if measure not in COST_MEASURES:
         raise PycompressError(f"cost measure {measure!r}: expected one of {', '.join(COST_MEASURES)}")
-    nodes = {node.name: node for node in model.graph}
+    nodes = {node_label(node): node for node in model.graph}
     index = {site.id: i for i, site in enumerate(sites)}
-    out_site: dict[str, int] = {}
-    in_sites: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    # tensor id -> (shape, {axis: [(site index, count)]}, value)
+    tensors: dict[int, tuple[tuple[int, ...], dict[int, list[tuple[int, int]]]]] = {}
     for i, site in enumerate(sites):
-        for name in site.out_nodes:
-            out_site[name] = i
-        for name, share in site.in_nodes.items():
-            in_sites[name].append((i, share))
-    fixed = 0.0
-    # (amount, output site or -1, [(input site, share)])
-    terms: list[tuple[float, int, list[tuple[int, float]]]] = []
-    for layer in model_cost(model).layers:
-        amount = float(layer.params if measure == "params" else layer.macs)
-        name = layer.name
-        if name not in out_site and name not in in_sites:
-            fixed += amount
-            continue
-        o, ins = out_site.get(name, -1), in_sites.get(name, [])
-        node = nodes.get(name)
-        if measure == "params" and node is not None and node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2:
-            bias = constant_array(node.inputs[2])
-            if bias is not None:
-                terms.append((float(bias.size), o, []))
-                amount -= float(bias.size)
-        if node is not None and node.op_type not in _PRODUCERS:
-            ins = []  # per-channel parameters (BatchNormalization) follow the outputs only
-        terms.append((amount, o, ins))
-    full = fixed + sum(t[0] for t in terms)
+        for shrink in site.shrinks:
+            node = nodes.get(shrink.node)
+            value = node.inputs[shrink.input_index] if node is not None and shrink.input_index < len(node.inputs) \
+                else None
+            array = constant_array(value)
+            if array is None:
+                raise PycompressError(f"site '{site.id}': input {shrink.input_index} of node '{shrink.node}' "
+                                      "is not a constant")
+            shape, axes = tensors.setdefault(id(value), (tuple(array.shape), {}))
+            axes.setdefault(shrink.axis, []).append((i, shrink.count))
+
+    def kept_shape(shape, axes, kept):
+        return [dim - sum(count * (1.0 - kept[i]) for i, count in axes.get(a, ())) for a, dim in enumerate(shape)]
+
+    cost_full = model_cost(model)
+    if measure == "params":
+        full = float(cost_full.params)
+        parts = [(float(np.prod(shape)), shape, axes) for shape, axes in tensors.values()]
+
+        def shrunk(kept):
+            return sum(size - float(np.prod(kept_shape(shape, axes, kept))) for size, shape, axes in parts)
+    else:
+        full = float(cost_full.macs)
+        parts = []
+        for layer in cost_full.layers:
+            node = nodes.get(layer.name)
+            if not layer.macs or node is None or len(node.inputs) < 2 or node.inputs[1] is None:
+                continue
+            entry = tensors.get(id(node.inputs[1]))
+            if entry is not None:
+                parts.append((float(layer.macs), entry[0], entry[1]))
+
+        def shrunk(kept):
+            return sum(macs * (1.0 - float(np.prod(np.divide(kept_shape(shape, axes, kept), shape))))
+                       for macs, shape, axes in parts)
 
     def cost(keep: Mapping[str, int]) -> float:
         unknown = set(keep) - set(index)
         if unknown:
             raise KeyError(f"unknown site(s) {sorted(unknown)}")
-        kept = np.array([keep.get(s.id, s.width) / s.width for s in sites] + [1.0])  # [-1]: no site
-        total = fixed
-        for amount, o, ins in terms:
-            fi = 1.0 - sum(share * (1.0 - kept[i]) for i, share in ins)
-            total += amount * kept[o] * fi
-        return total
+        kept = [keep.get(site.id, site.width) / site.width for site in sites]
+        return full - shrunk(kept)
 
     return cost, full
+
+
+@dataclass
+class _Reordered:
+    """An accumulator's count and scatter with its channels put in site order."""
+
+    count: int
+    scatter: np.ndarray
+
+
+def _in_site_order(acc: Any, channels: np.ndarray) -> Any:
+    # channels[i] = site channel of output channel i  ->  row/column j of the result is site channel j.
+    if np.array_equal(channels, np.arange(len(channels))):
+        return acc
+    order = np.argsort(channels)
+    return _Reordered(acc.count, np.asarray(acc.scatter)[np.ix_(order, order)])
 
 
 @dataclass
@@ -278,6 +369,8 @@ def analyze(model: ir.Model, calibration: Calibration, *, sites: Sequence[PfaSit
         if widths != {site.width}:
             raise PycompressError(f"site '{site.id}': response widths {sorted(widths)} differ from its width "
                                   f"{site.width}")
+        if site.channel_maps is not None:
+            members = [_in_site_order(m, channels) for m, channels in zip(members, site.channel_maps)]
         samples = sum(m.count for m in members)
         if samples - len(members) + 1 < site.width:
             skipped.append(SkippedSite(site.id, f"{samples} samples for {site.width} filters: not analysed "

@@ -180,6 +180,8 @@ def test_image_data_mismatches_are_clear(tmp_path):
         load_data("builtin:skimage:0", model)
     with pytest.raises(PycompressError, match="unknown built-in source"):
         load_data("builtin:digits:5", model)
+    with pytest.raises(PycompressError, match="--preprocess applies to image folders"):
+        load_data("builtin:digits", model, preprocess="size=32")
     digits_cnn = load_model(pfa_models.digits_cnn()[1])
     with pytest.raises(PycompressError, match=r"images need a 4-D model input .* got 2-D"):
         load_data("builtin:skimage:4", load_model(_mlp(tmp_path)))

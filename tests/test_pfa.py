@@ -205,8 +205,11 @@ def test_sites_and_cost_model_on_the_cnn(cnn):
     _, model, _ = cnn
     sites, skipped = find_sites(model)
     assert [(s.op, s.width) for s in sites] == [("Conv", 12), ("Conv", 24), ("Gemm", 48)]
-    assert [list(s.in_nodes) for s in sites] == [["/c2/Conv"], ["/fc1/Gemm"], ["/fc2/Gemm"]]
-    assert len(skipped) == 1 and "graph output" in skipped[0].reason
+    assert [{(sh.node, sh.input_index, sh.axis, sh.count) for sh in s.shrinks} for s in sites] == [
+        {("/c1/Conv", 1, 0, 12), ("/c1/Conv", 2, 0, 12), ("/c2/Conv", 1, 1, 12)},
+        {("/c2/Conv", 1, 0, 24), ("/c2/Conv", 2, 0, 24), ("/fc1/Gemm", 1, 1, 24 * 16)},   # flattened: 4x4 per channel
+        {("/fc1/Gemm", 1, 0, 48), ("/fc1/Gemm", 2, 0, 48), ("/fc2/Gemm", 1, 1, 48)}]
+    assert [s.id for s in skipped] == ["/fc2/Gemm"] and "graph output" in skipped[0].reason
     cost, full = site_cost_model(model, sites, "params")
     assert full == model_cost(model).params
     c1, c2, f1 = (s.id for s in sites)

@@ -118,6 +118,7 @@ def load_data(spec: str, model: ir.Model, *, labels: str | None = None,
     ``preprocess`` says how; see ``pycompress.data.images``), ``builtin:digits``
     or ``builtin:skimage[:COUNT]``.
     """
+    explicit_preprocess = preprocess is not None
     if not isinstance(preprocess, Preprocess):
         preprocess = Preprocess.parse(preprocess)
     label_array = None
@@ -134,6 +135,8 @@ def load_data(spec: str, model: ir.Model, *, labels: str | None = None,
             arrays = {value.name: skimage_crops(n, [d if isinstance(d, int) else None for d in value.shape],
                                                 _input_dtype(value, spec), preprocess, spec)}
         elif name in BUILTIN and not count:
+            if explicit_preprocess:
+                raise PycompressError(f"--data {spec}: --preprocess applies to image folders and builtin:skimage")
             x, label_array = BUILTIN[name]()
             arrays = _reshape_builtin({"__single__": x}, model)
         else:
@@ -147,6 +150,9 @@ def load_data(spec: str, model: ir.Model, *, labels: str | None = None,
         path = Path(spec)
         if not path.exists():
             raise PycompressError(f"{spec}: no such data file or folder")
+        if explicit_preprocess:
+            raise PycompressError(f"{spec}: --preprocess applies to image folders and builtin:skimage, "
+                                  "not to arrays (they are fed as they are)")
         try:
             if path.suffix == ".npz":
                 with np.load(path, allow_pickle=False) as npz:
