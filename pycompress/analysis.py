@@ -252,7 +252,7 @@ def site_cost_model(model: ir.Model, sites: Sequence[PfaSite], measure: str = "p
         raise PycompressError(f"cost measure {measure!r}: expected one of {', '.join(COST_MEASURES)}")
     nodes = {node_label(node): node for node in model.graph}
     index = {site.id: i for i, site in enumerate(sites)}
-    # tensor id -> (shape, {axis: [(site index, count)]}, value)
+    # id(constant) -> (its shape, {axis: [(site index, positions on that axis)]})
     tensors: dict[int, tuple[tuple[int, ...], dict[int, list[tuple[int, int]]]]] = {}
     for i, site in enumerate(sites):
         for shrink in site.shrinks:

@@ -18,7 +18,7 @@ Reported, from one run (the machine is shared: compare ratios, not seconds):
   (eigh + KL, selection) are shown apart, and our total is also projected
   to 1.2 M samples (accum x 1.2M / N + the rest) against the paper's figure;
 * L1-max selection: compiled kernel vs numpy reference on the widest layer;
-* peak RSS after each N (memory must not grow with N).
+* peak RSS of each N's run (its own process; memory must not grow with N).
 
     PYTHONPATH=. python tools/bench_pfa.py [--samples 500,2000] [--model effnet.onnx]
 """
@@ -26,8 +26,11 @@ Reported, from one run (the machine is shared: compare ratios, not seconds):
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,13 +80,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run(model, n: int, batch_size: int, threads: int | None) -> dict:
+def run(model_path: Path, n: int, batch_size: int, threads: int | None) -> dict:
+    """One sample count, in its own process (so that its peak RSS is its own)."""
+    model = load_model(model_path)
+    rss_loaded = peak_rss_mb()
     producers = [node for node in model.graph if node.op_type in ("Conv", "Gemm")]
     names = [node.outputs[0].name for node in producers]
     calibration = load_data(f"builtin:skimage:{n}", model)
     stats = collect_responses(model, names, calibration.batches(batch_size), total=n, threads=threads,
                               desc=f"N={n}")
     rows = []
+    widest = None
     for node, name in zip(producers, names):
         acc = stats.accumulators[name]
         width = acc.dim
@@ -102,7 +109,18 @@ def run(model, n: int, batch_size: int, threads: int | None) -> dict:
         row["select"] = time.perf_counter() - start
         row["keep_kl"], row["entropy"] = keep, layer.normalized_entropy
         rows.append(row)
-    return {"n": n, "stats": stats, "rows": rows, "rss": peak_rss_mb()}
+        if widest is None or width > widest[1]:
+            widest = (node.name, width, pfa.correlation(acc.cov))
+    select = {}
+    if widest is not None:
+        for label, impl in (("native", kernels), ("reference", kernels.reference)):
+            start = time.perf_counter()
+            impl.l1max_removal_order(widest[2], widest[1] - 1)
+            select[label] = time.perf_counter() - start
+        select["layer"], select["width"] = widest[0], widest[1]
+    return {"n": n, "rows": rows, "rss": peak_rss_mb(), "rss_loaded": rss_loaded, "select": select,
+            "data": stats.data_seconds, "inference": stats.inference_seconds,
+            "accumulate": stats.analysis_seconds}
 
 
 def main() -> int:
@@ -111,25 +129,33 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="EfficientNet-Lite0 .onnx (default: export it now)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one N, JSON to stdout
     args = parser.parse_args()
+    if args.worker is not None:
+        print(json.dumps(run(Path(args.model), args.worker, args.batch_size, args.threads)))
+        return 0
     counts = [int(v) for v in args.samples.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else export_model(Path(tmp))
-        model = load_model(path)
-    print(f"kernels backend: {kernels.BACKEND}; model {path.name}; peak RSS after loading {peak_rss_mb():.0f} MB")
-    results = [run(model, n, args.batch_size, args.threads) for n in counts]
+        print(f"kernels backend: {kernels.BACKEND}; model {path.name}; OPENBLAS_NUM_THREADS="
+              f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; onnxruntime threads {args.threads or 'default'}")
+        results = []
+        for n in counts:
+            cmd = [sys.executable, __file__, "--worker", str(n), "--model", str(path),
+                   "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
 
     print("\n== time split (seconds) ==")
     print(f"{'N':>6} {'crops':>8} {'inference':>10} {'analysis':>9} {'analysis/inference':>19} "
-          f"{'layers analysed':>16} {'peak RSS MB':>12}")
+          f"{'layers analysed':>16} {'RSS after load MB':>18} {'peak RSS MB':>12}")
     for r in results:
-        s = r["stats"]
         analysed = [row for row in r["rows"] if not row.get("skipped")]
-        analysis = s.analysis_seconds + sum(row["spectrum"] + row["select"] for row in analysed)
-        r["analysis"] = analysis
-        print(f"{r['n']:>6} {s.data_seconds:>8.2f} {s.inference_seconds:>10.2f} {analysis:>9.3f} "
-              f"{analysis / s.inference_seconds:>19.4f} {len(analysed):>10}/{len(r['rows'])} {r['rss']:>12.0f}")
+        analysis = r["accumulate"] + sum(row["spectrum"] + row["select"] for row in analysed)
+        print(f"{r['n']:>6} {r['data']:>8.2f} {r['inference']:>10.2f} {analysis:>9.3f} "
+              f"{analysis / r['inference']:>19.4f} {len(analysed):>10}/{len(r['rows'])} {r['rss_loaded']:>18.0f} "
+              f"{r['rss']:>12.0f}")
 
     for r in results:
         n = r["n"]
@@ -159,19 +185,11 @@ def main() -> int:
               f"{sums['paper_n'] / sums['accum']:>6.1f} {'':>10} {'':>9} {sums['ours_full']:>11.1f} "
               f"{sums['paper_full']:>8.1f} {sums['paper_full'] / sums['ours_full']:>6.1f}")
 
-    # Selection kernel vs numpy reference on the widest analysed layer.
-    last = results[-1]
-    widest = max((row for row in last["rows"] if not row.get("skipped")), key=lambda row: row["width"])
-    acc = last["stats"].accumulators[next(n.outputs[0].name for n in model.graph if n.name == widest["layer"])]
-    corr = pfa.correlation(acc.cov)
-    timings = {}
-    for label, impl in (("native", kernels), ("reference", kernels.reference)):
-        start = time.perf_counter()
-        impl.l1max_removal_order(corr, widest["width"] - 1)
-        timings[label] = time.perf_counter() - start
-    print(f"\nL1-max selection, full removal order on {widest['layer']} (C = {widest['width']}): "
-          f"native {1e3 * timings['native']:.1f} ms, numpy reference {1e3 * timings['reference']:.1f} ms "
-          f"(x{timings['reference'] / timings['native']:.1f})")
+    select = results[-1]["select"]
+    if select:
+        print(f"\nL1-max selection, full removal order on {select['layer']} (C = {select['width']}): "
+              f"native {1e3 * select['native']:.1f} ms, numpy reference {1e3 * select['reference']:.1f} ms "
+              f"(x{select['reference'] / select['native']:.1f})")
     return 0
 
 

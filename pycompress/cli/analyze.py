@@ -71,6 +71,11 @@ def run(args) -> int:
     taus = _taus(args.taus)
     if args.energy is not None and not 0.0 <= args.energy <= 1.0:
         raise PycompressError(f"--energy must be in [0, 1], got {args.energy}")
+    if args.target_size is not None and not 0.0 < args.target_size <= 1.0:
+        raise PycompressError(f"--target-size must be in (0, 1] (a fraction of the model's {args.measure}), "
+                              f"got {args.target_size}")
+    if args.min_keep < 1:
+        raise PycompressError(f"--min-keep must be at least 1, got {args.min_keep}")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise PycompressError(f"-o {out}: exists and is not a folder")

@@ -95,8 +95,8 @@ def plot_spectra(layers: Sequence[LayerSpectrum], folder: Path, *, energy_tau: f
                    Line2D([], [], **styles["en"], label=f"PFA-En cut at tau = {energy_tau:g}")]
         if chosen is not None:
             handles.append(Line2D([], [], **styles["plan"], label=f"{chosen_label} cut"))
-        fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
-                   bbox_to_anchor=(0.5, 1.0))
+        fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 2 * cols + 1), fontsize=8,
+                   frameon=False, bbox_to_anchor=(0.5, 1.0))
         fig.suptitle(f"PFA response spectra, page {page + 1}/{pages}", fontsize=11, y=1.04)
         fig.tight_layout(rect=(0, 0, 1, 0.97))
         paths.append(_save(plt, fig, folder / f"spectra_{page + 1:02d}.png"))
