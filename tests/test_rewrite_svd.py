@@ -352,11 +352,12 @@ def test_data_aware_beats_weight_svd_on_a_digits_mlp(digits_mlp):
 @pytest.mark.slow
 def test_error_decreases_monotonically_with_rank_on_efficientnet_fc(efficientnet_onnx, crops):
     original = load_model(efficientnet_onnx)
-    expected = run(original, {"input": crops})[0]
+    feeds = {"input": crops[:8]}
+    expected = run(original, feeds)[0]  # the logits are the FC's own output
     errors = []
     for rank in (8, 32, 128, 512, 1000):
         model = original.clone()
         apply(model, ("/_fc/Gemm", "svd", {"rank": rank}))
-        errors.append(relative_error(expected, run(model, {"input": crops})[0]))
+        errors.append(relative_error(expected, run(model, feeds)[0]))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-5 and errors[0] > 0.1

@@ -182,12 +182,16 @@ def replace_node(model: ir.Model, node: ir.Node, new_nodes: Sequence[ir.Node]) -
     """
     old_value = node.outputs[0]
     new_value = new_nodes[-1].outputs[0]
-    weights = [v for v in node.inputs if v is not None and v.is_initializer()]
+    weights = [v for v in node.inputs if v is not None]
     ir.convenience.replace_nodes_and_values(model.graph, node, [node], list(new_nodes), [old_value], [new_value])
     for value in weights:
         # Shared weights stay for their other readers.
-        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.is_initializer():
             model.graph.initializers.pop(value.name, None)
+        elif value.producer() is not None and value.producer().op_type == "Constant":
+            model.graph.remove(value.producer(), safe=True)
 
 
 def new_node(model: ir.Model, name: str, op_type: str, inputs: Sequence[ir.Value | None],
