@@ -229,6 +229,11 @@ def test_sites_and_starting_decisions(tmp_path):
     assert PRUNE.starting_decision(model, sites[0], keep=1.0) is None
     with pytest.raises(PycompressError, match="--keep"):
         PRUNE.starting_decision(model, sites[0], keep=1.5)
+    # Aligned to onnxruntime's channel blocks: 36 of 48 -> 32; 12 of 16 and 24 of 32 round up to all.
+    aligned = [PRUNE.starting_decision(model, s, align=16) for s in sites]
+    assert [d.params["keep"] if d else None for d in aligned] == [None, 32, 32, 16, None, None]
+    with pytest.raises(PycompressError, match="--align"):
+        PRUNE.starting_decision(model, sites[0], align=0)
     plan = apply_plan(model, Plan([d for d in decisions if d]))
     assert [d.result["kept"] for d in plan.decisions] == [12, 36, 36, 18, 24]
     dw = next(n for n in model.graph if n.name == "/b1_dw/Conv")
@@ -252,3 +257,29 @@ def test_efficientnet_random_plan_matches_hand_pruned_torch(efficientnet_onnx, e
     assert model_cost(model).macs == model_cost(oracle).macs
     got, want = run(model, crops[:2]), run(oracle, crops[:2])
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
+
+
+def test_shared_constants_and_fixed_concat_channels(tmp_path):
+    """A bias shared by two groups is copied, not pruned for both; a Concat segment from the
+    graph input is never pruned and the consumer's offsets follow the pruned segments."""
+    from test_channels import parsed, w
+
+    model = parsed("""
+        g (float[2,3,4,4] x) => (float[2,5,4,4] y) {
+            a = Conv(x, wa, bias)
+            ra = Relu(a)
+            b = Conv(x, wb, bias)
+            rb = Relu(b)
+            c = Concat<axis=1>(ra, x, rb)
+            y = Conv(c, wc)
+        }""", {"wa": w(6, 3, 1, 1), "wb": w(6, 3, 1, 1, seed=1), "bias": w(6, seed=2),
+               "wc": w(5, 15, 1, 1, seed=3)}, tmp_path)
+    groups = channel_groups(model)
+    assert [g.width for g in groups if g.prunable] == [6, 6]
+    consumer = [s for g in groups for s in g.slices if s.role == "consumer weight"]
+    assert [s.positions.tolist() for s in consumer] == [list(range(6)), list(range(9, 15))]
+    x = inputs_for((1, 3, 4, 4), n=2)
+    assert_zero_channels_prune_exactly(model, x, np.random.default_rng(5))
+    biases = [n.inputs[2].const_value.shape[0] for n in model.graph if n.op_type == "Conv" and len(n.inputs) > 2]
+    assert biases == [3, 3]                                  # each producer got its own pruned copy
+    assert next(n for n in model.graph if n.outputs[0].name == "y").inputs[1].const_value.shape[1] == 9
