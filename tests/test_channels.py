@@ -8,9 +8,9 @@ import pytest
 
 import prune_models as pm
 from conftest import export
+from pycompress.errors import PycompressError
 from pycompress.ir import load_model
 from pycompress.ir.channels import channel_group, channel_groups
-from pycompress.errors import PycompressError
 
 
 def load_arch(cls, tmp_path, seed=0):

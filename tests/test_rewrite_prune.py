@@ -190,8 +190,10 @@ def test_results_account_for_the_change(tmp_path):
     assert trans.inputs[1].const_value.shape[1] == 14
 
 
-def test_explicit_reshape_shape_is_rewritten(tmp_path):
-    """x.view(-1, C*H*W) puts the width in a constant: it is rewritten with the channels."""
+@pytest.mark.parametrize("style", ["explicit", "size0"])
+def test_view_before_fc(style, tmp_path):
+    """x.reshape(-1, C*H*W) spells the width in a constant: it is rewritten with the channels.
+    x.view(x.size(0), -1) computes the shape from the tensor at run time: only the batch is read."""
     class ViewNet(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -199,16 +201,19 @@ def test_explicit_reshape_shape_is_rewritten(tmp_path):
             self.fc = torch.nn.Linear(6 * 16, 5)
 
         def forward(self, x):
-            return self.fc(torch.relu(self.conv(x)).reshape(-1, 6 * 16))
+            x = torch.relu(self.conv(x))
+            return self.fc(x.reshape(-1, 6 * 16) if style == "explicit" else x.view(x.size(0), -1))
 
     torch.manual_seed(0)
     path = tmp_path / "view.onnx"
     from pycompress.convert import export_to_onnx
-    export_to_onnx(ViewNet().eval(), [(1, 3, 4, 4)], path, dynamic_batch=False)
+    export_to_onnx(ViewNet().eval(), [(1, 3, 4, 4)], path, dynamic_batch=style != "explicit")
     model = load_model(path)
     group = channel_group(model, "group:/conv/Conv")
-    assert group.prunable and [c.kind for c in group.counts] == ["shape entry"]
-    assert_zero_channels_prune_exactly(model, inputs_for((1, 3, 4, 4), n=1), np.random.default_rng(3))
+    assert group.prunable, group.blocked_by
+    assert [c.kind for c in group.counts] == (["shape entry"] if style == "explicit" else [])
+    n = 1 if style == "explicit" else 3
+    assert_zero_channels_prune_exactly(model, inputs_for((1, 3, 4, 4), n=n), np.random.default_rng(3))
 
 
 def test_sites_and_starting_decisions(tmp_path):

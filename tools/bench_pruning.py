@@ -26,7 +26,7 @@ import numpy as np
 
 from pycompress.fidelity.session import make_session
 from pycompress.ir import load_model, model_cost
-from pycompress.plan import LayerDecision, Plan
+from pycompress.plan import Plan
 from pycompress.rewrites import REGISTRY, apply_plan
 
 EFFICIENCY = 0.83

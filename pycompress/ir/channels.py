@@ -51,7 +51,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
-from pycompress.ir.graph import attr_int, attr_ints, constant_array, opset_version, shape_of
+from pycompress.errors import PycompressError
+from pycompress.ir.graph import attr_int, attr_ints, constant_array, opset_version
 
 # Ops that map every channel to itself, elementwise, on input 0 (other inputs
 # must be untracked scalars/settings, e.g. Clip bounds).
@@ -381,8 +382,12 @@ class _Walk:
             if rule is None:
                 reason = f"{op} '{_label(node)}' is not known to keep channels aligned"
             else:
-                handled = rule(self, node, tracked) if tracked or op in _PRODUCER_OPS else set()
                 reason = f"{op} '{_label(node)}' does not take channels at input " + "{i}"
+                try:
+                    handled = rule(self, node, tracked) if tracked or op in _PRODUCER_OPS else set()
+                except Exception as exc:  # a malformed node: block what it touches, never guess
+                    first = (str(exc).strip().splitlines() or [""])[0]
+                    reason = f"{op} '{_label(node)}' could not be analysed ({type(exc).__name__}: {first})"
         for i, lay in tracked.items():
             if i not in handled:
                 self.block(lay.elems, reason.replace("{i}", str(i)), node)
@@ -908,7 +913,9 @@ class _Walk:
             return inner if op != "Unsqueeze" or len(inner) == 1 else None
         if op == "Gather" and attr_int(node, "axis", 0) == 0:
             idx = _const_ints(node.inputs[1])
-            return None if idx is None else [inner[i] for i in idx]
+            if idx is None or not all(-len(inner) <= i < len(inner) for i in idx):
+                return None
+            return [inner[i] for i in idx]
         if op == "Concat":
             out: list = []
             for v in node.inputs:
@@ -1063,8 +1070,7 @@ def channel_groups(model: ir.Model, *, cache: bool = True) -> list[ChannelGroup]
 
 
 def channel_group(model: ir.Model, group_id: str) -> ChannelGroup:
-    from pycompress.errors import PycompressError
-
+    """The group with this id (raises PycompressError naming the site if there is none)."""
     for group in channel_groups(model):
         if group.id == group_id:
             return group
