@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx_ir as ir
@@ -241,6 +242,8 @@ def test_sites_and_starting_decisions(tmp_path):
         PRUNE.starting_decision(model, sites[0], align=0)
     plan = apply_plan(model, Plan([d for d in decisions if d]))
     assert [d.result["kept"] for d in plan.decisions] == [12, 36, 36, 18, 24]
+    json.dumps([s.info for s in sites])                     # --explain / --json can print them
+    assert Plan.from_json(plan.to_json()).decisions[0].result == plan.decisions[0].result
     dw = next(n for n in model.graph if n.name == "/b1_dw/Conv")
     assert dw.attributes["group"].value == 36
 
