@@ -50,6 +50,20 @@ def energy_ranks(path, energy):
     return out
 
 
+def explain_blocks(out: str) -> dict[tuple[str, str], str]:
+    """(action, site) -> the lines `plan --explain` printed for it."""
+    blocks: dict[tuple[str, str], str] = {}
+    key = None
+    for line in out.splitlines():
+        if line and not line.startswith(" ") and "  " in line:
+            action, site = line.split()[:2]
+            key = (action, site)
+            blocks[key] = line
+        elif key and line.startswith("    "):
+            blocks[key] += "\n" + line
+    return blocks
+
+
 def cli(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
@@ -70,10 +84,12 @@ def test_plan_explains_every_site_and_writes_a_starting_plan(tmp_path, capsys, m
     assert decided == {name: rank for name, (rank, r_max) in expected.items() if rank < r_max}
     assert all(d.action == "svd" for d in plan.decisions)
     assert plan.meta["options"]["energy"] == energy
+    blocks = explain_blocks(out)
     for name, (rank, r_max) in expected.items():
-        line = next(line for line in out.splitlines() if name in line)
-        assert f" {r_max} " in line
-        assert (f"rank={rank} " in line) if rank < r_max else f"rank {rank} >= r_max {r_max}" in line
+        block = blocks[("svd", name)]
+        assert f"r_max {r_max};" in block
+        assert f"decision: rank={rank} " in block if rank < r_max else "no decision: " in block
+        assert rank < r_max or f"needs rank {rank} >= r_max {r_max}" in block
     assert f"{shrinking} decisions over 3 applicable sites" in out
 
 
@@ -119,9 +135,26 @@ def test_plan_is_generic_over_the_registry(tmp_path, capsys, monkeypatch, mlp):
     code, out, err = cli(capsys, "plan", mlp, "--actions", "fake_prune", "--keep", "0.5", "--bits", "4",
                          "--explain", "-o", plan_path)
     assert code == 0, err
-    assert fake.seen == [{"energy": 0.9, "keep": 0.5, "bits": 4, "data_aware": False}]
+    assert fake.seen == [{"energy": 0.9, "keep": 0.5, "bits": 4, "align": 1, "data_aware": False}]
     assert [(d.action, d.params) for d in Plan.load(plan_path).decisions] == [("fake_prune", {"keep": 0.5})]
-    assert "n/a: feeds the graph output" in out and "keep=0.5 (bits=4)" in out
+    blocks = list(explain_blocks(out).values())
+    assert "width 48" in blocks[0] and "decision: keep=0.5 (bits=4)" in blocks[0]
+    assert "not applicable: feeds the graph output" in blocks[1]
+
+
+def test_prune_and_svd_plan_and_apply_together(tmp_path, capsys, mlp):
+    """Rewrites from different issues meet in one plan: pruning first (order), then factorization."""
+    plan_path, out_path = tmp_path / "plan.json", tmp_path / "small.onnx"
+    code, _, err = cli(capsys, "plan", mlp, "--actions", "prune,svd", "--keep", "0.75", "-o", plan_path)
+    assert code == 0, err
+    actions = [d.action for d in Plan.load(plan_path).decisions]
+    assert actions.count("prune") == 2 and actions.count("svd") == 2
+    code, out, err = cli(capsys, "apply", mlp, plan_path, "-o", out_path, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["after"]["params"] == model_cost(load_model(out_path)).params < report["before"]["params"]
+    svd_results = [d["result"] for d in report["decisions"] if d["action"] == "svd"]
+    assert all(r["params_after"] < r["params_before"] for r in svd_results)
 
 
 def test_apply_reports_before_after_and_writes_the_results(tmp_path, capsys, mlp):
@@ -220,7 +253,11 @@ def test_efficientnet_plan_and_apply(tmp_path, capsys, efficientnet_onnx):
     code, out, err = cli(capsys, "plan", efficientnet_onnx, "--actions", "svd,lowrank_conv", "--energy", "0.99",
                          "--explain", "-o", plan_path)
     assert code == 0, err
-    assert "n/a: depthwise conv" in out and "n/a: 1x1 conv: a matrix, factored by action 'svd'" in out
+    blocks = explain_blocks(out)
+    assert "not applicable: depthwise conv (group=32)" in blocks[("lowrank_conv", "/_blocks.0/_depthwise_conv/Conv")]
+    assert "not applicable: 1x1 conv: a matrix, factored by action 'svd'" in \
+        blocks[("lowrank_conv", "/_conv_head/Conv")]
+    assert "r_max 561;" in blocks[("svd", "/_fc/Gemm")]
     plan = Plan.load(plan_path)
     assert plan.decisions and all(d.params["rank"] < REGISTRY[d.action].site(load_model(efficientnet_onnx),
                                                                              d.site).info["r_max"]

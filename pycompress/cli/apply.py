@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from pycompress.cli.common import emit_json, human, print_table
 from pycompress.data import Calibration, load_data
@@ -64,6 +65,22 @@ def _sizes(model: ir.Model) -> dict[str, int]:
     return {"params": cost.params, "macs": cost.macs, "weight_bytes": cost.bytes}
 
 
+def upstream_of(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` whose outputs are ``names``, without the nodes they do not depend on.
+
+    onnxruntime runs every node of a session whatever outputs are asked for,
+    so reading an early layer through the whole model costs a full forward pass.
+    """
+    copy = model.clone()
+    produced = {v.name: v for node in copy.graph for v in node.outputs}
+    if any(name not in produced for name in names):
+        return model  # e.g. a graph input: let collect_activations handle it
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(produced[name] for name in dict.fromkeys(names))
+    RemoveUnusedNodesPass()(copy)
+    return copy
+
+
 def _activation_source(model: ir.Model, calibration: Calibration, batch_size: int):
     """Streams intermediate values of ``model`` as it is being rewritten (later sites see earlier changes)."""
     from tqdm import tqdm
@@ -71,7 +88,7 @@ def _activation_source(model: ir.Model, calibration: Calibration, batch_size: in
     def activations(names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
         batches = tqdm(calibration.batches(batch_size), total=math.ceil(len(calibration) / batch_size),
                        desc=f"calibrating {names[0]}", file=sys.stderr, leave=False, disable=None)
-        yield from collect_activations(model, names, batches)
+        yield from collect_activations(upstream_of(model, names), names, batches)
 
     return activations
 

@@ -4,9 +4,10 @@ action applies, and a starting plan the user can edit.
 Generic over the rewrite registry: for each action it lists
 ``REWRITE.sites(model)`` and asks ``REWRITE.starting_decision(model, site,
 **options)`` for a default decision; the options (``energy``, ``keep``,
-``bits``, ``data_aware``) are forwarded to every rewrite, each reads the ones
-it understands. A rewrite that declines a site may say why in
-``site.info["plan_note"]``.
+``bits``, ``align``, ``data_aware``) are forwarded to every rewrite, each reads
+the ones it understands. A rewrite that declines a site may say why in
+``site.info["plan_note"]``. ``--explain`` prints each site's ``info`` generically
+(numbers, names, lists), so a new rewrite's sites explain themselves.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--keep", type=float, default=0.75,
                    help="pruning: fraction of channels to keep (default 0.75)")
     p.add_argument("--bits", type=int, default=8, help="weight sharing / quantization: bits (default 8)")
+    p.add_argument("--align", type=int, default=1,
+                   help="pruning: round kept channel counts to a multiple of this (default 1)")
     p.add_argument("--data-aware", action="store_true",
                    help="low rank: start from data-aware decisions (apply then needs --data)")
     p.add_argument("--json", action="store_true", help="print the sites and the plan as JSON")
@@ -56,6 +59,8 @@ def _check_options(args) -> None:
         raise PycompressError(f"--keep {args.keep}: must be in (0, 1]")
     if not 1 <= args.bits <= 32:
         raise PycompressError(f"--bits {args.bits}: must be in 1..32")
+    if args.align < 1:
+        raise PycompressError(f"--align {args.align}: must be a positive integer")
 
 
 def run(args) -> int:
@@ -63,7 +68,7 @@ def run(args) -> int:
     _check_options(args)
     model = load_model(args.model)
     options: dict[str, Any] = {"energy": args.energy, "keep": args.keep, "bits": args.bits,
-                               "data_aware": args.data_aware}
+                               "align": args.align, "data_aware": args.data_aware}
     plan = Plan(model=str(args.model), meta={"created_by": "pycompress plan", "actions": actions,
                                              "options": options})
     rows: list[dict[str, Any]] = []
@@ -86,9 +91,13 @@ def run(args) -> int:
                    "decisions": len(plan.decisions), "applicable": applicable,
                    "plan": plan.to_dict(), "output": args.output})
         return 0
-    shown = rows if args.explain else [r for r in rows if r["decision"]]
-    if shown:
-        print_table(["action", "site", "op", "r_max", "params", "MACs", "decision / why not"],
+    if args.explain:
+        for row in rows:
+            _explain(row)
+        print()
+    elif plan.decisions:
+        shown = [r for r in rows if r["decision"]]
+        print_table(["action", "site", "op", "r_max", "params", "MACs", "decision"],
                     [[r["action"], r["site"], r["info"].get("op", "-"), _cell(r["info"].get("r_max")),
                       _cell(r["info"].get("params")), _cell(r["info"].get("macs")), _describe(r)] for r in shown],
                     align="llrrrrl")
@@ -104,13 +113,47 @@ def run(args) -> int:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
-    return human(value) if isinstance(value, (int, float)) else str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return human(value) if abs(value) >= 10_000 else (f"{value:.4g}" if isinstance(value, float) else str(value))
+
+
+def _info_text(info: dict[str, Any], limit: int = 6) -> str:
+    """``key value`` pairs of a site's info: numbers, strings, short lists (nested data as a count)."""
+    parts = []
+    for key, value in info.items():
+        if key == "op" or value is None or value == [] or value == "":
+            continue
+        if isinstance(value, (list, tuple)):
+            if value and isinstance(value[0], (dict, list, tuple)):
+                text = f"{len(value)} entries"
+            else:
+                items = [_cell(v) for v in value[:limit]]
+                text = ", ".join(items) + (f", ... (+{len(value) - limit})" if len(value) > limit else "")
+                text = f"[{text}]"
+        elif isinstance(value, dict):
+            text = f"{len(value)} entries"
+        else:
+            text = _cell(value)
+        parts.append(f"{key} {text}")
+    return "; ".join(parts)
+
+
+def _explain(row: dict[str, Any]) -> None:
+    op = row["info"].get("op")
+    print(f"{row['action']}  {row['site']}" + (f"  [{op}]" if op else ""))
+    details = _info_text(row["info"])
+    if details:
+        print(f"    {details}")
+    if not row["ok"]:
+        print(f"    not applicable: {row['reason']}")
+    elif row["decision"]:
+        params = ", ".join(f"{k}={v}" for k, v in row["decision"].items())
+        print(f"    decision: {params}" + (f" ({row['note']})" if row["note"] else ""))
+    else:
+        print(f"    no decision: {row['note']}")
 
 
 def _describe(row: dict[str, Any]) -> str:
-    if not row["ok"]:
-        return f"n/a: {row['reason']}"
-    if row["decision"]:
-        params = ", ".join(f"{k}={v}" for k, v in row["decision"].items())
-        return f"{params} ({row['note']})" if row["note"] else params
-    return f"no decision: {row['note']}"
+    params = ", ".join(f"{k}={v}" for k, v in row["decision"].items())
+    return f"{params} ({row['note']})" if row["note"] else params
