@@ -12,6 +12,13 @@ from rewrite_testing import apply, check, model_from_text, op_types, relative_er
 LOWRANK = REGISTRY["lowrank_conv"]
 SVD = REGISTRY["svd"]
 RNG = np.random.default_rng(1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws the same numbers whatever ran before it (or -k selected)."""
+    global RNG
+    RNG = np.random.default_rng(1)
 CI, CO = 4, 6
 
 CASES = {

@@ -16,6 +16,13 @@ SVD = REGISTRY["svd"]
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws the same numbers whatever ran before it (or -k selected)."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def numpy_truncated(w: np.ndarray, rank: int) -> np.ndarray:
     u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
     return (u[:, :rank] * s[:rank]) @ vt[:rank]

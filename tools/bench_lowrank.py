@@ -31,6 +31,7 @@ import onnx_ir as ir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import zoo  # noqa: E402  (test models and data: EfficientNet-Lite0, crops, digits)
 
+from pycompress.cli.apply import upstream_of  # noqa: E402
 from pycompress.convert import export_to_onnx  # noqa: E402
 from pycompress.fidelity import collect_activations, make_session, run_model  # noqa: E402
 from pycompress.ir import load_model, model_cost  # noqa: E402
@@ -57,7 +58,7 @@ def compress(path: Path, energy: float, calibration: np.ndarray | None, batch: i
 
         def activations(names):
             feeds = ({name: calibration[i:i + batch]} for i in range(0, len(calibration), batch))
-            return collect_activations(model, names, feeds)
+            return collect_activations(upstream_of(model, names), names, feeds)
 
         ctx = ApplyContext(activations)
     plan = starting_plan(model, energy, data_aware=calibration is not None)
@@ -66,17 +67,22 @@ def compress(path: Path, energy: float, calibration: np.ndarray | None, batch: i
     return model, len(plan.decisions), time.perf_counter() - start
 
 
-def latency_ms(model: ir.Model, x: np.ndarray, threads: int, repeats: int = 30) -> float:
-    session = make_session(model, threads=threads)
-    name = session.get_inputs()[0].name
-    for _ in range(3):
-        session.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, {name: x})
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def latency_ratio(base: ir.Model, model: ir.Model, x: np.ndarray, threads: int, repeats: int = 30):
+    """(median ms of ``model``, median of ``model`` / median of ``base``), runs interleaved.
+
+    Interleaving the two sessions cancels most of the drift of a shared machine.
+    """
+    sessions = [make_session(m, threads=threads) for m in (base, model)]
+    feeds = {sessions[0].get_inputs()[0].name: x}
+    times: list[list[float]] = [[], []]
+    for i in range(repeats + 3):
+        for j, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            if i >= 3:
+                times[j].append(time.perf_counter() - start)
+    base_ms, model_ms = (1e3 * statistics.median(t) for t in times)
+    return model_ms, model_ms / base_ms
 
 
 def nbytes(model: ir.Model) -> int:
@@ -91,7 +97,7 @@ def bench_efficientnet(args, folder: Path) -> None:
     original = load_model(path)
     reference = run_model(original, {"input": held_out})[0]
     base = model_cost(original)
-    base_ms = latency_ms(original, held_out[:1], args.threads)
+    base_ms, _ = latency_ratio(original, original, held_out[:1], args.threads)
     base_bytes = nbytes(original)
     print(f"EfficientNet-Lite0: {base.params:,} params, {base.macs:,} MACs, {base_ms:.2f} ms/image "
           f"({args.threads} thread); calibration {len(calibration)} crops, held-out {len(held_out)} crops")
@@ -104,9 +110,9 @@ def bench_efficientnet(args, folder: Path) -> None:
             got = run_model(model, {"input": held_out})[0]
             agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
             rel = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
-            ms = latency_ms(model, held_out[:1], args.threads)
+            _, latency = latency_ratio(original, model, held_out[:1], args.threads)
             print(f"{energy:>6} {mode:>11} {sites:>5} {cost.params / base.params:>7.3f} {cost.macs / base.macs:>6.3f} "
-                  f"{nbytes(model) / base_bytes:>6.3f} {ms / base_ms:>7.3f} {agreement:>9.1%} {rel:>7.3f} "
+                  f"{nbytes(model) / base_bytes:>6.3f} {latency:>7.3f} {agreement:>9.1%} {rel:>7.3f} "
                   f"{seconds:>7.1f}")
 
 
