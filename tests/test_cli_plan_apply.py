@@ -162,9 +162,10 @@ def test_apply_reports_before_after_and_writes_the_results(tmp_path, capsys, mlp
     assert cli(capsys, "plan", mlp, "--actions", "svd", "-o", plan_path)[0] == 0
     x = np.random.default_rng(3).normal(size=(20, 64)).astype(np.float32)
     np.savez(tmp_path / "x.npz", input=x)
-    code, out, err = cli(capsys, "apply", mlp, plan_path, "-o", out_path, "--data", tmp_path / "x.npz",
-                         "--weight-only", "--samples", 20)
+    code, out, err = cli(capsys, "apply", mlp, plan_path, "-o", out_path, "--data", "builtin:digits",
+                         "--weight-only", "--eval-data", tmp_path / "x.npz", "--samples", 20)
     assert code == 0, err
+    assert "output difference on first 20 samples of " + str(tmp_path / "x.npz") in out
     assert "params" in out and "macs" in out and "file_bytes" in out and "relative L2" in out
     results = json.loads((tmp_path / "small.plan.json").read_text())
     applied = results["meta"]["applied"]

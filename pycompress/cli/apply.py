@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
                         "the output difference on them")
     p.add_argument("--weight-only", action="store_true",
                    help="with --data: use the data only to measure, unless a decision says data_aware: true")
+    p.add_argument("--eval-data", metavar="SPEC",
+                   help="inputs to measure the output difference on (default: --data, which the data-aware "
+                        "fit has seen, or random inputs)")
     p.add_argument("--samples", type=int, default=16,
                    help="inputs used to measure the output difference (default 16)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for onnxruntime runs (default 32)")
@@ -55,7 +58,10 @@ def results_path(output: str | Path) -> Path:
     return output.with_name(stem + ".plan.json")
 
 
-def _file_bytes(path: Path) -> int:
+def _file_bytes(path: Path, model: ir.Model | None = None) -> int:
+    """The .onnx file plus its external data (as recorded at load, or the ``<name>.data`` we write)."""
+    if model is not None and "pycompress.external_bytes" in model.meta:
+        return path.stat().st_size + int(model.meta["pycompress.external_bytes"])
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
@@ -147,16 +153,17 @@ def run(args) -> int:
                 raise PycompressError(f"site '{decision.site}': data_aware needs calibration data; pass --data")
     reference = model.clone()
     calibration = load_data(args.data, model) if args.data else None
+    evaluation = load_data(args.eval_data, model) if args.eval_data else calibration
     ctx = ApplyContext()
     if calibration is not None:
         ctx = ApplyContext(_activation_source(model, calibration, args.batch_size),
                            {"data_aware": not args.weight_only})
-    before = {**_sizes(model), "file_bytes": _file_bytes(model_path)}
+    before = {**_sizes(model), "file_bytes": _file_bytes(model_path, model)}
     applied = apply_plan(model, plan, ctx)  # validates everything first; raises before any write
     after = _sizes(model)
-    if calibration is not None:
-        inputs = calibration.subset(np.arange(min(args.samples, len(calibration)))).inputs
-        measured_on = f"first {min(args.samples, len(calibration))} samples of {args.data}"
+    if evaluation is not None:
+        inputs = evaluation.subset(np.arange(min(args.samples, len(evaluation)))).inputs
+        measured_on = f"first {min(args.samples, len(evaluation))} samples of {evaluation.source}"
     else:
         inputs = _random_inputs(reference, args.samples, args.seed)
         measured_on = f"{args.samples} random normal inputs (seed {args.seed})"
