@@ -16,15 +16,12 @@ gives the per-layer numbers that ``pycompress analyze`` reports, and
 second pass over the data.
 
 Sites are the channel groups of ``pycompress.ir.channels`` (one decision
-per group of coupled layers; ``keep_indices`` are group channels). A
+per group of coupled layers, id ``group:<first producer>``; ``keep_indices``
+are group channels), and the Plan is applied by the ``prune`` rewrite. A
 group's responses (one tensor per producer, e.g. the convs feeding a
-residual Add) are combined by ``pooled_covariance``. In a checkout without
-``pycompress.ir.channels`` (the channel-pruning work lands separately),
-``find_sites`` falls back to direct sites: a Conv (group 1) / Gemm / MatMul
-whose output reaches only per-channel ops (BatchNormalization, activations,
-pooling, Dropout, Identity, Flatten) and then input channels of other such
-producers; other producers are listed as skipped with the op that stopped
-the walk.
+residual Add) are put in group channel order and combined by
+``pooled_covariance``. Blocked groups are listed as skipped with the
+analysis's reason.
 """
 
 from __future__ import annotations
@@ -48,7 +45,8 @@ from pycompress.decisions.pfa import (
 )
 from pycompress.errors import PycompressError
 from pycompress.fidelity.responses import collect_responses, response_tensor
-from pycompress.ir import attr_int, constant_array, model_cost
+from pycompress.ir import constant_array, model_cost
+from pycompress.ir.channels import ChannelGroup, channel_groups
 from pycompress.plan import Plan
 
 COST_MEASURES = ("params", "macs")
@@ -102,108 +100,8 @@ def node_label(node: ir.Node) -> str:
     return node.name or (node.outputs[0].name if node.outputs else "")
 
 
-# Per-channel ops a producer's channels pass through unchanged in number.
-_PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
-                 "Celu", "Gelu", "Softplus", "Mish", "Dropout", "Identity", "MaxPool", "AveragePool",
-                 "GlobalAveragePool", "GlobalMaxPool", "LpPool"}
-_PRODUCERS = ("Conv", "Gemm", "MatMul")
-
-
-def _producer_shrinks(node: ir.Node) -> tuple[int | None, list[AxisShrink], str]:
-    """(output channels, what shrinks with them, why not) for a prunable producer."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in _PRODUCERS:
-        return None, [], ""
-    label = node_label(node)
-    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is None:
-        return None, [], "weight is not a constant"
-    if node.op_type == "Conv":
-        if attr_int(node, "group", 1) != 1:
-            return None, [], "grouped/depthwise conv: its channels follow its input's producer"
-        axis = 0
-    elif weight.ndim != 2:
-        return None, [], f"{node.op_type} weight is not 2-D"
-    else:
-        axis = 0 if node.op_type == "Gemm" and attr_int(node, "transB", 0) else 1
-    width = int(weight.shape[axis])
-    shrinks = [AxisShrink(label, 1, axis, width)]
-    if node.op_type != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        bias = constant_array(node.inputs[2])
-        if bias is None or bias.size != width or bias.shape[-1] != width:
-            return None, [], "bias is not one constant per output channel"
-        shrinks.append(AxisShrink(label, 2, bias.ndim - 1, width))
-    return width, shrinks, ""
-
-
-def _consumer_shrink(node: ir.Node, index: int, flattened: bool) -> AxisShrink | None:
-    """The input-channel axis of ``node``'s weight, if it reads the channels as input channels."""
-    if index != 0 or node.domain not in ("", "ai.onnx"):
-        return None
-    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is None:
-        return None
-    if node.op_type == "Conv" and not flattened and attr_int(node, "group", 1) == 1:
-        return AxisShrink(node_label(node), 1, 1, int(weight.shape[1]))
-    if node.op_type == "Gemm" and attr_int(node, "transA", 0) == 0 and weight.ndim == 2:
-        axis = 1 if attr_int(node, "transB", 0) else 0
-        return AxisShrink(node_label(node), 1, axis, int(weight.shape[axis]))
-    if node.op_type == "MatMul" and weight.ndim == 2:
-        return AxisShrink(node_label(node), 1, 0, int(weight.shape[0]))
-    return None
-
-
-def _flattens_to_features(node: ir.Node) -> bool:
-    # (N, C, H, W) -> (N, C*H*W): each channel becomes H*W consecutive features.
-    src, dst = node.inputs[0].shape, node.outputs[0].shape
-    if src is None or dst is None or len(dst) != 2 or len(src) < 2:
-        return False
-    return node.op_type == "Reshape" or attr_int(node, "axis", 1) == 1
-
-
-def _direct_site(node: ir.Node, width: int, shrinks: list[AxisShrink]) -> PfaSite | SkippedSite:
-    """Follow the producer's output through per-channel ops to the weights that read it."""
-    out = node.outputs[0]
-    label = node_label(node)
-    site = PfaSite(label, width, [out.name], list(shrinks), op=node.op_type)
-    frontier = [(out, False)]
-    while frontier:
-        value, flattened = frontier.pop()
-        if value.is_graph_output():
-            return SkippedSite(label, f"its channels reach the graph output '{value.name}'", width)
-        for use in value.uses():
-            reader, index = use.node, use.idx
-            op = reader.op_type
-            if index == 0 and op in _PASS_THROUGH:
-                frontier.append((reader.outputs[0], flattened))
-            elif index == 0 and op == "BatchNormalization":
-                site.shrinks += [AxisShrink(node_label(reader), i, 0, width) for i in range(1, 5)]
-                frontier.append((reader.outputs[0], flattened))
-            elif index == 0 and op in ("Flatten", "Reshape") and _flattens_to_features(reader):
-                frontier.append((reader.outputs[0], True))
-            elif (shrink := _consumer_shrink(reader, index, flattened)) is not None:
-                site.shrinks.append(shrink)
-            else:
-                return SkippedSite(label, f"its channels reach {op} '{reader.name}' (a coupled group or an "
-                                          "op this walk does not follow; see pycompress.ir.channels)", width)
-    return site
-
-
-def _direct_sites(model: ir.Model) -> tuple[list[PfaSite], list[SkippedSite]]:
-    sites: list[PfaSite] = []
-    skipped: list[SkippedSite] = []
-    for node in model.graph:
-        width, shrinks, why = _producer_shrinks(node)
-        if width is None:
-            if why:
-                skipped.append(SkippedSite(node_label(node), why))
-            continue
-        found = _direct_site(node, width, shrinks)
-        (sites if isinstance(found, PfaSite) else skipped).append(found)
-    return sites, skipped
-
-
-def sites_from_groups(groups: Sequence[Any]) -> tuple[list[PfaSite], list[SkippedSite]]:
-    """PFA sites from ``pycompress.ir.channels`` groups (``ChannelGroup``: id, width, producers, slices).
+def sites_from_groups(groups: Sequence[ChannelGroup]) -> tuple[list[PfaSite], list[SkippedSite]]:
+    """PFA sites from ``pycompress.ir.channels`` groups.
 
     Each producer's output is a response; ``producer.channels`` maps its
     output channels to the group's channels (the order of ``keep_indices``).
@@ -230,11 +128,7 @@ def sites_from_groups(groups: Sequence[Any]) -> tuple[list[PfaSite], list[Skippe
 
 
 def find_sites(model: ir.Model) -> tuple[list[PfaSite], list[SkippedSite]]:
-    """PFA decision sites of ``model`` (see the module docstring) and the producers left out, with why."""
-    try:
-        from pycompress.ir.channels import channel_groups
-    except ImportError:  # the channel-pruning analysis has not landed in this checkout: direct sites only
-        return _direct_sites(model)
+    """PFA decision sites of ``model`` (its channel groups) and the groups left out, with why."""
     return sites_from_groups(channel_groups(model))
 
 

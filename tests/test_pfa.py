@@ -18,7 +18,7 @@ from pycompress.fidelity import responses
 from pycompress.fidelity.responses import collect_responses, response_tensor
 from pycompress.ir import load_model, model_cost
 from pycompress.kernels import CovarianceAccumulator
-from pycompress.plan import Plan
+from pycompress.plan import LayerDecision, Plan
 
 AUTHORS_MATRIX = np.array([[1, .7, .2, .3, .9],
                            [.7, 1, .1, .2, .6],
@@ -209,8 +209,8 @@ def test_sites_and_cost_model_on_the_cnn(cnn):
         {("/c1/Conv", 1, 0, 12), ("/c1/Conv", 2, 0, 12), ("/c2/Conv", 1, 1, 12)},
         {("/c2/Conv", 1, 0, 24), ("/c2/Conv", 2, 0, 24), ("/fc1/Gemm", 1, 1, 24 * 16)},   # flattened: 4x4 per channel
         {("/fc1/Gemm", 1, 0, 48), ("/fc1/Gemm", 2, 0, 48), ("/fc2/Gemm", 1, 1, 48)}]
-    # Site ids: node names (direct sites) or "group:<node>" (pycompress.ir.channels groups).
-    assert [s.id.split(":", 1)[-1] for s in skipped] == ["/fc2/Gemm"] and "graph output" in skipped[0].reason
+    assert [s.id for s in sites] == ["group:/c1/Conv", "group:/c2/Conv", "group:/fc1/Gemm"]
+    assert [s.id for s in skipped] == ["group:/fc2/Gemm"] and "graph output" in skipped[0].reason
     cost, full = site_cost_model(model, sites, "params")
     assert full == model_cost(model).params
     c1, c2, f1 = (s.id for s in sites)
@@ -289,7 +289,6 @@ def test_analysis_and_plans_on_the_trained_cnn(cnn):
 
 def test_pfa_kl_plan_applied_gives_a_smaller_model_that_still_classifies(cnn):
     """End to end with the channel-pruning rewrite: analyze -> plan -> apply -> onnxruntime."""
-    pytest.importorskip("pycompress.ir.channels", reason="needs the channel-pruning analysis and rewrite")
     from pycompress.fidelity import run_model
     from pycompress.rewrites import apply_plan
 
@@ -311,3 +310,67 @@ def test_pfa_kl_plan_applied_gives_a_smaller_model_that_still_classifies(cnn):
     print(f"\nPFA-KL on the digits CNN: params {before.params} -> {after.params}, MACs {before.macs} -> "
           f"{after.macs}; held-out accuracy {accuracy_before:.3f} -> {accuracy:.3f} before any recovery")
     assert accuracy > 0.3          # chance is 0.1
+
+
+@pytest.fixture(scope="module")
+def residual(tmp_path_factory):
+    import zoo
+    from conftest import export
+
+    module = zoo.randomize_bn(zoo.ResidualCNN(width=8))
+    path = export(module, (1, 1, 8, 8), tmp_path_factory.mktemp("residual") / "residual.onnx")
+    return module, path
+
+
+def test_coupled_group_pools_its_members_responses(residual):
+    module, path = residual
+    model = load_model(path)
+    x = load_data("builtin:digits", model).inputs["input"]
+    analysis = analyze(model, load_data("builtin:digits", model), progress=False)
+    group = next(l for l in analysis.layers if l.site == "group:/stem/stem.0/Conv")
+    # Its members: the stem conv and the last conv of the identity block (added to it), BN folded.
+    assert group.info["responses"] == ["/stem/stem.0/Conv_output_0", "/b1/b1.3/Conv_output_0"]
+    with torch.no_grad():
+        t = torch.from_numpy(x)
+        stem = module.stem[1](module.stem[0](t))
+        inner = torch.relu(module.b1[1](module.b1[0](torch.relu(stem))))
+        last = module.b1[4](module.b1[3](inner))
+    members = [r.amax(dim=(2, 3)).double().numpy() for r in (stem, last)]
+    scatter = sum((m - m.mean(0)).T @ (m - m.mean(0)) for m in members)
+    np.testing.assert_allclose(group.cov, scatter / (2 * len(x) - 2), rtol=1e-4, atol=1e-6)
+    assert group.samples == 2 * len(x)
+    assert not [n for n in model.graph if n.op_type == "BatchNormalization"]   # BN folded into the producers
+
+
+def test_footprint_cost_model_is_exact_on_a_residual_network(residual):
+    from pycompress.rewrites import apply_plan
+
+    _, path = residual
+    model = load_model(path)
+    sites, _ = find_sites(model)
+    assert [len(s.responses) for s in sites] == [2, 1, 2, 1]      # two residual groups
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        keep = {s.id: int(rng.integers(1, s.width + 1)) for s in sites}
+        plan = Plan([LayerDecision(s.id, "prune", {"keep_indices": sorted(rng.choice(s.width, keep[s.id],
+                                                                                         replace=False).tolist())})
+                     for s in sites if keep[s.id] < s.width])
+        pruned = load_model(path)
+        apply_plan(pruned, plan)
+        after = model_cost(pruned)
+        for measure, actual in (("params", after.params), ("macs", after.macs)):
+            cost, full = site_cost_model(model, sites, measure)
+            assert cost(keep) == pytest.approx(actual), (trial, measure, keep)
+
+
+def test_responses_follow_a_site_channel_map(cnn):
+    _, model, _ = cnn
+    cal = load_data("builtin:digits", model)
+    site = find_sites(model)[0][0]
+    perm = np.array([3, 0, 1, 2] + list(range(4, site.width)))          # output channel i -> site channel perm[i]
+    moved = type(site)(site.id, site.width, site.responses, site.shrinks, [perm], site.op)
+    plain = analyze(model, cal, sites=[site], progress=False).layers[0].cov
+    mapped = analyze(model, cal, sites=[moved], progress=False).layers[0].cov
+    order = np.argsort(perm)
+    np.testing.assert_allclose(mapped, plain[np.ix_(order, order)], rtol=1e-12)
+    assert mapped[3, 3] == pytest.approx(plain[0, 0])                   # output channel 0 is site channel 3

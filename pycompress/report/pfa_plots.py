@@ -36,8 +36,8 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def short_name(site: str, limit: int = 38) -> str:
-    """'/_blocks.3/_expand_conv/Conv' -> '_blocks.3/_expand_conv' (readable titles)."""
-    name = site.strip("/")
+    """'group:/_blocks.3/_expand_conv/Conv' -> '_blocks.3/_expand_conv' (readable titles)."""
+    name = site.removeprefix("group:").strip("/")
     for suffix in ("/Conv", "/Gemm", "/MatMul"):
         if name.endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
