@@ -148,6 +148,7 @@ def site_cost_model(model: ir.Model, sites: Sequence[PfaSite], measure: str = "p
     index = {site.id: i for i, site in enumerate(sites)}
     # id(constant) -> (its shape, {axis: [(site index, positions on that axis)]})
     tensors: dict[int, tuple[tuple[int, ...], dict[int, list[tuple[int, int]]]]] = {}
+    weights: dict[int, bool] = {}
     for i, site in enumerate(sites):
         for shrink in site.shrinks:
             node = nodes.get(shrink.node)
@@ -157,6 +158,7 @@ def site_cost_model(model: ir.Model, sites: Sequence[PfaSite], measure: str = "p
             if array is None:
                 raise PycompressError(f"site '{site.id}': input {shrink.input_index} of node '{shrink.node}' "
                                       "is not a constant")
+            weights[id(value)] = array.ndim >= 1 and array.dtype != np.int64 and array.dtype.kind in "fiu"
             shape, axes = tensors.setdefault(id(value), (tuple(array.shape), {}))
             axes.setdefault(shrink.axis, []).append((i, shrink.count))
 
@@ -166,7 +168,8 @@ def site_cost_model(model: ir.Model, sites: Sequence[PfaSite], measure: str = "p
     cost_full = model_cost(model)
     if measure == "params":
         full = float(cost_full.params)
-        parts = [(float(np.prod(shape)), shape, axes) for shape, axes in tensors.values()]
+        # Only what model_cost counts as parameters (not int64 shapes or 0-d settings).
+        parts = [(float(np.prod(shape)), shape, axes) for key, (shape, axes) in tensors.items() if weights[key]]
 
         def shrunk(kept):
             return sum(size - float(np.prod(kept_shape(shape, axes, kept))) for size, shape, axes in parts)

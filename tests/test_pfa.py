@@ -342,18 +342,25 @@ def test_coupled_group_pools_its_members_responses(residual):
     assert not [n for n in model.graph if n.op_type == "BatchNormalization"]   # BN folded into the producers
 
 
-def test_footprint_cost_model_is_exact_on_a_residual_network(residual):
+@pytest.mark.parametrize("kind", ["residual", "depthwise"])
+def test_footprint_cost_model_is_exact(residual, tmp_path, kind):
+    """site_cost_model == model_cost of the model the prune rewrite produces, for random plans."""
+    import zoo
+    from conftest import export
     from pycompress.rewrites import apply_plan
 
-    _, path = residual
+    if kind == "residual":
+        path = residual[1]
+    else:   # depthwise convs and a global pool pass the channels through
+        path = export(zoo.DepthwiseBlock(), (1, 3, 16, 16), tmp_path / "depthwise.onnx")
     model = load_model(path)
     sites, _ = find_sites(model)
-    assert [len(s.responses) for s in sites] == [2, 1, 2, 1]      # two residual groups
+    assert [len(s.responses) for s in sites] == ([2, 1, 2, 1] if kind == "residual" else [1, 1])
     rng = np.random.default_rng(0)
     for trial in range(3):
         keep = {s.id: int(rng.integers(1, s.width + 1)) for s in sites}
         plan = Plan([LayerDecision(s.id, "prune", {"keep_indices": sorted(rng.choice(s.width, keep[s.id],
-                                                                                         replace=False).tolist())})
+                                                                                     replace=False).tolist())})
                      for s in sites if keep[s.id] < s.width])
         pruned = load_model(path)
         apply_plan(pruned, plan)
