@@ -18,3 +18,17 @@ class CovarianceAccumulator:
     @property
     def cov(self) -> npt.NDArray[np.float64]: ...
     def correlation(self, floor: float = 1e-8) -> npt.NDArray[np.float64]: ...
+
+def gp_acquisition(
+    candidates: npt.ArrayLike,
+    train_x: npt.ArrayLike,
+    lengthscales: npt.ArrayLike,
+    outputscale: float,
+    mean_constant: float,
+    chol: npt.ArrayLike,
+    beta: npt.ArrayLike,
+    incumbent: npt.ArrayLike,
+    delta: float,
+    var_floor: float = 1e-12,
+    threads: int = 0,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

@@ -27,5 +27,6 @@ else:
         BACKEND = "reference"
 
 CovarianceAccumulator = _impl.CovarianceAccumulator
+gp_acquisition = _impl.gp_acquisition
 
-__all__ = ["BACKEND", "CovarianceAccumulator", "reference"]
+__all__ = ["BACKEND", "CovarianceAccumulator", "gp_acquisition", "reference"]
