@@ -23,10 +23,11 @@ from pycompress.decisions.bo.pacbo import (
     Observation,
     PACBOResult,
     PACBOSettings,
+    RandomSearch,
     Step,
 )
 
 __all__ = ["PACBO", "CandidateSettings", "Dimension", "Executor", "GaussianProcess", "Hyperparameters",
            "LocalExecutor", "Observation", "PACAcquisition", "PACBOResult", "PACBOSettings", "Posterior",
-           "SearchSpace", "Step", "certificate_probability", "is_certified", "maximize_acquisition", "pac_z",
+           "RandomSearch", "SearchSpace", "Step", "certificate_probability", "is_certified", "maximize_acquisition", "pac_z",
            "resolve_delta", "select_incumbent"]

@@ -101,17 +101,18 @@ class PACBOSettings:
     delta: float = 0.05
     relative_delta: bool = False     # delta * |mu(t^)| instead of delta
     epsilon: float = 0.005
-    initial: int | None = None       # Sobol points; default max(5, min(2 d, 20))
+    initial: int | None = None       # Sobol points; default max(10, min(2 d, 40))
     max_evals: int = 100
     time_limit: float | None = None  # seconds, over all resumes
     seed: int = 0
     batch_size: int = 1              # points proposed per GP fit (kriging believer beyond the first)
-    restarts: int = 2                # random ML-II restarts besides the warm start
+    restarts: int = 2                # random ML-II restarts besides the warm start ...
+    restart_every: int = 5           # ... on the first fit and every this many fits (warm start only between)
     fit_iters: int = 200
     candidates: CandidateSettings = field(default_factory=CandidateSettings)
 
     def initial_points(self, d: int) -> int:
-        return self.initial if self.initial is not None else max(5, min(2 * d, 20))
+        return self.initial if self.initial is not None else max(10, min(2 * d, 40))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -155,7 +156,7 @@ class PACBOResult:
     stop_reason: str                  # "certificate" | "max_evals" | "time_limit"
     observations: list[Observation]
     history: list[Step]
-    hyperparameters: Hyperparameters
+    hyperparameters: Hyperparameters | None  # None for random search
     seconds: float
 
     @property
@@ -166,8 +167,8 @@ class PACBOResult:
         if self.certified:
             return (f"certified: P(J(t*) - J(t^) < delta) = {self.probability:.4f} after "
                     f"{self.evaluations} evaluations")
-        return (f"no certificate ({self.stop_reason} reached after {self.evaluations} evaluations; "
-                f"P = {self.probability:.4f})")
+        p = "" if math.isnan(self.probability) else f"; P = {self.probability:.4f}"
+        return f"no certificate ({self.stop_reason} reached after {self.evaluations} evaluations{p})"
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -279,13 +280,10 @@ class PACBO:
         self.status = data["status"]
 
     # -- the loop ----------------------------------------------------------
-    def run(self, *, resume: bool = False) -> PACBOResult:
-        s = self.settings
-        if resume:
-            self.load()
-        started = time.monotonic() - self.elapsed
+    def initial_design(self) -> list[np.ndarray]:
+        """The initial points (seeds, then scrambled Sobol), drawn once; they stay pending until evaluated."""
         if not self.observations and not self.pending:
-            n0 = s.initial_points(self.d)
+            n0 = self.settings.initial_points(self.d)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "balance properties need a power of 2": fine for a design
                 sobol = qmc.Sobol(self.d, scramble=True, seed=self.rng).random(n0) if n0 else np.empty((0, self.d))
@@ -293,44 +291,58 @@ class PACBO:
             self.pending = [(self.snap(p[None, :])[0], None) for p in initial]
             self.status = "running"
             self.save()
-        if len(self.observations) + len(self.pending) < 2:
-            raise PycompressError("PAC-BO needs at least 2 initial points (--initial)")
+        return [theta.copy() for theta, _ in self.pending]
 
+    def run(self, *, resume: bool = False) -> PACBOResult:
+        if resume:
+            self.load()
+        started = time.monotonic() - self.elapsed
+        self.initial_design()
+        if len(self.observations) + len(self.pending) < 2:
+            raise PycompressError("the search needs at least 2 initial points (--initial)")
         while True:
             stop = self._evaluate_pending(started)
             if len(self.observations) < 2:
                 raise PycompressError(f"the budget ({stop}) ran out before 2 points were evaluated; "
                                       "raise --max-evals / --time-limit")
             with single_threaded():
-                gp = GaussianProcess.fit(self._x(), self._y(), self._noise(), init=self.hyper,
-                                         restarts=s.restarts, rng=self.rng, max_iter=s.fit_iters)
-                self.hyper = gp.hyper
-                visited = self._x()
-                index, mu_hat = select_incumbent(gp, visited)
-                delta = resolve_delta(s.delta, s.relative_delta, mu_hat)
-                acquisition = PACAcquisition(gp, visited[index], delta)
-                anchors = self._anchors(gp, visited, index)
-                theta, z_max = maximize_acquisition(acquisition, self.d, self.rng, anchors=anchors,
-                                                    settings=s.candidates, snap=self.snap)
-            step = Step(len(self.observations), list(map(float, visited[index])), mu_hat, z_max,
-                        certificate_probability(z_max), delta)
+                step, model, proposals = self._decide()
             self.history.append(step)
             self.elapsed = time.monotonic() - started
             if self.progress:
                 self.progress(step, self.observations[-1])
-            if is_certified(z_max, s.epsilon):
+            if is_certified(step.z_max, self.settings.epsilon):
                 self.status = "certificate"
-            elif stop is None:
-                stop = self._budget_spent(started)
-            if stop is not None and self.status != "certificate":
-                self.status = stop
-            if self.status in ("certificate", "max_evals", "time_limit"):
+            else:
+                self.status = stop or self._budget_spent(started) or "running"
+            if self.status != "running":
                 self.pending = []
                 self.save()
-                return self._result(gp, visited[index], mu_hat, step)
-            with single_threaded():
-                self.pending = self._propose_batch(gp, theta, z_max, visited[index], delta)
+                return PACBOResult(np.asarray(step.incumbent), step.incumbent_value, self.status == "certificate",
+                                   step.probability, step.z_max, self.status, list(self.observations),
+                                   list(self.history), getattr(model, "hyper", None), self.elapsed)
+            self.pending = proposals
             self.save()
+
+    def _decide(self) -> tuple[Step, Any, list[tuple[np.ndarray, float | None]]]:
+        """Fit the GP; incumbent, z_max and the next point(s) to evaluate."""
+        s = self.settings
+        restarts = s.restarts if len(self.history) % max(1, s.restart_every) == 0 else 0
+        gp = GaussianProcess.fit(self._x(), self._y(), self._noise(), init=self.hyper,
+                                 restarts=restarts, rng=self.rng, max_iter=s.fit_iters)
+        self.hyper = gp.hyper
+        visited = self._x()
+        index, mu_hat = select_incumbent(gp, visited)
+        delta = resolve_delta(s.delta, s.relative_delta, mu_hat)
+        acquisition = PACAcquisition(gp, visited[index], delta)
+        theta, z_max = maximize_acquisition(acquisition, self.d, self.rng, anchors=self._anchors(gp, visited, index),
+                                            settings=s.candidates, snap=self.snap)
+        step = Step(len(self.observations), list(map(float, visited[index])), mu_hat, z_max,
+                    certificate_probability(z_max), delta)
+        proposals = []
+        if not is_certified(z_max, s.epsilon):
+            proposals = self._propose_batch(gp, theta, z_max, visited[index], delta)
+        return step, gp, proposals
 
     def _evaluate_pending(self, started: float) -> str | None:
         """Evaluate the pending points (saving after each); the budget that stopped it, if any."""
@@ -383,11 +395,6 @@ class PACBO:
         order = [i for i in np.argsort(-mu, kind="stable") if i != index][: self.settings.candidates.anchors]
         return np.vstack([visited[index]] + [visited[i] for i in order])
 
-    def _result(self, gp: GaussianProcess, incumbent: np.ndarray, mu_hat: float, step: Step) -> PACBOResult:
-        return PACBOResult(np.asarray(incumbent, np.float64), mu_hat, self.status == "certificate",
-                           step.probability, step.z_max, self.status, list(self.observations), list(self.history),
-                           gp.hyper, self.elapsed)
-
     # -- helpers -------------------------------------------------------------
     def _point(self, p: Sequence[float]) -> np.ndarray:
         p = np.asarray(p, np.float64).ravel()
@@ -403,3 +410,16 @@ class PACBO:
 
     def _noise(self) -> np.ndarray:
         return np.asarray([o.variance for o in self.observations], np.float64)
+
+
+class RandomSearch(PACBO):
+    """The baseline in the same harness: i.i.d. uniform points until the budget is
+    spent; the answer is the best observed estimate. Never certifies (z_max and P are NaN)."""
+
+    def _decide(self) -> tuple[Step, Any, list[tuple[np.ndarray, float | None]]]:
+        y = self._y()
+        best = int(np.argmax(y))
+        step = Step(len(self.observations), list(map(float, self._x()[best])), float(y[best]), math.nan, math.nan,
+                    resolve_delta(self.settings.delta, self.settings.relative_delta, float(y[best])))
+        batch = [(self.snap(self.rng.random((1, self.d)))[0], None) for _ in range(self.settings.batch_size)]
+        return step, None, batch
