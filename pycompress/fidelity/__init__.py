@@ -10,8 +10,8 @@ from pycompress.fidelity.estimators import (
     mean_and_variance,
     top1_error_losses,
 )
-from pycompress.fidelity.session import collect_activations, iterate_batches, make_session, run_model
+from pycompress.fidelity.session import collect_activations, iterate_batches, make_session, run_model, run_tensors
 
 __all__ = ["LOSSES", "Estimate", "FidelityEstimator", "collect_activations", "cross_entropy_losses",
            "function_norm_losses", "iterate_batches", "make_session", "mean_and_variance", "run_model",
-           "top1_error_losses"]
+           "run_tensors", "top1_error_losses"]

@@ -25,7 +25,8 @@ def make_session(model: ir.Model, *, providers: Sequence[str] | None = None, thr
     if extra_outputs:
         import onnx
 
-        known = {o.name for o in proto.graph.output}
+        # Graph inputs need no exposing: run_tensors returns them from the feeds.
+        known = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
         values = {v.name: v for v in model.graph.all_nodes() for v in v.outputs}
         for name in extra_outputs:
             if name in known:
@@ -56,15 +57,22 @@ def iterate_batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterat
         yield {name: array[start:start + batch_size] for name, array in inputs.items()}
 
 
+def run_tensors(session, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Values of ``names`` (graph outputs, exposed intermediates or graph inputs) for one batch."""
+    input_names = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in input_names}
+    computed = [n for n in dict.fromkeys(names) if n not in feeds]
+    values = dict(zip(computed, session.run(computed, feeds))) if computed else {}
+    return [feeds[n] if n in feeds else values[n] for n in names]
+
+
 def collect_activations(model: ir.Model, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]],
                         *, threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield {tensor name: array} for each input batch (a streaming pass)."""
     session = make_session(model, extra_outputs=names, threads=threads)
     output_names = list(dict.fromkeys(names))
-    input_names = {i.name for i in session.get_inputs()}
     for feeds in batches:
-        feeds = {k: v for k, v in feeds.items() if k in input_names}
-        yield dict(zip(output_names, session.run(output_names, feeds)))
+        yield dict(zip(output_names, run_tensors(session, output_names, feeds)))
 
 
 def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *, batch_size: int = 256,
