@@ -77,30 +77,37 @@ class Measurement:
 
 
 def build_search_space(model: ir.Model, actions: Sequence[str]) -> tuple[SearchSpace, list[str]]:
-    """One rank dimension per applicable site (first action wins on a shared site).
-
-    Returns the space and notes on the sites left out (with the reason).
+    """One dimension per applicable site: a rank (``svd``, ``lowrank_conv``: ``[1, r_max]``)
+    or a channel count (``prune``: ``[1, width]``). A node already searched by an
+    earlier action is not searched again. Returns the space and notes on the
+    sites left out (with the reason).
     """
     dims: list[Dimension] = []
     notes: list[str] = []
     taken: set[str] = set()
     for action in actions:
         rewrite = get_rewrite(action)
-        if "rank" not in rewrite.params:
-            raise PycompressError(f"action '{action}' has no 'rank' parameter; PAC-BO searches ranks "
-                                  f"(actions: svd, lowrank_conv)")
+        if "rank" in rewrite.params:
+            kind = "rank"
+        elif "keep" in rewrite.params:
+            kind = "keep"
+        else:
+            raise PycompressError(f"action '{action}' has neither a 'rank' nor a 'keep' parameter to search")
         for site in rewrite.sites(model):
             if not site.ok:
                 notes.append(f"{site.name} ({action}): {site.reason}")
                 continue
-            if site.name in taken:
+            if kind == "rank" and site.name in taken:
                 notes.append(f"{site.name} ({action}): already searched by another action")
                 continue
-            r_max = int(site.info.get("r_max", 0) or 0)
-            if r_max < 1:
-                notes.append(f"{site.name} ({action}): r_max < 1, nothing to reduce")
+            high = int(site.info.get("r_max" if kind == "rank" else "width", 0) or 0)
+            if high < (1 if kind == "rank" else 2):
+                notes.append(f"{site.name} ({action}): nothing to reduce")
                 continue
-            dims.append(Dimension(site.name, action, "rank", "rank", high=r_max))
+            if kind == "rank":
+                dims.append(Dimension(site.name, action, "rank", "rank", high=high))
+            else:
+                dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=1, untouched_from=high))
             taken.add(site.name)
     if not dims:
         raise PycompressError(f"no site of the model can take {', '.join(actions)}"
@@ -126,7 +133,9 @@ class CompressionObjective:
             self._site_nodes[(dim.site, dim.action)] = site.nodes
         self.sites_before = {key: sum(cost[n].params for n in nodes if n in cost)
                              for key, nodes in self._site_nodes.items()}
-        self.params_sites = sum(self.sites_before.values())
+        # Sites may share nodes (a layer between two pruned channel groups): count each node once.
+        searched = {n for nodes in self._site_nodes.values() for n in nodes}
+        self.params_sites = sum(cost[n].params for n in searched if n in cost)
         if self.params_sites <= 0:
             raise PycompressError("the searched sites hold no parameters")
         self.costs = self._measure_costs(space)
@@ -146,7 +155,7 @@ class CompressionObjective:
         costs = {}
         for dim in space.dimensions:
             key = (dim.site, dim.action)
-            values = sorted({dim.high, max(1, dim.high // 2)})
+            values = sorted({dim.high, max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
             after = []
             for v in values:
                 model, _ = self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])
@@ -162,18 +171,22 @@ class CompressionObjective:
 
     def _untouched_from(self, dim: Dimension) -> int | None:
         cost = self.costs[(dim.site, dim.action)]
-        for v in range(1, dim.high + 1):
+        for v in range(dim.low if dim.kind == "keep" else 1, dim.high + 1):
             if cost.after(v) >= cost.before:
                 return v
         return None
 
     def predicted_ratio(self, thetas: np.ndarray) -> np.ndarray:
-        """R for many points (M, d) from the linear site costs (no rewriting)."""
+        """R for many points (M, d) from the linear site costs (no rewriting).
+
+        The changes of the sites add up (exact for separate layers; for
+        channel groups that share a layer the interaction is neglected).
+        """
         thetas = np.atleast_2d(thetas)
-        total = np.zeros(len(thetas))
+        total = np.full(len(thetas), float(self.params_sites))
         for j, dim in enumerate(self.space.dimensions):
             cost = self.costs[(dim.site, dim.action)]
-            total += np.array([cost.after(dim.decode(u)) for u in thetas[:, j]])
+            total += np.array([cost.after(dim.decode(u)) - cost.before for u in thetas[:, j]])
         return total / self.params_sites
 
     # -- evaluation ----------------------------------------------------------
@@ -270,6 +283,6 @@ def select_gamma(objective: CompressionObjective, points: np.ndarray, measuremen
 
 
 def describe_point(space: SearchSpace, theta: Sequence[float]) -> str:
-    """``site=rank, ...`` (``full`` for an untouched site)."""
+    """``site=value, ...`` (``full`` for an untouched site)."""
     return ", ".join(f"{dim.site}={'full' if v is None else v}"
                      for dim, v in zip(space.dimensions, space.values(theta)))

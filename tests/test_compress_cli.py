@@ -90,13 +90,14 @@ def test_compress_writes_model_plan_and_trace(small_mlp, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     trace = json.loads((tmp_path / "small.trace.json").read_text())
     plan = Plan.load(tmp_path / "small.plan.json")
-    assert summary["gamma"] == 0.05 and summary["evaluations"] == 13 == len(trace["evaluations"])
-    for i, e in enumerate(trace["evaluations"]):
-        assert e["index"] == i and len(e["theta"]) == 3 and 0 < e["ratio"] <= 1
-        assert e["J"] == pytest.approx(0.05 * -e["fidelity"] + 1 / e["ratio"])
-        assert e["fidelity_std_error"] > 0
-    assert all(e["z_max"] is not None for e in trace["evaluations"][9:])    # after each GP fit
-    assert all(e["z"] is not None for e in trace["evaluations"][10:])       # chosen by the acquisition
+    search = trace["search"]
+    assert summary["gamma"] == 0.05 == search["gamma"] and summary["evaluations"] == 13 == len(search["trace"])
+    for i, e in enumerate(search["trace"]):
+        assert e["eval"] == i + 1 and len(e["theta"]) == 3 and 0 < e["ratio"] <= 1
+        assert e["J"] == pytest.approx(0.05 * -e["fidelity_mean"] + 1 / e["ratio"])
+        assert e["fidelity_se"] > 0
+    assert all(e["z_max"] is not None for e in search["trace"][9:])    # after each GP fit
+    assert all(e["z"] is not None for e in search["trace"][10:])       # chosen by the acquisition
     assert plan.meta["gamma"] == 0.05 and plan.meta["certified"] == summary["certified"]
 
     # The plan re-applied to the original reproduces the written model.
@@ -130,7 +131,7 @@ def test_target_size_random_search_and_resume(small_mlp, tmp_path, capsys):
     assert main(args[:2] + ["-o", str(out), "--resume", str(run_dir), "--max-evals", "15", "--quiet", "--json"]) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["evaluations"] == 15 and second["gamma"] == first["gamma"]
-    trace = json.loads((tmp_path / "r.trace.json").read_text())["evaluations"]
+    trace = json.loads((tmp_path / "r.trace.json").read_text())["search"]["trace"]
     assert len(trace) == 15
 
 

@@ -155,7 +155,8 @@ def run(args) -> int:
         log(f"skip {note}")
     objective = CompressionObjective(model, space, estimator)
     space = objective.space
-    log(f"searching {space.d} ranks: " + ", ".join(f"{d.site} (r_max {d.high})" for d in space.dimensions))
+    log(f"searching {space.d} decisions: " + ", ".join(f"{d.site} ({d.action} {d.param} <= {d.high})"
+                                                      for d in space.dimensions))
 
     settings = PACBOSettings(delta=config["delta"], relative_delta=config["relative_delta"],
                              epsilon=config["epsilon"], initial=config["initial"], max_evals=args.max_evals,
@@ -207,10 +208,10 @@ def run(args) -> int:
         "J": result.value, "evaluations": result.evaluations, "search_seconds": result.seconds,
         "fidelity_loss": config["loss"], "fidelity": final.mean, "fidelity_std_error": final.std_error,
         "fidelity_samples": final.samples, **{f"final_{k}": v for k, v in final.extras.items()},
-        "ranks": describe_point(space, result.theta),
+        "decisions": describe_point(space, result.theta),
     }
     plan.model = str(model_path)
-    plan.meta = _finite({"planner": config["method"], **{k: v for k, v in summary.items() if k != "ranks"}})
+    plan.meta = _finite({"planner": config["method"], **{k: v for k, v in summary.items() if k != "decisions"}})
     plan_path = Path(args.plan) if args.plan else output.with_name(output.stem + ".plan.json")
     trace_path = Path(args.trace) if args.trace else output.with_name(output.stem + ".trace.json")
     save_model(compressed, output)
@@ -226,7 +227,7 @@ def run(args) -> int:
         print_table(["", "params before", "after", "ratio"], rows)
         cert = (f"certificate: P(J(t*) - J(t^) < {summary['delta']:.4g}) = {result.probability:.4f} "
                 f">= {1 - config['epsilon']:g}" if result.certified else result.summary())
-        print(f"{cert}\ngamma = {config['gamma']:.6g}; ranks: {summary['ranks']}")
+        print(f"{cert}\ngamma = {config['gamma']:.6g}; decisions: {summary['decisions']}")
         extra = "".join(f", {k.removeprefix('final_')} {v:.4f}" for k, v in summary.items()
                         if k in ("final_agreement", "final_accuracy"))
         print(f"fidelity ({config['loss']}) on {final.samples} samples: {final.mean:.4g} +- {final.std_error:.2g}"
@@ -236,22 +237,28 @@ def run(args) -> int:
 
 
 def _trace(config: dict[str, Any], space, result, summary: dict[str, Any]) -> dict[str, Any]:
+    """The search as the report reads it (``search {gamma, certificate, ..., trace [...]}``)."""
     after = {step.evaluations: step for step in result.history}
-    evaluations = []
+    trace = []
     for i, obs in enumerate(result.observations):
-        step = after.get(i + 1)
-        evaluations.append({
-            "index": i, "theta": list(obs.theta),
-            "ranks": {d.site: v for d, v in zip(space.dimensions, space.values(obs.theta))},
-            "ratio": obs.extras.get("ratio"), "fidelity": obs.extras.get("fidelity"),
-            "fidelity_std_error": obs.extras.get("fidelity_std_error"), "J": obs.value,
-            "J_std": math.sqrt(obs.variance), "z": obs.z,
+        step = after.get(i + 1)      # the GP fit right after this evaluation
+        trace.append({
+            "eval": i + 1, "theta": list(obs.theta),
+            "decisions": {d.site: v for d, v in zip(space.dimensions, space.values(obs.theta))},
+            "ratio": obs.extras.get("ratio"), "fidelity_mean": obs.extras.get("fidelity"),
+            "fidelity_se": obs.extras.get("fidelity_std_error"), "J": obs.value, "J_se": math.sqrt(obs.variance),
+            "z": obs.z,                                   # acquisition value that chose it (None: design)
             "z_max": None if step is None else step.z_max,
             "probability": None if step is None else step.probability,
             "incumbent_J": None if step is None else step.incumbent_value,
-            "seconds": obs.seconds, **{k: v for k, v in obs.extras.items()
-                                       if k in ("agreement", "accuracy")},
+            "seconds": obs.seconds,
+            **{k: v for k, v in obs.extras.items() if k in ("agreement", "accuracy")},
         })
-    return {"config": config, "dimensions": [{"site": d.site, "action": d.action, "r_max": d.high,
-                                              "untouched_from": d.untouched_from} for d in space.dimensions],
-            "result": summary, "evaluations": evaluations}
+    search = {"method": config["method"], "gamma": config["gamma"], "target_size": config["target_size"],
+              "certificate": result.certified, "probability": result.probability, "z_max": result.z_max,
+              "delta": summary["delta"], "epsilon": config["epsilon"], "stop_reason": result.stop_reason,
+              "evaluations": result.evaluations, "seconds": result.seconds, "trace": trace}
+    return {"config": config,
+            "dimensions": [{"site": d.site, "action": d.action, "r_max": d.high, "untouched_from": d.untouched_from}
+                           for d in space.dimensions],
+            "result": summary, "search": search}
