@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include <immintrin.h>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -53,36 +55,76 @@ inline double exp_nonpositive(double x) {
     return p * scale;
 }
 
-// k(x_i, c) for all i: Matern 5/2 on pre-scaled coordinates. trainT is d x n
-// (scaled by 1/lengthscale) so the inner loop runs over contiguous i.
-__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-void matern_column(const double* __restrict trainT, int64_t n, int64_t d, const double* __restrict c,
-                   double outputscale, double* __restrict out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = 0.0;
-    for (int64_t k = 0; k < d; ++k) {
-        const double ck = c[k];
-        const double* __restrict row = trainT + k * n;
-        for (int64_t i = 0; i < n; ++i) {
-            const double diff = ck - row[i];
-            out[i] += diff * diff;
+// Squared scaled distances r2_i = sum_k (c_k - x_ik)^2. trainT is d x n
+// (coordinates already divided by the lengthscales) so i runs contiguously.
+inline __attribute__((always_inline))
+void sqdist_portable(const double* __restrict trainT, int64_t n, int64_t d, const double* __restrict c,
+                     double* __restrict out) {
+    for (int64_t i = 0; i < n; ++i) {
+        double acc = 0.0;
+        for (int64_t k = 0; k < d; ++k) {
+            const double diff = c[k] - trainT[k * n + i];
+            acc += diff * diff;
         }
+        out[i] = acc;
     }
+}
+
+// The AVX2 version keeps 16 partial sums in registers across the d
+// coordinates (GCC's own vectorization of this loop nest was 4x slower).
+__attribute__((target("avx2,fma")))
+void sqdist_avx2(const double* __restrict trainT, int64_t n, int64_t d, const double* __restrict c,
+                 double* __restrict out) {
+    int64_t i0 = 0;
+    for (; i0 + 16 <= n; i0 += 16) {
+        __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < d; ++k) {
+            const __m256d ck = _mm256_broadcast_sd(c + k);
+            const double* row = trainT + k * n + i0;
+            const __m256d d0 = _mm256_sub_pd(ck, _mm256_loadu_pd(row));
+            const __m256d d1 = _mm256_sub_pd(ck, _mm256_loadu_pd(row + 4));
+            const __m256d d2 = _mm256_sub_pd(ck, _mm256_loadu_pd(row + 8));
+            const __m256d d3 = _mm256_sub_pd(ck, _mm256_loadu_pd(row + 12));
+            a0 = _mm256_fmadd_pd(d0, d0, a0);
+            a1 = _mm256_fmadd_pd(d1, d1, a1);
+            a2 = _mm256_fmadd_pd(d2, d2, a2);
+            a3 = _mm256_fmadd_pd(d3, d3, a3);
+        }
+        _mm256_storeu_pd(out + i0, a0);
+        _mm256_storeu_pd(out + i0 + 4, a1);
+        _mm256_storeu_pd(out + i0 + 8, a2);
+        _mm256_storeu_pd(out + i0 + 12, a3);
+    }
+    for (; i0 + 4 <= n; i0 += 4) {
+        __m256d a0 = _mm256_setzero_pd();
+        for (int64_t k = 0; k < d; ++k) {
+            const __m256d d0 = _mm256_sub_pd(_mm256_broadcast_sd(c + k), _mm256_loadu_pd(trainT + k * n + i0));
+            a0 = _mm256_fmadd_pd(d0, d0, a0);
+        }
+        _mm256_storeu_pd(out + i0, a0);
+    }
+    for (int64_t i = i0; i < n; ++i) {
+        double acc = 0.0;
+        for (int64_t k = 0; k < d; ++k) {
+            const double diff = c[k] - trainT[k * n + i];
+            acc += diff * diff;
+        }
+        out[i] = acc;
+    }
+}
+
+// r2 -> s (1 + a + a^2/3) exp(-a), a = sqrt5 r, in place.
+inline __attribute__((always_inline))
+void matern_transform(int64_t n, double outputscale, double* __restrict out) {
     for (int64_t i = 0; i < n; ++i) {
         const double a = kSqrt5 * std::sqrt(out[i]);
         out[i] = outputscale * (1.0 + a + a * a * (1.0 / 3.0)) * exp_nonpositive(-a);
     }
 }
 
-double matern_pair(const double* a, const double* b, int64_t d, double outputscale) {
-    double r2 = 0.0;
-    for (int64_t k = 0; k < d; ++k) r2 += (a[k] - b[k]) * (a[k] - b[k]);
-    const double s = kSqrt5 * std::sqrt(r2);
-    return outputscale * (1.0 + s + s * s / 3.0) * std::exp(-s);
-}
-
-__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-void three_dots(const double* __restrict v, const double* __restrict beta, const double* __restrict w,
-                int64_t n, double* dot_beta, double* dot_v, double* dot_w) {
+inline __attribute__((always_inline))
+void three_dots_body(const double* __restrict v, const double* __restrict beta, const double* __restrict w,
+                     int64_t n, double* dot_beta, double* dot_v, double* dot_w) {
     double a = 0.0, b = 0.0, c = 0.0;
 #pragma omp simd reduction(+ : a, b, c)
     for (int64_t i = 0; i < n; ++i) {
@@ -93,6 +135,58 @@ void three_dots(const double* __restrict v, const double* __restrict beta, const
     *dot_beta = a;
     *dot_v = b;
     *dot_w = c;
+}
+
+// The same loops compiled for AVX2+FMA and for the baseline ISA, picked once
+// by CPU features. (GCC's target_clones("arch=...") dispatches on the CPU
+// model name, which virtual machines often hide: it fell back to SSE2 here.)
+using MaternFn = void (*)(const double*, int64_t, int64_t, const double*, double, double*);
+using DotsFn = void (*)(const double*, const double*, const double*, int64_t, double*, double*, double*);
+
+__attribute__((target("avx2,fma")))
+void matern_column_avx2(const double* __restrict trainT, int64_t n, int64_t d, const double* __restrict c,
+                        double outputscale, double* __restrict out) {
+    sqdist_avx2(trainT, n, d, c, out);
+    matern_transform(n, outputscale, out);
+}
+void matern_column_base(const double* __restrict trainT, int64_t n, int64_t d, const double* __restrict c,
+                        double outputscale, double* __restrict out) {
+    sqdist_portable(trainT, n, d, c, out);
+    matern_transform(n, outputscale, out);
+}
+__attribute__((target("avx2,fma")))
+void three_dots_avx2(const double* __restrict v, const double* __restrict beta, const double* __restrict w,
+                     int64_t n, double* a, double* b, double* c) {
+    three_dots_body(v, beta, w, n, a, b, c);
+}
+void three_dots_base(const double* __restrict v, const double* __restrict beta, const double* __restrict w,
+                     int64_t n, double* a, double* b, double* c) {
+    three_dots_body(v, beta, w, n, a, b, c);
+}
+
+bool has_avx2_fma() {
+    static const bool yes = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }();
+    return yes;
+}
+
+void matern_column(const double* trainT, int64_t n, int64_t d, const double* c, double outputscale, double* out) {
+    static const MaternFn fn = has_avx2_fma() ? matern_column_avx2 : matern_column_base;
+    fn(trainT, n, d, c, outputscale, out);
+}
+
+void three_dots(const double* v, const double* beta, const double* w, int64_t n, double* a, double* b, double* c) {
+    static const DotsFn fn = has_avx2_fma() ? three_dots_avx2 : three_dots_base;
+    fn(v, beta, w, n, a, b, c);
+}
+
+double matern_pair(const double* a, const double* b, int64_t d, double outputscale) {
+    double r2 = 0.0;
+    for (int64_t k = 0; k < d; ++k) r2 += (a[k] - b[k]) * (a[k] - b[k]);
+    const double s = kSqrt5 * std::sqrt(r2);
+    return outputscale * (1.0 + s + s * s / 3.0) * std::exp(-s);
 }
 
 // L x = b in place (L row-major lower), for the single incumbent column.
@@ -154,12 +248,15 @@ void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t 
 #ifdef _OPENMP
     nthreads = threads > 0 ? threads : omp_get_max_threads();
 #endif
-    // Measured on 2 cores (tools/bench_acquisition.py): OpenMP over blocks
-    // with single-threaded BLAS inside beats one BLAS-threaded solve over all
-    // candidates once there are a few blocks, because the Matern sweep and
-    // the reductions are parallel too and no two thread pools spin at once.
+    // OpenMP over candidate blocks, single-threaded BLAS inside each: the
+    // Matern sweep and the reductions run in parallel too, and no two thread
+    // pools spin on the same cores. Measured on 2 cores against sequential
+    // blocks with BLAS's own threads (PYCOMPRESS_GP_BLAS_THREADED=1, kept
+    // for tools/bench_acquisition.py): 2-5x faster (docs/pacbo.md).
     const bool can_pin_blas = b.set_num_threads && b.get_num_threads;
-    const bool parallel_blocks = nthreads > 1 && nblocks > 1 && can_pin_blas && !std::getenv("PYC_GP_SEQ");
+    const char* blas_threaded = std::getenv("PYCOMPRESS_GP_BLAS_THREADED");
+    const bool parallel_blocks = nthreads > 1 && nblocks > 1 && can_pin_blas &&
+                                 !(blas_threaded && *blas_threaded == '1');
     BlasThreadsGuard single_blas(parallel_blocks || threads == 1 ? 1 : 0);
 
     // V = L^-1 k(Theta, C). OpenBLAS's dtrsm with many right-hand sides runs
