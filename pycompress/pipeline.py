@@ -105,7 +105,11 @@ def build_search_space(model: ir.Model, actions: Sequence[str]) -> tuple[SearchS
                 notes.append(f"{site.name} ({action}): nothing to reduce")
                 continue
             if kind == "rank":
-                dims.append(Dimension(site.name, action, "rank", "rank", high=high))
+                # One step above r_max means "leave the layer as it is": a rank
+                # at or below r_max always shrinks the layer, but on a small
+                # layer (1000 -> 10: r_max 9) even r_max costs much fidelity for
+                # little size, and the search must be able to keep it.
+                dims.append(Dimension(site.name, action, "rank", "rank", high=high + 1, untouched_from=high + 1))
             else:
                 dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=1, untouched_from=high))
             taken.add(site.name)
@@ -155,7 +159,8 @@ class CompressionObjective:
         costs = {}
         for dim in space.dimensions:
             key = (dim.site, dim.action)
-            values = sorted({dim.high, max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
+            top = dim.high - 1 if dim.kind == "rank" else dim.high      # r_max (high is "untouched")
+            values = sorted({max(1, top), max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
             after = []
             for v in values:
                 model, _ = self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])
@@ -237,11 +242,11 @@ class GammaChoice:
 def select_gamma(objective: CompressionObjective, points: np.ndarray, measurements: Sequence[Measurement],
                  target: float, *, rng: np.random.Generator, candidates: int = 4096,
                  iterations: int = 60) -> GammaChoice:
-    """Bisection on log gamma so that the predicted optimum of ``gamma mu_Q + 1/R`` has ratio ``target``.
+    """Bisection on log gamma so that the predicted optimum of ``gamma Q_lcb + 1/R`` has ratio ``target``.
 
-    ``mu_Q`` is the posterior mean of a GP fitted to the measured qualities
-    (with their variances) at ``points``; candidates are snapped Sobol points
-    plus the measured points.
+    ``Q_lcb = mu_Q - 2 sd_Q`` from a GP fitted to the measured qualities (with
+    their variances) at ``points``; candidates are snapped Sobol points plus
+    the measured points.
     """
     from scipy.stats import qmc
 
@@ -253,33 +258,43 @@ def select_gamma(objective: CompressionObjective, points: np.ndarray, measuremen
     gp = GaussianProcess.fit(np.asarray(points), q, q_var, restarts=2, rng=rng)
     sobol = qmc.Sobol(space.d, scramble=True, seed=rng).random(candidates)
     cands = np.unique(np.vstack([space.snap(sobol), np.asarray(points)]), axis=0)
-    mu_q = gp.mean(cands)
+    # A lower confidence bound, not the mean: with a handful of points the GP
+    # reverts to its constant far from the data, which can look better than
+    # anything measured and would put the predicted optimum where nothing is known.
+    _, mean_q, var_q, _ = gp.pac_scores(cands, np.asarray(points)[0], 0.0)
+    mu_q = mean_q - 2.0 * np.sqrt(np.maximum(var_q, 0.0))
     inv_r = 1.0 / objective.predicted_ratio(cands)
     ratios = 1.0 / inv_r
 
     def optimum_ratio(gamma: float) -> float:
         return float(ratios[int(np.argmax(gamma * mu_q + inv_r))])
 
-    # Scale: gamma at which a unit of Q is worth the spread of 1/R.
+    # Scan log gamma around the scale at which a unit of Q is worth the spread
+    # of 1/R, then bisect the first crossing of the target. The predicted
+    # optimum ratio grows with gamma, but not strictly (it plateaus where Q no
+    # longer depends on a layer): without a crossing, take the smallest gamma
+    # whose ratio is closest to the target, never the end of the scan.
     spread_q = max(float(np.ptp(mu_q)), 1e-12)
     scale = max(float(np.ptp(inv_r)), 1e-12) / spread_q
-    lo, hi = math.log(scale) - 25.0, math.log(scale) + 25.0
-    r_lo, r_hi = optimum_ratio(math.exp(lo)), optimum_ratio(math.exp(hi))
+    logs = np.linspace(math.log(scale) - 12.0, math.log(scale) + 12.0, 241)
+    ratios_at = np.array([optimum_ratio(math.exp(g)) for g in logs])
     notes = []
-    if target <= r_lo:
-        notes.append(f"target {target:g} is below the smallest reachable ratio {r_lo:.3g}")
-        return GammaChoice(math.exp(lo), target, r_lo, False, notes)
-    if target >= r_hi:
-        notes.append(f"target {target:g} is above the ratio {r_hi:.3g} kept at the largest gamma")
-        return GammaChoice(math.exp(hi), target, r_hi, False, notes)
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        if optimum_ratio(math.exp(mid)) < target:
-            lo = mid
-        else:
-            hi = mid
-    gamma = math.exp(hi)
-    return GammaChoice(gamma, target, optimum_ratio(gamma), True, notes)
+    above = np.nonzero(ratios_at >= target)[0]
+    if above.size and above[0] > 0:
+        lo, hi = logs[above[0] - 1], logs[above[0]]
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if optimum_ratio(math.exp(mid)) < target:
+                lo = mid
+            else:
+                hi = mid
+        gamma = math.exp(hi)
+        return GammaChoice(gamma, target, optimum_ratio(gamma), True, notes)
+    best = int(np.argmin(np.abs(ratios_at - target)))
+    gamma = math.exp(logs[best])
+    notes.append(f"target {target:g} is not reached by the predicted optimum (ratios "
+                 f"{ratios_at.min():.3g}..{ratios_at.max():.3g}); using the closest, {ratios_at[best]:.3g}")
+    return GammaChoice(gamma, target, float(ratios_at[best]), False, notes)
 
 
 def describe_point(space: SearchSpace, theta: Sequence[float]) -> str:
