@@ -105,11 +105,7 @@ def build_search_space(model: ir.Model, actions: Sequence[str]) -> tuple[SearchS
                 notes.append(f"{site.name} ({action}): nothing to reduce")
                 continue
             if kind == "rank":
-                # One step above r_max means "leave the layer as it is": a rank
-                # at or below r_max always shrinks the layer, but on a small
-                # layer (1000 -> 10: r_max 9) even r_max costs much fidelity for
-                # little size, and the search must be able to keep it.
-                dims.append(Dimension(site.name, action, "rank", "rank", high=high + 1, untouched_from=high + 1))
+                dims.append(Dimension(site.name, action, "rank", "rank", high=high))
             else:
                 dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=1, untouched_from=high))
             taken.add(site.name)
@@ -159,8 +155,7 @@ class CompressionObjective:
         costs = {}
         for dim in space.dimensions:
             key = (dim.site, dim.action)
-            top = dim.high - 1 if dim.kind == "rank" else dim.high      # r_max (high is "untouched")
-            values = sorted({max(1, top), max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
+            values = sorted({dim.high, max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
             after = []
             for v in values:
                 model, _ = self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])

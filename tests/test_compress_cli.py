@@ -53,9 +53,9 @@ def test_objective_ratio_is_exact_and_matches_the_linear_cost_model(small_mlp):
     path, data, _ = small_mlp
     _, objective = _objective(path, data)
     space = objective.space
-    # r_max = out*in // (out+in); one more step = "untouched"
-    assert [d.high for d in space.dimensions] == [33, 28, 9]
-    assert [d.untouched_from for d in space.dimensions] == [33, 28, 9]
+    # r_max = out*in // (out+in): every rank shrinks these layers, none is "untouched"
+    assert [d.high for d in space.dimensions] == [32, 27, 8]
+    assert [d.untouched_from for d in space.dimensions] == [None, None, None]
     rng = np.random.default_rng(0)
     for i, theta in enumerate(space.snap(rng.random((4, space.d)))):
         m = objective.measure(theta, i)

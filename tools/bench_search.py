@@ -5,10 +5,11 @@ search then gets the same wall time in the same harness (same objective,
 same initial design, same subsample size). Both answers are then measured the
 same way: J on the whole calibration pool (1200 digits, not a subsample), the
 size ratio of the compressed layers, and top-1 accuracy / agreement with the
-original on the 597 held-out digits. gamma is fixed for all runs (chosen once
-for --target-size on seed 0's initial design, or given with --gamma).
+original on the 597 held-out digits. gamma is fixed for all runs (--gamma, or
+with --gamma 0 chosen once for --target-size on seed 0's initial design);
+delta is relative to |J(incumbent)| unless --absolute-delta.
 
-    python tools/bench_search.py [--seeds 10] [--actions svd] [--target-size 0.25]
+    python tools/bench_search.py [--seeds 10] [--actions svd] [--gamma 0.3] [--samples 500] [--delta 0.1]
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--actions", default="svd")
     parser.add_argument("--target-size", type=float, default=0.25)
-    parser.add_argument("--gamma", type=float, default=None)
+    parser.add_argument("--gamma", type=float, default=0.3, help="fixed gamma (<= 0: choose for --target-size)")
     parser.add_argument("--max-evals", type=int, default=80)
-    parser.add_argument("--delta", type=float, default=0.05)
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--absolute-delta", action="store_true", help="delta is absolute (default: relative)")
+    parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--epsilon", type=float, default=0.005)
     parser.add_argument("--workdir", default=None, help="keep the trained model here (default: a temp folder)")
     args = parser.parse_args()
@@ -71,13 +74,13 @@ def main() -> int:
     print(f"original held-out accuracy {acc0:.4f}; actions {args.actions}")
 
     def make_objective(seed):
-        est = FidelityEstimator(model, calib.inputs, samples=50, seed=seed)
+        est = FidelityEstimator(model, calib.inputs, samples=args.samples, seed=seed)
         space, _ = build_search_space(model, args.actions.split(","))
         return est, CompressionObjective(model, space, est)
 
     est0, obj0 = make_objective(0)
     gamma = args.gamma
-    if gamma is None:
+    if gamma <= 0:
         planner = PACBO(obj0.space.d, obj0, PACBOSettings(seed=0), snap=obj0.space.snap)
         points = planner.initial_design()
         ms = [obj0.measure(p, i) for i, p in enumerate(points)]
@@ -96,7 +99,8 @@ def main() -> int:
 
     rows = []
     for seed in range(args.seeds):
-        settings = PACBOSettings(delta=args.delta, epsilon=args.epsilon, max_evals=args.max_evals, seed=seed)
+        settings = PACBOSettings(delta=args.delta, relative_delta=not args.absolute_delta, epsilon=args.epsilon,
+                                 max_evals=args.max_evals, seed=seed)
         _, objective = make_objective(seed)
         objective.gamma = gamma
         t0 = time.perf_counter()
