@@ -194,7 +194,12 @@ def run(args) -> int:
     objective.gamma = float(config["gamma"])
     save_config()
 
-    result = planner.run()
+    try:
+        result = planner.run()
+    except KeyboardInterrupt:
+        print(f"pycompress: search interrupted after {len(planner.observations)} evaluations; continue with "
+              f"--resume {run_dir}", file=sys.stderr)
+        raise
     log(result.summary())
 
     compressed, plan = objective.compress(result.theta)
