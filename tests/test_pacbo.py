@@ -264,7 +264,11 @@ def resume_settings():
 def test_resume_after_kill_reaches_the_same_result(tmp_path):
     script = tmp_path / "runner.py"
     script.write_text(_RUNNER.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+    import pycompress
+
+    # The child imports pycompress from where this process did (source tree or
+    # installed package), so both use the same compiled kernels.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(pycompress.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(script), str(run_dir), "0.15"], env=env,
