@@ -7,9 +7,9 @@ same way: J on the whole calibration pool (1200 digits, not a subsample), the
 size ratio of the compressed layers, and top-1 accuracy / agreement with the
 original on the 597 held-out digits. gamma is fixed for all runs (--gamma, or
 with --gamma 0 chosen once for --target-size on seed 0's initial design);
-delta is relative to |J(incumbent)| unless --absolute-delta.
+delta is absolute unless --relative-delta.
 
-    python tools/bench_search.py [--seeds 10] [--actions svd] [--gamma 0.3] [--samples 500] [--delta 0.1]
+    python tools/bench_search.py [--seeds 10] [--actions svd] [--gamma 0.3] [--samples 500] [--delta 0.5]
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def main() -> int:
     parser.add_argument("--target-size", type=float, default=0.25)
     parser.add_argument("--gamma", type=float, default=0.3, help="fixed gamma (<= 0: choose for --target-size)")
     parser.add_argument("--max-evals", type=int, default=80)
-    parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--absolute-delta", action="store_true", help="delta is absolute (default: relative)")
+    parser.add_argument("--delta", type=float, default=0.5)
+    parser.add_argument("--relative-delta", action="store_true", help="delta is a fraction of |J(incumbent)|")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--epsilon", type=float, default=0.005)
     parser.add_argument("--workdir", default=None, help="keep the trained model here (default: a temp folder)")
@@ -99,7 +99,7 @@ def main() -> int:
 
     rows = []
     for seed in range(args.seeds):
-        settings = PACBOSettings(delta=args.delta, relative_delta=not args.absolute_delta, epsilon=args.epsilon,
+        settings = PACBOSettings(delta=args.delta, relative_delta=args.relative_delta, epsilon=args.epsilon,
                                  max_evals=args.max_evals, seed=seed)
         _, objective = make_objective(seed)
         objective.gamma = gamma
