@@ -22,3 +22,16 @@ class CovarianceAccumulator:
 PFA_TIE_RTOL: float
 
 def l1max_removal_order(corr: npt.ArrayLike, n_remove: int) -> npt.NDArray[np.int64]: ...
+def gp_acquisition(
+    candidates: npt.ArrayLike,
+    train_x: npt.ArrayLike,
+    lengthscales: npt.ArrayLike,
+    outputscale: float,
+    mean_constant: float,
+    chol: npt.ArrayLike,
+    beta: npt.ArrayLike,
+    incumbent: npt.ArrayLike,
+    delta: float,
+    var_floor: float = 1e-12,
+    threads: int = 0,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

@@ -29,5 +29,6 @@ else:
 CovarianceAccumulator = _impl.CovarianceAccumulator
 l1max_removal_order = _impl.l1max_removal_order
 PFA_TIE_RTOL = _impl.PFA_TIE_RTOL
+gp_acquisition = _impl.gp_acquisition
 
-__all__ = ["BACKEND", "CovarianceAccumulator", "PFA_TIE_RTOL", "l1max_removal_order", "reference"]
+__all__ = ["BACKEND", "CovarianceAccumulator", "PFA_TIE_RTOL", "gp_acquisition", "l1max_removal_order", "reference"]
