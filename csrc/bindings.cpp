@@ -108,6 +108,8 @@ py::array_t<int64_t> pfa_removal_order(py::array corr, int64_t n_remove) {
     py::array_t<int64_t> out(static_cast<py::ssize_t>(order.size()));
     std::copy(order.begin(), order.end(), out.mutable_data());
     return out;
+}
+
 using Array64 = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 Array64 as_matrix(const py::handle& obj, const char* name, int64_t cols) {
