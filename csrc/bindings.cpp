@@ -4,10 +4,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <dlfcn.h>
+#include <link.h>
+
 #include <string>
+#include <vector>
 
 #include "kernels/blas.hpp"
 #include "kernels/covariance.hpp"
+#include "kernels/pfa_select.hpp"
+#include "kernels/gp_acquisition.hpp"
 #include "kernels/huffman.hpp"
 #include "kernels/kmeans1d.hpp"
 
@@ -23,6 +29,40 @@ Fn scipy_blas(const py::dict& capi, const char* name) {
     return reinterpret_cast<Fn>(cap.get_pointer());
 }
 
+// The BLAS behind scipy.linalg.cython_blas is a private copy of OpenBLAS
+// (scipy-openblas: symbols prefixed "scipy_"; numpy ships another one whose
+// symbols end in "64_"). Find the loaded library that exports scipy's LP64
+// dtrsm and take its thread-count setters, as threadpoolctl does. Any other
+// BLAS: the pointers stay null and kernels leave its threading alone.
+int collect_library(dl_phdr_info* info, size_t, void* data) {
+    if (info->dlpi_name && *info->dlpi_name)
+        static_cast<std::vector<std::string>*>(data)->emplace_back(info->dlpi_name);
+    return 0;
+}
+
+void find_openblas_threads(Blas& b) {
+    std::vector<std::string> libraries;
+    dl_iterate_phdr(collect_library, &libraries);
+    const char* names[][3] = {{"scipy_dtrsm_", "scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"},
+                              {"dtrsm_", "openblas_set_num_threads", "openblas_get_num_threads"}};
+    for (const auto& path : libraries) {
+        if (path.find("openblas") == std::string::npos) continue;
+        void* handle = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+        if (!handle) continue;
+        for (const auto& n : names) {
+            void* set = dlsym(handle, n[1]);
+            void* get = dlsym(handle, n[2]);
+            if (dlsym(handle, n[0]) && set && get) {
+                b.set_num_threads = reinterpret_cast<blas_set_threads_t>(set);
+                b.get_num_threads = reinterpret_cast<blas_get_threads_t>(get);
+                dlclose(handle);
+                return;
+            }
+        }
+        dlclose(handle);
+    }
+}
+
 void load_blas() {
     py::dict capi = py::module_::import("scipy.linalg.cython_blas").attr("__pyx_capi__");
     Blas& b = blas();
@@ -30,6 +70,8 @@ void load_blas() {
     b.dsyrk = scipy_blas<dsyrk_t>(capi, "dsyrk");
     b.dgemm = scipy_blas<dgemm_t>(capi, "dgemm");
     b.dtrsm = scipy_blas<dtrsm_t>(capi, "dtrsm");
+    b.dtrmm = scipy_blas<dtrmm_t>(capi, "dtrmm");
+    find_openblas_threads(b);
 }
 
 py::array_t<double> square(const std::vector<double>& values, int64_t d) {
@@ -54,6 +96,69 @@ void covariance_update(CovarianceAccumulator& acc, py::array block) {
     }
 }
 
+py::array_t<int64_t> pfa_removal_order(py::array corr, int64_t n_remove) {
+    auto a = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(corr);
+    if (!a || a.ndim() != 2 || a.shape(0) != a.shape(1))
+        throw py::value_error("corr must be a square 2-D array, got shape " +
+                              std::string(py::str(corr.attr("shape"))));
+    const int64_t c = a.shape(0);
+    std::vector<int64_t> order;
+    {
+        py::gil_scoped_release nogil;
+        order = l1max_removal_order(a.data(), c, n_remove, PFA_TIE_RTOL);
+    }
+    py::array_t<int64_t> out(static_cast<py::ssize_t>(order.size()));
+    std::copy(order.begin(), order.end(), out.mutable_data());
+    return out;
+}
+
+using Array64 = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+Array64 as_matrix(const py::handle& obj, const char* name, int64_t cols) {
+    Array64 a = Array64::ensure(obj);
+    if (!a || a.ndim() != 2 || (cols >= 0 && a.shape(1) != cols))
+        throw py::value_error(std::string(name) + " must be a 2-D float array" +
+                              (cols >= 0 ? " with " + std::to_string(cols) + " columns" : ""));
+    return a;
+}
+
+Array64 as_vector(const py::handle& obj, const char* name, int64_t size) {
+    Array64 a = Array64::ensure(obj);
+    if (!a || a.ndim() != 1 || a.shape(0) != size)
+        throw py::value_error(std::string(name) + " must be a 1-D float array of length " + std::to_string(size));
+    return a;
+}
+
+py::tuple gp_acquisition(const py::object& candidates, const py::object& train_x, const py::object& lengthscales,
+                         double outputscale, double mean_constant, const py::object& chol, const py::object& beta,
+                         const py::object& incumbent, double delta, double var_floor, int threads) {
+    Array64 x = as_matrix(train_x, "train_x", -1);
+    const int64_t n = x.shape(0), d = x.shape(1);
+    Array64 c = as_matrix(candidates, "candidates", d);
+    Array64 l = as_matrix(chol, "chol", n);
+    if (l.shape(0) != n) throw py::value_error("chol must be n x n with n = len(train_x)");
+    Array64 ls = as_vector(lengthscales, "lengthscales", d);
+    Array64 bt = as_vector(beta, "beta", n);
+    Array64 inc = as_vector(incumbent, "incumbent", d);
+    const int64_t m = c.shape(0);
+    py::array_t<double> z(m), mu(m), var(m), cov(m);
+    GpPosteriorData gp;
+    gp.n = n;
+    gp.d = d;
+    gp.train = x.data();
+    gp.lengthscales = ls.data();
+    gp.outputscale = outputscale;
+    gp.mean_constant = mean_constant;
+    gp.chol = l.data();
+    gp.beta = bt.data();
+    PacScores out{z.mutable_data(), mu.mutable_data(), var.mutable_data(), cov.mutable_data()};
+    double mu_hat = 0.0, var_hat = 0.0;
+    {
+        py::gil_scoped_release nogil;
+        gp_pac_scores(gp, c.data(), m, inc.data(), delta, var_floor, out, &mu_hat, &var_hat, threads);
+    }
+    return py::make_tuple(z, mu, var, cov);
+}
 
 py::tuple kmeans1d_py(py::array values, int clusters, int64_t max_iter) {
     auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(values);
@@ -141,6 +246,14 @@ PYBIND11_MODULE(_kernels, m) {
             return square(a.correlation(floor), a.dim());
         }, py::arg("floor") = 1e-8);
 
+    m.attr("PFA_TIE_RTOL") = PFA_TIE_RTOL;
+    m.def("l1max_removal_order", &pfa_removal_order, py::arg("corr"), py::arg("n_remove"),
+          "PFA 'L1 max' filter selection: the n_remove filters removed from a (C, C) correlation\n"
+          "matrix, in removal order (int64). Signs and the diagonal are ignored; O(C^2) in total.");
+    m.def("gp_acquisition", &gp_acquisition, py::arg("candidates"), py::arg("train_x"), py::arg("lengthscales"),
+          py::arg("outputscale"), py::arg("mean_constant"), py::arg("chol"), py::arg("beta"), py::arg("incumbent"),
+          py::arg("delta"), py::arg("var_floor") = 1e-12, py::arg("threads") = 0,
+          "PAC scores (z, mu, var, cov) of M candidates against the incumbent; see pycompress.kernels.reference.");
     m.def("kmeans1d", &kmeans1d_py, py::arg("values"), py::arg("clusters"), py::arg("max_iter") = 10000,
           "1-D k-means, linear init, Lloyd to convergence: (codebook[K] f32, indices u8 like values, "
           "iterations, converged).");

@@ -19,6 +19,23 @@ class CovarianceAccumulator:
     def cov(self) -> npt.NDArray[np.float64]: ...
     def correlation(self, floor: float = 1e-8) -> npt.NDArray[np.float64]: ...
 
+PFA_TIE_RTOL: float
+
+def l1max_removal_order(corr: npt.ArrayLike, n_remove: int) -> npt.NDArray[np.int64]: ...
+def gp_acquisition(
+    candidates: npt.ArrayLike,
+    train_x: npt.ArrayLike,
+    lengthscales: npt.ArrayLike,
+    outputscale: float,
+    mean_constant: float,
+    chol: npt.ArrayLike,
+    beta: npt.ArrayLike,
+    incumbent: npt.ArrayLike,
+    delta: float,
+    var_floor: float = 1e-12,
+    threads: int = 0,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+
 def kmeans1d(
     values: npt.NDArray[np.floating], clusters: int, max_iter: int = 10000
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], int, bool]: ...

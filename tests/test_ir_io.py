@@ -122,3 +122,14 @@ def test_save_with_external_data_round_trips(tmp_path):
     reloaded = load_model(out)
     np.testing.assert_array_equal(reloaded.graph.initializers["W"].const_value.numpy(),
                                   model.graph.initializers["W"].const_value.numpy())
+
+
+def test_atomic_writes_use_the_umask_mode(tmp_path):
+    from pycompress.ir import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "plan.json", "{}")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -256,6 +256,28 @@ def test_bias_correction_removes_the_mean_output_shift(tmp_path):
         assert shifts[(site, True)] < 0.25 * shifts[(site, False)]
 
 
+def test_bias_correction_follows_the_context_unless_the_decision_says(tmp_path):
+    source = build(tmp_path)
+    feeds = inputs(8)
+    teacher = load_model(source)
+
+    def activations(names):
+        return collect_activations(teacher, names, [feeds])
+
+    cases = [({}, ApplyContext(), False),                                                    # no data
+             ({}, ApplyContext(activations=activations), True),                              # data: on
+             ({}, ApplyContext(activations=activations, options={"data_aware": False}), False),  # --weight-only
+             ({"bias_correction": True}, ApplyContext(activations=activations, options={"data_aware": False}), True),
+             ({"bias_correction": False}, ApplyContext(activations=activations), False)]
+    for params, ctx, expected in cases:
+        model = load_model(source)
+        result = apply_plan(model, Plan([LayerDecision("gemm_5", "share", {"bits": 3, **params})]), ctx)
+        assert result.decisions[0].result["bias_corrected"] is expected, (params, ctx.options)
+    model = load_model(source)
+    with pytest.raises(PycompressError, match="site 'gemm_5': bias_correction needs calibration data"):
+        apply_plan(model, Plan([LayerDecision("gemm_5", "share", {"bits": 3, "bias_correction": True})]))
+
+
 def test_bias_correction_adds_a_bias_when_missing(tmp_path):
     module = zoo.DepthwiseBlock()
     path = export(module, (1, 3, 16, 16), tmp_path / "dw.onnx")
@@ -293,7 +315,7 @@ def test_digits_mlp_keeps_accuracy_at_4_bits(tmp_path):
 
 
 @pytest.mark.slow
-def test_efficientnet_8_bit_sharing(efficientnet_onnx, crops, tmp_path):
+def test_efficientnet_8_bit_sharing(efficientnet_onnx, crops, tmp_path, capsys):
     reference = run(str(efficientnet_onnx), {"input": crops})[0]
     # One real layer (the 1280x1000 classifier), no data: a small output error.
     model = load_model(efficientnet_onnx)
@@ -303,16 +325,21 @@ def test_efficientnet_8_bit_sharing(efficientnet_onnx, crops, tmp_path):
     out = run(str(tmp_path / "fc8.onnx"), {"input": crops})[0]
     assert np.linalg.norm(out - reference) / np.linalg.norm(reference) < 0.01
     assert np.mean(out.argmax(1) == reference.argmax(1)) == 1.0
-    # Every layer, with bias correction on other crops: top-1 kept on (almost) all crops.
-    model = load_model(efficientnet_onnx)
-    teacher = load_model(efficientnet_onnx)
-    calibration = zoo.skimage_crops(16, seed=5)
-    ctx = ApplyContext(activations=lambda names: collect_activations(
-        teacher, names, ({"input": calibration[i:i + 8]} for i in (0, 8))))
-    plan = Plan([d for d in (SHARE.starting_decision(model, s) for s in SHARE.sites(model)) if d])
-    applied = apply_plan(model, plan, ctx)
-    assert len(applied.decisions) >= 45 and all(d.result["bias_corrected"] for d in applied.decisions)
-    save_model(model, tmp_path / "all8.onnx")
-    out = run(str(tmp_path / "all8.onnx"), {"input": crops})[0]
+    # Every layer, through `pycompress plan --actions share` and `apply --data`
+    # (bias correction on 8 other crops): top-1 kept on (almost) all crops.
+    from pycompress.cli import main
+
+    np.savez(tmp_path / "calibration.npz", input=zoo.skimage_crops(8, seed=5))
+    plan_path, shared = tmp_path / "share.json", tmp_path / "all8.onnx"
+    assert main(["plan", str(efficientnet_onnx), "--actions", "share", "--bits", "8", "-o", str(plan_path)]) == 0
+    plan = Plan.load(plan_path)
+    assert len(plan.decisions) == 48 and {d.params["bits"] for d in plan.decisions} == {8}
+    assert main(["apply", str(efficientnet_onnx), str(plan_path), "--data", str(tmp_path / "calibration.npz"),
+                 "-o", str(shared), "--json"]) == 0
+    capsys.readouterr()
+    results = Plan.load(tmp_path / "all8.plan.json")
+    assert all(d.result["bias_corrected"] and d.result["converged"] for d in results.decisions)
+    out = run(str(shared), {"input": crops})[0]
     assert np.mean(out.argmax(1) == reference.argmax(1)) >= 22 / 24
-    assert (tmp_path / "all8.onnx").stat().st_size < 0.27 * efficientnet_onnx.stat().st_size
+    assert np.linalg.norm(out - reference) / np.linalg.norm(reference) < 0.06
+    assert shared.stat().st_size < 0.27 * efficientnet_onnx.stat().st_size

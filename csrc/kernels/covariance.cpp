@@ -82,12 +82,26 @@ void CovarianceAccumulator::update_impl(const T* block, int64_t rows) {
     std::vector<double> s_d(static_cast<size_t>(d * d));
     std::vector<double> shift(static_cast<size_t>(d)), sums(static_cast<size_t>(d)), mu(static_cast<size_t>(d));
 
-    auto syrk = [&](int ni) {
-        const Work one = 1, zero = 0;
-        if constexpr (sizeof(T) == 4)
-            b.ssyrk("U", "N", &di, &ni, &one, shifted.data(), &di, &zero, s_work.data(), &di);
-        else
-            b.dsyrk("U", "N", &di, &ni, &one, shifted.data(), &di, &zero, s_work.data(), &di);
+    // Scatter of (x - shift) over n rows into s_d (upper triangle, float64),
+    // column sums of (x - shift) into sums. The shifted copy is made in
+    // sub-chunks small enough to stay in cache while SYRK reads it, and SYRK
+    // accumulates them (beta = 1): the data crosses memory once.
+    const int64_t sub = std::max<int64_t>(64, (int64_t{512} << 10) / (static_cast<int64_t>(sizeof(T)) * d));
+    std::vector<double> sub_sums(static_cast<size_t>(d));
+    auto shifted_scatter = [&](const T* x, int64_t n, const double* shift_ptr) {
+        std::fill(sums.begin(), sums.end(), 0.0);
+        shifted.resize(static_cast<size_t>(std::min(sub, n) * d));
+        for (int64_t s0 = 0; s0 < n; s0 += sub) {
+            const int64_t m = std::min(sub, n - s0);
+            const int mi = static_cast<int>(m);
+            shift_rows(x + s0 * d, m, d, shift_ptr, shifted.data(), sub_sums.data());
+            for (int64_t j = 0; j < d; ++j) sums[j] += sub_sums[j];
+            const Work one = 1, beta = s0 == 0 ? Work(0) : Work(1);
+            if constexpr (sizeof(T) == 4)
+                b.ssyrk("U", "N", &di, &mi, &one, shifted.data(), &di, &beta, s_work.data(), &di);
+            else
+                b.dsyrk("U", "N", &di, &mi, &one, shifted.data(), &di, &beta, s_work.data(), &di);
+        }
         for (int64_t c = 0; c < d; ++c)
             for (int64_t r = 0; r <= c; ++r) s_d[c * d + r] = static_cast<double>(s_work[c * d + r]);
     };
@@ -95,9 +109,7 @@ void CovarianceAccumulator::update_impl(const T* block, int64_t rows) {
     const int64_t chunk = chunk_rows(d);
     for (int64_t start = 0; start < rows; start += chunk) {
         const int64_t n = std::min(chunk, rows - start);
-        const int ni = static_cast<int>(n);
         const T* x = block + start * d;
-        shifted.resize(static_cast<size_t>(n * d));
         // One sweep: shift by the running mean (a good estimate of this
         // chunk's mean once anything has been seen), SYRK, then move the
         // scatter to the chunk's own mean: S = S_shift - n m m^T with m the
@@ -105,8 +117,7 @@ void CovarianceAccumulator::update_impl(const T* block, int64_t rows) {
         bool exact = count_ == 0;
         if (!exact) {
             std::copy(mean_.begin(), mean_.end(), shift.begin());
-            shift_rows(x, n, d, shift.data(), shifted.data(), sums.data());
-            syrk(ni);
+            shifted_scatter(x, n, shift.data());
             for (int64_t j = 0; j < d; ++j) {
                 const double m = sums[j] / static_cast<double>(n);
                 // The correction cancels digits when the chunk's mean sits far
@@ -123,8 +134,7 @@ void CovarianceAccumulator::update_impl(const T* block, int64_t rows) {
         }
         if (exact) {
             column_mean(x, n, d, mu.data());
-            shift_rows(x, n, d, mu.data(), shifted.data(), sums.data());
-            syrk(ni);
+            shifted_scatter(x, n, mu.data());
         }
         merge_summary(n, mu, s_d.data());
     }

@@ -15,12 +15,15 @@ def human(n: float) -> str:
     return f"{n:.4g}" if isinstance(n, float) else str(n)
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], file=None, align: str | None = None) -> None:
+    """A plain-text table; ``align`` is one 'l'/'r' per column (default: first left, others right)."""
     file = file or sys.stdout
+    align = align or "l" + "r" * (len(headers) - 1)
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for i, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))), file=file)
+        line = "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align))
+        print(line.rstrip(), file=file)
         if i == 0:
             print("  ".join("-" * w for w in widths), file=file)
 

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a deployment format (packed, int8, int4, fp16, ort); the result is "
                                       "loaded back and compared with the input model")
     p.add_argument("model", help="the .onnx model to export")
-    p.add_argument("--to", required=True, choices=list(FORMATS), help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+    p.add_argument("--to", required=True, choices=list(FORMATS),
+                   help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
     p.add_argument("-o", "--output", required=True, help="file to write (.pcz, .onnx or .ort)")
     p.add_argument("--data", help="inputs (.npz/.npy/builtin:NAME): int8 calibration and the check run")
     p.add_argument("--dynamic", action="store_true", help="--to int8: dynamic quantization (needs no data)")

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import numpy as np
 import onnx_ir as ir
 
+from pycompress.data.images import SKIMAGE_DEFAULT_COUNT, LazySamples, Preprocess, image_folder, skimage_crops
 from pycompress.errors import PycompressError
 
 
@@ -38,8 +39,43 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return (data.data / 16.0).astype(np.float32), data.target.astype(np.int64)
 
 
-# name -> () -> (inputs for a single-input model, labels or None)
+# name -> () -> (inputs for a single-input model, labels or None). Reshaped to
+# the model's input when the sizes agree (digits: 64 -> 1x8x8 for a CNN).
 BUILTIN: dict[str, Callable[[], tuple[np.ndarray, np.ndarray | None]]] = {"digits": _digits}
+# Built-in sources made for the model's input shape (images), lazily:
+# builtin:NAME or builtin:NAME:COUNT.
+BUILTIN_IMAGES = {"skimage": "random crops of scikit-image's colour photos "
+                             f"(default {SKIMAGE_DEFAULT_COUNT}; builtin:skimage:COUNT)"}
+
+
+def _single_image_input(model: ir.Model, source: str) -> ir.Value:
+    graph_inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    if len(graph_inputs) != 1:
+        raise PycompressError(f"{source}: image data feeds single-input models; this one has inputs "
+                              f"{[v.name for v in graph_inputs]}")
+    value = graph_inputs[0]
+    if value.shape is None:
+        raise PycompressError(f"{source}: the model input '{value.name}' has no shape")
+    return value
+
+
+def _input_dtype(value: ir.Value, source: str) -> np.dtype:
+    dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
+    if dtype.kind != "f":
+        raise PycompressError(f"{source}: images give float inputs, model input '{value.name}' is {dtype}")
+    return dtype
+
+
+def _reshape_builtin(arrays: dict[str, np.ndarray], model: ir.Model) -> dict[str, np.ndarray]:
+    graph_inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    if len(arrays) != 1 or len(graph_inputs) != 1 or graph_inputs[0].shape is None:
+        return arrays
+    array = next(iter(arrays.values()))
+    dims = list(graph_inputs[0].shape)[1:]
+    if all(isinstance(d, int) for d in dims) and list(array.shape[1:]) != dims \
+            and int(np.prod(dims)) == int(np.prod(array.shape[1:])):
+        return {"__single__": array.reshape(len(array), *dims)}
+    return arrays
 
 
 def _check_against_model(inputs: dict[str, np.ndarray], model: ir.Model, source: str) -> dict[str, np.ndarray]:
@@ -54,6 +90,9 @@ def _check_against_model(inputs: dict[str, np.ndarray], model: ir.Model, source:
     for value in graph_inputs:
         array = inputs[value.name]
         expected = value.dtype.numpy() if value.dtype is not None else np.float32
+        if isinstance(array, LazySamples) and array.dtype != expected:
+            raise PycompressError(f"{source}: input '{value.name}' has dtype {array.dtype}, model expects "
+                                  f"{np.dtype(expected)}")
         if array.dtype != expected:
             if array.dtype.kind == "f" and np.dtype(expected).kind == "f":
                 array = array.astype(expected)
@@ -70,19 +109,50 @@ def _check_against_model(inputs: dict[str, np.ndarray], model: ir.Model, source:
     return out
 
 
-def load_data(spec: str, model: ir.Model, *, labels: str | None = None) -> Calibration:
-    """Load calibration data for ``model`` from SPEC: file.npz, file.npy or builtin:NAME."""
+def load_data(spec: str, model: ir.Model, *, labels: str | None = None,
+              preprocess: Preprocess | str | None = None) -> Calibration:
+    """Load calibration data for ``model`` from SPEC.
+
+    SPEC is ``file.npz`` (arrays keyed by input name, optional ``labels``),
+    ``file.npy`` (single-input models), a folder of images (read lazily,
+    ``preprocess`` says how; see ``pycompress.data.images``), ``builtin:digits``
+    or ``builtin:skimage[:COUNT]``.
+    """
+    explicit_preprocess = preprocess is not None
+    if not isinstance(preprocess, Preprocess):
+        preprocess = Preprocess.parse(preprocess)
     label_array = None
     if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in BUILTIN:
-            raise PycompressError(f"--data {spec}: unknown built-in source; known: {', '.join(sorted(BUILTIN))}")
-        x, label_array = BUILTIN[name]()
-        arrays = {"__single__": x}
+        name, _, count = spec.split(":", 1)[1].partition(":")
+        if name in BUILTIN_IMAGES:
+            try:
+                n = int(count) if count else SKIMAGE_DEFAULT_COUNT
+            except ValueError:
+                n = 0
+            if n <= 0:
+                raise PycompressError(f"--data {spec}: COUNT must be a positive integer (builtin:{name}:COUNT)")
+            value = _single_image_input(model, spec)
+            arrays = {value.name: skimage_crops(n, [d if isinstance(d, int) else None for d in value.shape],
+                                                _input_dtype(value, spec), preprocess, spec)}
+        elif name in BUILTIN and not count:
+            if explicit_preprocess:
+                raise PycompressError(f"--data {spec}: --preprocess applies to image folders and builtin:skimage")
+            x, label_array = BUILTIN[name]()
+            arrays = _reshape_builtin({"__single__": x}, model)
+        else:
+            known = sorted(BUILTIN) + [f"{k}[:COUNT]" for k in sorted(BUILTIN_IMAGES)]
+            raise PycompressError(f"--data {spec}: unknown built-in source; known: {', '.join(known)}")
+    elif Path(spec).is_dir():
+        value = _single_image_input(model, spec)
+        arrays = {value.name: image_folder(Path(spec), [d if isinstance(d, int) else None for d in value.shape],
+                                           _input_dtype(value, spec), preprocess, spec)}
     else:
         path = Path(spec)
         if not path.exists():
-            raise PycompressError(f"{spec}: no such data file")
+            raise PycompressError(f"{spec}: no such data file or folder")
+        if explicit_preprocess:
+            raise PycompressError(f"{spec}: --preprocess applies to image folders and builtin:skimage, "
+                                  "not to arrays (they are fed as they are)")
         try:
             if path.suffix == ".npz":
                 with np.load(path, allow_pickle=False) as npz:
@@ -92,7 +162,8 @@ def load_data(spec: str, model: ir.Model, *, labels: str | None = None) -> Calib
             elif path.suffix == ".npy":
                 arrays = {"__single__": np.load(path, allow_pickle=False)}
             else:
-                raise PycompressError(f"{spec}: unsupported data format (use .npz, .npy or builtin:NAME)")
+                raise PycompressError(f"{spec}: unsupported data format (use .npz, .npy, a folder of images "
+                                      "or builtin:NAME)")
         except PycompressError:
             raise
         except Exception as exc:  # pickled object arrays are refused by allow_pickle=False

@@ -8,7 +8,7 @@ the user's model is never changed.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -17,15 +17,20 @@ from pycompress.errors import PycompressError
 
 
 def make_session(model: ir.Model, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 extra_outputs: Sequence[str] = ()):
-    """An onnxruntime InferenceSession for ``model`` (plus ``extra_outputs`` exposed)."""
+                 extra_outputs: Sequence[str] = (), session_options: Mapping[str, Any] | None = None):
+    """An onnxruntime InferenceSession for ``model`` (plus ``extra_outputs`` exposed).
+
+    ``session_options``: attributes of ``onnxruntime.SessionOptions`` to set
+    (e.g. ``{"enable_mem_pattern": False}``).
+    """
     import onnxruntime as ort
 
     proto = ir.to_proto(model)
     if extra_outputs:
         import onnx
 
-        known = {o.name for o in proto.graph.output}
+        # Graph inputs need no exposing: run_tensors returns them from the feeds.
+        known = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
         values = {v.name: v for v in model.graph.all_nodes() for v in v.outputs}
         for name in extra_outputs:
             if name in known:
@@ -41,6 +46,10 @@ def make_session(model: ir.Model, *, providers: Sequence[str] | None = None, thr
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    for key, value in (session_options or {}).items():
+        if not hasattr(options, key):
+            raise PycompressError(f"unknown onnxruntime session option '{key}'")
+        setattr(options, key, value)
     try:
         return ort.InferenceSession(proto.SerializeToString(), options,
                                     providers=list(providers or ["CPUExecutionProvider"]))
@@ -56,22 +65,23 @@ def iterate_batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterat
         yield {name: array[start:start + batch_size] for name, array in inputs.items()}
 
 
-def collect_activations(model: ir.Model, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]],
-                        *, threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Yield {tensor name: array} for each input batch (a streaming pass).
-
-    Graph inputs may be named too (the first layer's input): they are passed
-    through from the feeds.
-    """
-    graph_inputs = {v.name for v in model.graph.inputs}
-    wanted = list(dict.fromkeys(names))
-    output_names = [n for n in wanted if n not in graph_inputs]
-    session = make_session(model, extra_outputs=output_names, threads=threads)
+def run_tensors(session, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Values of ``names`` (graph outputs, exposed intermediates or graph inputs) for one batch."""
     input_names = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in input_names}
+    computed = [n for n in dict.fromkeys(names) if n not in feeds]
+    values = dict(zip(computed, session.run(computed, feeds))) if computed else {}
+    return [feeds[n] if n in feeds else values[n] for n in names]
+
+
+def collect_activations(model: ir.Model, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]],
+                        *, threads: int | None = None,
+                        session_options: Mapping[str, Any] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield {tensor name: array} for each input batch (a streaming pass)."""
+    session = make_session(model, extra_outputs=names, threads=threads, session_options=session_options)
+    output_names = list(dict.fromkeys(names))
     for feeds in batches:
-        feeds = {k: v for k, v in feeds.items() if k in input_names}
-        values = dict(zip(output_names, session.run(output_names, feeds))) if output_names else {}
-        yield {n: values[n] if n in values else feeds[n] for n in wanted}
+        yield dict(zip(output_names, run_tensors(session, output_names, feeds)))
 
 
 def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *, batch_size: int = 256,

@@ -91,18 +91,20 @@ def node_macs(node: ir.Node) -> int:
             return 0
         # ConvTranspose: each input element scatters into (Co / groups) * prod(kernel); w[1] = Co / groups.
         return math.prod(x) * w[1] * math.prod(w[2:])
+    # The reduction length K comes from A's shape, or from B's when A's is
+    # symbolic there (e.g. Flatten/Reshape with -1 before a classifier).
+    a, b = shape_of(node.inputs[0]), shape_of(node.inputs[1])
     if op == "Gemm":
-        a = _dims(shape_of(node.inputs[0]))
-        if a is None:
-            return 0
-        k = a[0] if attr_int(node, "transA", 0) else a[1]
-        return math.prod(out) * k
-    # MatMul with numpy broadcasting: out[..., M, N], reduction over K.
-    a = _dims(shape_of(node.inputs[0]))
-    if a is None:
+        k = None if a is None else a[0 if attr_int(node, "transA", 0) else 1]
+        if k is None and b is not None:
+            k = b[1 if attr_int(node, "transB", 0) else 0]
+    else:  # MatMul with numpy broadcasting: out[..., M, N], reduction over K.
+        k = None if a is None else a[-1]
+        if k is None and b is not None and len(b) >= 2:
+            k = b[-2]
+    if a is None and k is None:
         return 0
-    k = a[-1]
-    return math.prod(out) * k
+    return math.prod(out) * (1 if k is None else k)
 
 
 def model_cost(model: ir.Model) -> ModelCost:

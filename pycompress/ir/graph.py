@@ -111,7 +111,9 @@ def unique_name(model: ir.Model, base: str) -> str:
 def add_initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
     """Register a new constant under a unique name derived from ``name``."""
     name = unique_name(model, name)
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    # asarray, not ascontiguousarray: the latter turns a 0-d scalar into shape (1,).
+    array = np.asarray(array, order="C")
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)
     model.graph.register_initializer(value)

@@ -24,12 +24,14 @@ Deviations from ALGORITHMS.md, measured on EfficientNet-Lite0
   88% top-1 agreement (97% with the scale). ``per_channel: false`` is Deep
   Compression's plain per-layer codebook. Cost: C floats per layer.
 
-- ``bias_correction`` (default on; only with calibration data, i.e. when the
-  pipeline gives ``ctx.activations``): the shared weight's error shifts each
-  output channel's mean by ``dW . E[x]`` (the layer's inputs, post-ReLU6, are
-  far from zero-mean), so the bias becomes ``b' = b - dW . E[x]`` with ``E[x]``
-  the per-channel mean of the layer's input over the calibration batches (a
-  Conv's zero padding is ignored). For Conv and Gemm (a bias is added if
+- ``bias_correction`` (default: on when calibration data is given, i.e.
+  ``ctx.activations``, unless the context says ``data_aware: false``, e.g.
+  ``apply --weight-only``): the shared weight's error shifts each output
+  channel's mean by ``dW . E[x]`` (the layer's inputs, post-ReLU6, are far
+  from zero-mean), so the bias becomes ``b' = b - dW . E[x]`` with ``E[x]``
+  the per-channel mean of the layer's input over the calibration batches, read
+  from the model being rewritten (a Conv's zero padding and window borders are
+  ignored, so for Conv the shift shrinks but does not vanish). For Conv and Gemm (a bias is added if
   missing); MatMul has no bias to correct. This is the mean-only case of the
   layer-wise refit of ALGORITHMS.md 4 and keeps the codebook. Measured on
   EfficientNet-Lite0 at 8 bits: top-1 agreement 94.5% -> 99.2%.
@@ -144,8 +146,8 @@ class WeightSharing(Rewrite):
                            "(file size only: onnxruntime still runs dense weights)"),
         "per_channel": ("scale each output channel by its RMS before clustering (default true; needed "
                         "for BN-folded convs); false = Deep Compression's plain per-layer codebook"),
-        "bias_correction": ("with calibration data, subtract the mean output shift dW . E[x] from the bias "
-                            "(default true; Conv and Gemm)"),
+        "bias_correction": ("subtract the mean output shift dW . E[x] on calibration data from the bias "
+                            "(Conv, Gemm); default: on when apply has --data (not --weight-only)"),
     }
     # After pruning (which changes shapes) and factorizations, before quantization.
     order = 70
@@ -161,7 +163,7 @@ class WeightSharing(Rewrite):
         for node in model.graph:
             if node.op_type not in _WEIGHT_INPUTS or node.domain not in ("", "ai.onnx"):
                 continue
-            site = Site(name=node.name, action=self.action, nodes=[node.name])
+            site = Site(name=node.name, action=self.action, nodes=[node.name], info={"op": node.op_type})
             out.append(site)
             index = self._weight_input(node)
             if not node.name:
@@ -179,8 +181,8 @@ class WeightSharing(Rewrite):
                 continue
             value = node.inputs[index]
             tensor = _const_tensor(value)
-            site.info = {"input": index, "weight": value.name, "shape": list(tensor.shape),
-                         "params": int(np.prod(tensor.shape, dtype=np.int64))}
+            site.info.update(input=index, weight=value.name, shape=list(tensor.shape),
+                             params=int(np.prod(tensor.shape, dtype=np.int64)))
             if tensor.dtype not in _FLOAT_TYPES:
                 site.ok, site.reason = False, f"weight has dtype {tensor.dtype.name} (sharing needs float weights)"
             elif site.info["params"] == 0:
@@ -200,7 +202,7 @@ class WeightSharing(Rewrite):
                                   f"got {fraction!r}")
         for flag in ("per_channel", "bias_correction"):
             value = params.get(flag, True)
-            if not isinstance(value, bool):
+            if value is not None and not isinstance(value, bool):
                 raise PycompressError(f"site '{site.name}': '{flag}' must be true or false, got {value!r}")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
@@ -215,9 +217,8 @@ class WeightSharing(Rewrite):
         value = node.inputs[index]
         weights = constant_array(value)
         input_mean = None
-        if (decision.params.get("bias_correction", True) and ctx.activations is not None
-                and node.op_type in ("Conv", "Gemm") and index == 1):
-            input_mean = _input_channel_means(model, node, ctx)
+        if wants_bias_correction(site, decision.params, ctx) and node.op_type in ("Conv", "Gemm") and index == 1:
+            input_mean = _input_channel_means(node, ctx)
         axis = (output_channel_axis(node.op_type, index, node, weights.ndim)
                 if decision.params.get("per_channel", True) else None)
         codebook, indices, scale, info = share_weights(weights, bits, fraction, axis)
@@ -273,7 +274,14 @@ class WeightSharing(Rewrite):
 
         Shared: n bytes of indices + 4 * 2^bits of codebook (+ channel scales), against 4 n bytes.
         """
-        if not site.ok or site.info.get("params", 0) <= 2 * 2 ** bits:
+        if not site.ok:
+            return None
+        if not 1 <= bits <= MAX_BITS:
+            site.info["plan_note"] = f"share takes 1..{MAX_BITS} bits, not {bits}"
+            return None
+        if site.info.get("params", 0) <= 2 * 2 ** bits:
+            site.info["plan_note"] = (f"{site.info.get('params', 0)} weights: a {2 ** bits}-entry codebook "
+                                      "would outweigh the saving")
             return None
         return LayerDecision(site.name, self.action, {"bits": int(bits)})
 
@@ -295,34 +303,34 @@ def output_shift(node: ir.Node, delta: np.ndarray, input_mean: np.ndarray) -> np
     return attr_float(node, "alpha", 1.0) * (matrix @ input_mean)
 
 
-def _input_channel_means(model: ir.Model, node: ir.Node, ctx: ApplyContext) -> np.ndarray | None:
+def _input_channel_means(node: ir.Node, ctx: ApplyContext) -> np.ndarray | None:
     """Per-channel mean of the node's data input over the calibration batches (float64).
 
-    The first call computes the means of every Conv/Gemm data input in one
-    pass and caches them in ``ctx.options`` (one pass instead of one per
-    layer); later layers therefore see the inputs of the model as it was
-    before sharing, i.e. the teacher's.
+    Read from the model as it is being rewritten (``ctx.activations``), so a
+    layer sees the inputs that the already shared (and corrected) layers
+    before it produce.
     """
-    cache = ctx.options.setdefault("share.input_means", {})
     name = node.inputs[0].name
-    if name not in cache:
-        readers = {n.inputs[0].name: n for n in model.graph
-                   if n.op_type in ("Conv", "Gemm") and n.inputs and n.inputs[0] is not None}
-        readers[name] = node
-        totals: dict[str, np.ndarray] = {}
-        counts = dict.fromkeys(readers, 0)
-        for batch in ctx.activations(list(readers)):
-            for tensor, reader in readers.items():
-                x = np.asarray(batch[tensor], np.float64)
-                if reader.op_type == "Conv":
-                    x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
-                elif attr_int(reader, "transA", 0):
-                    x = x.T
-                totals[tensor] = x.sum(axis=0) + totals.get(tensor, 0.0)
-                counts[tensor] += x.shape[0]
-        for tensor in readers:
-            cache[tensor] = totals[tensor] / counts[tensor] if counts[tensor] else None
-    return cache[name]
+    total, count = None, 0
+    for batch in ctx.activations([name]):
+        x = np.asarray(batch[name], np.float64)
+        if node.op_type == "Conv":
+            x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+        elif attr_int(node, "transA", 0):
+            x = x.T
+        total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
+        count += x.shape[0]
+    return total / count if count else None
+
+
+def wants_bias_correction(site: Site, params: dict[str, Any], ctx: ApplyContext) -> bool:
+    """The decision's ``bias_correction`` if given, else on when calibration data is there (and not weight-only)."""
+    flag = params.get("bias_correction")
+    if flag is True and ctx.activations is None:
+        raise PycompressError(f"site '{site.name}': bias_correction needs calibration data; pass --data")
+    if flag is not None:
+        return flag
+    return ctx.activations is not None and bool(ctx.options.get("data_aware", True))
 
 
 def _correct_bias(model: ir.Model, node: ir.Node, shift: np.ndarray) -> None:

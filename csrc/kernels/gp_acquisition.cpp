@@ -1,0 +1,323 @@
+#include "gp_acquisition.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include <immintrin.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "blas.hpp"
+
+namespace pycompress {
+
+namespace {
+
+constexpr double kSqrt5 = 2.23606797749978969641;
+
+// exp(x) for x <= 0, written so that GCC vectorizes it (glibc's vector exp
+// is only declared under -ffast-math, which we do not want for the rest).
+// Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, Taylor degree 12
+// (truncation < 2e-16 relative), 2^k built in the exponent bits. The
+// round-to-nearest of x/ln2 is done by adding 1.5 * 2^52, which also leaves k
+// in the low mantissa bits (no float->int64 conversion, absent in AVX2).
+inline double exp_nonpositive(double x) {
+    x = x < -700.0 ? -700.0 : x;
+    const double shifter = 6755399441055744.0;  // 1.5 * 2^52
+    const double t = x * 1.4426950408889634074 + shifter;
+    const double k = t - shifter;
+    const double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+    double p = 1.0 / 479001600.0;                 // 1/12!
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    uint64_t bits;
+    std::memcpy(&bits, &t, sizeof bits);
+    // Low 12 bits of t's mantissa hold k (two's complement); k + 1023 in [323, 1023].
+    const uint64_t scale_bits = (bits + 1023u) << 52;
+    double scale;
+    std::memcpy(&scale, &scale_bits, sizeof scale);
+    return p * scale;
+}
+
+// Squared scaled distances r2_i = sum_k (c_k - x_ik)^2. trainT is d x n
+// (coordinates already divided by the lengthscales) so i runs contiguously.
+inline __attribute__((always_inline))
+void sqdist_portable(const double* __restrict trainT, int64_t n, int64_t d, const double* __restrict c,
+                     double* __restrict out) {
+    for (int64_t i = 0; i < n; ++i) {
+        double acc = 0.0;
+        for (int64_t k = 0; k < d; ++k) {
+            const double diff = c[k] - trainT[k * n + i];
+            acc += diff * diff;
+        }
+        out[i] = acc;
+    }
+}
+
+// The AVX2 version keeps 16 partial sums in registers across the d
+// coordinates (GCC's own vectorization of this loop nest was 4x slower).
+__attribute__((target("avx2,fma")))
+void sqdist_avx2(const double* __restrict trainT, int64_t n, int64_t d, const double* __restrict c,
+                 double* __restrict out) {
+    int64_t i0 = 0;
+    for (; i0 + 16 <= n; i0 += 16) {
+        __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < d; ++k) {
+            const __m256d ck = _mm256_broadcast_sd(c + k);
+            const double* row = trainT + k * n + i0;
+            const __m256d d0 = _mm256_sub_pd(ck, _mm256_loadu_pd(row));
+            const __m256d d1 = _mm256_sub_pd(ck, _mm256_loadu_pd(row + 4));
+            const __m256d d2 = _mm256_sub_pd(ck, _mm256_loadu_pd(row + 8));
+            const __m256d d3 = _mm256_sub_pd(ck, _mm256_loadu_pd(row + 12));
+            a0 = _mm256_fmadd_pd(d0, d0, a0);
+            a1 = _mm256_fmadd_pd(d1, d1, a1);
+            a2 = _mm256_fmadd_pd(d2, d2, a2);
+            a3 = _mm256_fmadd_pd(d3, d3, a3);
+        }
+        _mm256_storeu_pd(out + i0, a0);
+        _mm256_storeu_pd(out + i0 + 4, a1);
+        _mm256_storeu_pd(out + i0 + 8, a2);
+        _mm256_storeu_pd(out + i0 + 12, a3);
+    }
+    for (; i0 + 4 <= n; i0 += 4) {
+        __m256d a0 = _mm256_setzero_pd();
+        for (int64_t k = 0; k < d; ++k) {
+            const __m256d d0 = _mm256_sub_pd(_mm256_broadcast_sd(c + k), _mm256_loadu_pd(trainT + k * n + i0));
+            a0 = _mm256_fmadd_pd(d0, d0, a0);
+        }
+        _mm256_storeu_pd(out + i0, a0);
+    }
+    for (int64_t i = i0; i < n; ++i) {
+        double acc = 0.0;
+        for (int64_t k = 0; k < d; ++k) {
+            const double diff = c[k] - trainT[k * n + i];
+            acc += diff * diff;
+        }
+        out[i] = acc;
+    }
+}
+
+// r2 -> s (1 + a + a^2/3) exp(-a), a = sqrt5 r, in place.
+inline __attribute__((always_inline))
+void matern_transform(int64_t n, double outputscale, double* __restrict out) {
+    for (int64_t i = 0; i < n; ++i) {
+        const double a = kSqrt5 * std::sqrt(out[i]);
+        out[i] = outputscale * (1.0 + a + a * a * (1.0 / 3.0)) * exp_nonpositive(-a);
+    }
+}
+
+inline __attribute__((always_inline))
+void three_dots_body(const double* __restrict v, const double* __restrict beta, const double* __restrict w,
+                     int64_t n, double* dot_beta, double* dot_v, double* dot_w) {
+    double a = 0.0, b = 0.0, c = 0.0;
+#pragma omp simd reduction(+ : a, b, c)
+    for (int64_t i = 0; i < n; ++i) {
+        a += v[i] * beta[i];
+        b += v[i] * v[i];
+        c += v[i] * w[i];
+    }
+    *dot_beta = a;
+    *dot_v = b;
+    *dot_w = c;
+}
+
+// The same loops compiled for AVX2+FMA and for the baseline ISA, picked once
+// by CPU features. (GCC's target_clones("arch=...") dispatches on the CPU
+// model name, which virtual machines often hide: it fell back to SSE2 here.)
+using MaternFn = void (*)(const double*, int64_t, int64_t, const double*, double, double*);
+using DotsFn = void (*)(const double*, const double*, const double*, int64_t, double*, double*, double*);
+
+__attribute__((target("avx2,fma")))
+void matern_column_avx2(const double* __restrict trainT, int64_t n, int64_t d, const double* __restrict c,
+                        double outputscale, double* __restrict out) {
+    sqdist_avx2(trainT, n, d, c, out);
+    matern_transform(n, outputscale, out);
+}
+void matern_column_base(const double* __restrict trainT, int64_t n, int64_t d, const double* __restrict c,
+                        double outputscale, double* __restrict out) {
+    sqdist_portable(trainT, n, d, c, out);
+    matern_transform(n, outputscale, out);
+}
+__attribute__((target("avx2,fma")))
+void three_dots_avx2(const double* __restrict v, const double* __restrict beta, const double* __restrict w,
+                     int64_t n, double* a, double* b, double* c) {
+    three_dots_body(v, beta, w, n, a, b, c);
+}
+void three_dots_base(const double* __restrict v, const double* __restrict beta, const double* __restrict w,
+                     int64_t n, double* a, double* b, double* c) {
+    three_dots_body(v, beta, w, n, a, b, c);
+}
+
+bool has_avx2_fma() {
+    static const bool yes = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }();
+    return yes;
+}
+
+void matern_column(const double* trainT, int64_t n, int64_t d, const double* c, double outputscale, double* out) {
+    static const MaternFn fn = has_avx2_fma() ? matern_column_avx2 : matern_column_base;
+    fn(trainT, n, d, c, outputscale, out);
+}
+
+void three_dots(const double* v, const double* beta, const double* w, int64_t n, double* a, double* b, double* c) {
+    static const DotsFn fn = has_avx2_fma() ? three_dots_avx2 : three_dots_base;
+    fn(v, beta, w, n, a, b, c);
+}
+
+double matern_pair(const double* a, const double* b, int64_t d, double outputscale) {
+    double r2 = 0.0;
+    for (int64_t k = 0; k < d; ++k) r2 += (a[k] - b[k]) * (a[k] - b[k]);
+    const double s = kSqrt5 * std::sqrt(r2);
+    return outputscale * (1.0 + s + s * s / 3.0) * std::exp(-s);
+}
+
+// L x = b in place (L row-major lower), for the single incumbent column.
+void forward_substitution(const double* chol, int64_t n, double* x) {
+    for (int64_t i = 0; i < n; ++i) {
+        double s = x[i];
+        const double* row = chol + i * n;
+        for (int64_t j = 0; j < i; ++j) s -= row[j] * x[j];
+        x[i] = s / row[i];
+    }
+}
+
+// Candidates per block: the n x B block of V stays near 1 MB (cache), and
+// dtrsm still gets enough columns to run at its full rate.
+int64_t block_columns(int64_t n) {
+    return std::max<int64_t>(64, std::min<int64_t>(1024, (int64_t{1} << 17) / std::max<int64_t>(n, 1)));
+}
+
+}  // namespace
+
+void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t m,
+                   const double* incumbent, double delta, double var_floor, PacScores out,
+                   double* mu_incumbent, double* var_incumbent, int threads) {
+    const Blas& b = blas();
+    if (!b.dtrsm) throw std::runtime_error("BLAS routines were not initialised");
+    const int64_t n = gp.n, d = gp.d;
+    if (n <= 0 || d <= 0) throw std::invalid_argument("the GP needs at least one observation and one dimension");
+
+    // Scaled coordinates: lengthscales enter only through (a - b) / l.
+    std::vector<double> inv_l(static_cast<size_t>(d));
+    for (int64_t k = 0; k < d; ++k) {
+        if (!(gp.lengthscales[k] > 0.0)) throw std::invalid_argument("lengthscales must be positive");
+        inv_l[k] = 1.0 / gp.lengthscales[k];
+    }
+    std::vector<double> trainT(static_cast<size_t>(n * d));
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < d; ++k) trainT[k * n + i] = gp.train[i * d + k] * inv_l[k];
+    std::vector<double> inc(static_cast<size_t>(d));
+    for (int64_t k = 0; k < d; ++k) inc[k] = incumbent[k] * inv_l[k];
+
+    // Incumbent: w = L^-1 k(Theta, t^), mu(t^), var(t^).
+    std::vector<double> w(static_cast<size_t>(n));
+    matern_column(trainT.data(), n, d, inc.data(), gp.outputscale, w.data());
+    forward_substitution(gp.chol, n, w.data());
+    double mu_hat = gp.mean_constant, var_hat = gp.outputscale;
+    for (int64_t i = 0; i < n; ++i) {
+        mu_hat += w[i] * gp.beta[i];
+        var_hat -= w[i] * w[i];
+    }
+    *mu_incumbent = mu_hat;
+    *var_incumbent = var_hat;
+
+    const int64_t bcols = block_columns(n);
+    const int64_t nblocks = (m + bcols - 1) / bcols;
+    const int ni = static_cast<int>(n);
+    const double one = 1.0;
+
+    int nthreads = 1;
+#ifdef _OPENMP
+    nthreads = threads > 0 ? threads : omp_get_max_threads();
+#endif
+    // OpenMP over candidate blocks, single-threaded BLAS inside each: the
+    // Matern sweep and the reductions run in parallel too, and no two thread
+    // pools spin on the same cores. Measured on 2 cores against sequential
+    // blocks with BLAS's own threads (PYCOMPRESS_GP_BLAS_THREADED=1, kept
+    // for tools/bench_acquisition.py): 2-5x faster (docs/pacbo.md).
+    const bool can_pin_blas = b.set_num_threads && b.get_num_threads;
+    const char* blas_threaded = std::getenv("PYCOMPRESS_GP_BLAS_THREADED");
+    const bool parallel_blocks = nthreads > 1 && nblocks > 1 && can_pin_blas &&
+                                 !(blas_threaded && *blas_threaded == '1');
+    BlasThreadsGuard single_blas(parallel_blocks || threads == 1 ? 1 : 0);
+
+    // V = L^-1 k(Theta, C). OpenBLAS's dtrsm with many right-hand sides runs
+    // at 2-15 GFLOP/s here while dtrmm runs at 20-40 (measured, 1 core,
+    // n = 50..500): with more candidates than observations, solve once for
+    // L^-1 (n^3, the one triangular solve) and apply it with dtrmm to every
+    // block; with few candidates, dtrsm on them directly.
+    const bool use_inverse = m >= n && b.dtrmm;
+    std::vector<double> chol_inv;
+    if (use_inverse) {
+        chol_inv.assign(static_cast<size_t>(n * n), 0.0);
+        for (int64_t i = 0; i < n; ++i) chol_inv[i * n + i] = 1.0;
+        // Column-major identity; chol row-major lower == column-major upper of L^T.
+        b.dtrsm("L", "U", "T", "N", &ni, &ni, &one, gp.chol, &ni, chol_inv.data(), &ni);
+    }
+
+    auto run_block = [&](int64_t blk, std::vector<double>& kc, std::vector<double>& cs) {
+        const int64_t start = blk * bcols;
+        const int64_t cols = std::min(bcols, m - start);
+        kc.resize(static_cast<size_t>(n * cols));
+        for (int64_t j = 0; j < cols; ++j) {
+            const double* c = candidates + (start + j) * d;
+            for (int64_t k = 0; k < d; ++k) cs[k] = c[k] * inv_l[k];
+            matern_column(trainT.data(), n, d, cs.data(), gp.outputscale, kc.data() + j * n);
+            out.cov[start + j] = matern_pair(cs.data(), inc.data(), d, gp.outputscale);
+        }
+        // kc is n x cols column-major; chol row-major lower == column-major
+        // upper of L^T, so "U","T" solves L V = kc; chol_inv is column-major lower.
+        const int ci = static_cast<int>(cols);
+        if (use_inverse)
+            b.dtrmm("L", "L", "N", "N", &ni, &ci, &one, chol_inv.data(), &ni, kc.data(), &ni);
+        else
+            b.dtrsm("L", "U", "T", "N", &ni, &ci, &one, gp.chol, &ni, kc.data(), &ni);
+        for (int64_t j = 0; j < cols; ++j) {
+            double vb, vv, vw;
+            three_dots(kc.data() + j * n, gp.beta, w.data(), n, &vb, &vv, &vw);
+            const int64_t o = start + j;
+            const double mu = gp.mean_constant + vb;
+            const double var = gp.outputscale - vv;
+            const double cov = out.cov[o] - vw;
+            const double spread = std::max(var + var_hat - 2.0 * cov, var_floor);
+            out.mu[o] = mu;
+            out.var[o] = var;
+            out.cov[o] = cov;
+            out.z[o] = (mu - mu_hat - delta) / std::sqrt(spread);
+        }
+    };
+
+    if (parallel_blocks) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+        {
+            std::vector<double> kc, cs(static_cast<size_t>(d));
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t blk = 0; blk < nblocks; ++blk) run_block(blk, kc, cs);
+        }
+#endif
+    } else {
+        std::vector<double> kc, cs(static_cast<size_t>(d));
+        for (int64_t blk = 0; blk < nblocks; ++blk) run_block(blk, kc, cs);
+    }
+}
+
+}  // namespace pycompress

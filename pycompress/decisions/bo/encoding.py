@@ -1,0 +1,139 @@
+"""Compression decisions <-> points of the unit cube (ALGORITHMS.md 3.1).
+
+Each decision ``i`` has a known integer range: a rank in ``[1, r_max_i]``
+(decoded ``r_i = max(1, round(theta_i * r_max_i))``, paper Sec. 3.3) or a
+number of channels kept in ``[min_keep_i, C_i]`` (decoded
+``round(min_keep_i + theta_i (C_i - min_keep_i))``). A value that would not
+reduce the layer (``>= untouched_from``) leaves it untouched: no decision.
+The optimizer works on ``theta in [0, 1]^d``; ``snap`` maps a point to the
+lattice point that is actually evaluated, so that the GP sees what was run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pycompress.errors import PycompressError
+from pycompress.plan import LayerDecision, Plan
+
+KINDS = ("rank", "keep")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One coordinate: parameter ``param`` of ``action`` at ``site``.
+
+    kind "rank": values ``1..high`` (``high = r_max``), ``low`` is ignored.
+    kind "keep": values ``low..high`` (``min_keep..C``).
+    ``untouched_from``: values at or above it leave the layer as it is.
+    """
+
+    site: str
+    action: str
+    param: str
+    kind: str
+    high: int
+    low: int = 1
+    untouched_from: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise PycompressError(f"site '{self.site}': unknown dimension kind '{self.kind}'")
+        if self.high < 1 or (self.kind == "keep" and not 1 <= self.low <= self.high):
+            raise PycompressError(f"site '{self.site}': empty range [{self.low}, {self.high}] for '{self.param}'")
+
+    def value(self, u: float) -> int:
+        """The integer parameter at coordinate ``u`` in [0, 1] (before the untouched rule)."""
+        u = float(min(max(u, 0.0), 1.0))
+        if self.kind == "rank":
+            return max(1, int(round(u * self.high)))
+        return int(round(self.low + u * (self.high - self.low)))
+
+    def decode(self, u: float) -> int | None:
+        """The parameter at ``u``, or None when it would leave the layer untouched."""
+        v = self.value(u)
+        return None if self.untouched_from is not None and v >= self.untouched_from else v
+
+    def encode(self, value: int | None) -> float:
+        """The coordinate of a parameter value (None: untouched -> 1)."""
+        if value is None:
+            return 1.0
+        if self.kind == "rank":
+            return float(min(max(value, 1), self.high)) / self.high
+        if self.high == self.low:
+            return 1.0
+        return float(min(max(value, self.low), self.high) - self.low) / (self.high - self.low)
+
+
+class SearchSpace:
+    """The ordered dimensions of a search; decodes points to Plans and back."""
+
+    def __init__(self, dimensions: Sequence[Dimension]):
+        if not dimensions:
+            raise PycompressError("nothing to search: no applicable decision sites")
+        keys = [(d.site, d.action) for d in dimensions]
+        if len(set(keys)) != len(keys):
+            raise PycompressError("a site/action pair appears twice in the search space")
+        self.dimensions = list(dimensions)
+
+    @property
+    def d(self) -> int:
+        return len(self.dimensions)
+
+    def values(self, theta: Sequence[float]) -> list[int | None]:
+        theta = self._check(theta)
+        return [dim.decode(u) for dim, u in zip(self.dimensions, theta)]
+
+    def decisions(self, theta: Sequence[float]) -> list[LayerDecision]:
+        return [LayerDecision(dim.site, dim.action, {dim.param: v})
+                for dim, v in zip(self.dimensions, self.values(theta)) if v is not None]
+
+    def to_plan(self, theta: Sequence[float], *, model: str = "", meta: dict | None = None) -> Plan:
+        return Plan(self.decisions(theta), model, dict(meta or {}))
+
+    def encode(self, plan: Plan | Iterable[LayerDecision]) -> np.ndarray:
+        """A plan's point: sites it does not mention are untouched (coordinate 1)."""
+        decisions = plan.decisions if isinstance(plan, Plan) else list(plan)
+        by_key = {(d.site, d.action): d for d in decisions}
+        known = {(dim.site, dim.action) for dim in self.dimensions}
+        for key in by_key:
+            if key not in known:
+                raise PycompressError(f"site '{key[0]}': action '{key[1]}' is not part of this search")
+        theta = np.ones(self.d)
+        for i, dim in enumerate(self.dimensions):
+            decision = by_key.get((dim.site, dim.action))
+            if decision is not None:
+                if dim.param not in decision.params:
+                    raise PycompressError(f"site '{dim.site}': seed plan has no '{dim.param}' for '{dim.action}'")
+                theta[i] = dim.encode(int(decision.params[dim.param]))
+        return theta
+
+    def snap(self, theta: np.ndarray) -> np.ndarray:
+        """Map points (d,) or (M, d) to the lattice points that decode to the same plan."""
+        theta = np.asarray(theta, np.float64)
+        flat = np.atleast_2d(theta)
+        out = np.empty_like(flat)
+        for j, dim in enumerate(self.dimensions):
+            col = np.clip(flat[:, j], 0.0, 1.0)
+            if dim.kind == "rank":
+                values = np.maximum(1, np.rint(col * dim.high))
+                snapped = values / dim.high
+                if dim.untouched_from is not None:
+                    snapped = np.where(values >= dim.untouched_from, 1.0, snapped)
+            else:
+                span = dim.high - dim.low
+                values = np.rint(dim.low + col * span)
+                snapped = (values - dim.low) / span if span else np.ones_like(col)
+                if dim.untouched_from is not None:
+                    snapped = np.where(values >= dim.untouched_from, 1.0, snapped)
+            out[:, j] = snapped
+        return out.reshape(theta.shape)
+
+    def _check(self, theta: Sequence[float]) -> np.ndarray:
+        theta = np.asarray(theta, np.float64).ravel()
+        if theta.size != self.d:
+            raise PycompressError(f"a point of this search has {self.d} coordinates, got {theta.size}")
+        return theta

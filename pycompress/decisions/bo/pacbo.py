@@ -1,0 +1,425 @@
+"""PAC Bayesian optimization: the loop, the certificate, resumable state.
+
+Maximizes an objective ``J(theta)`` over ``[0, 1]^d`` that is only observed
+with Gaussian noise of *known* variance (a U-statistic estimate, ALGORITHMS.md
+2 and 3.2):
+
+1. initial design: the given seed points (e.g. plans from PFA), then scrambled
+   Sobol points;
+2. fit the GP (``gp.GaussianProcess``) to all observations with their noise;
+3. incumbent ``t^`` = the visited point with the highest posterior mean;
+   ``z_max = max_t z(t)`` (``acquisition.PACAcquisition``,
+   ``optimize.maximize_acquisition``);
+4. stop with a certificate when ``z_max <= Phi^-1(epsilon)``
+   (``P(J(t*) - J(t^) < delta) >= 1 - epsilon`` under the GP), or when the
+   budget of evaluations / seconds is spent ("no certificate"); otherwise
+   evaluate ``argmax z`` and go to 2.
+
+The objective is injected: ``objective(theta, index) -> (mean, variance[, extras])``
+where ``index`` is the 0-based number of the evaluation (to seed its fresh
+subsample, so a resumed run sees the same data). Evaluations go through an
+``Executor`` (in process by default), which may be handed several points.
+
+After every evaluation the state (observations, GP hyperparameters, the
+RNG state, proposed points not yet evaluated) is written atomically to
+``run_dir/state.json``; ``resume`` continues from it and, with the same
+settings, reaches the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+from scipy.stats import qmc
+
+from pycompress.decisions.bo.acquisition import (
+    PACAcquisition,
+    certificate_probability,
+    is_certified,
+    resolve_delta,
+    select_incumbent,
+)
+from pycompress.decisions.bo.gp import GaussianProcess, Hyperparameters
+from pycompress.decisions.bo.optimize import CandidateSettings, maximize_acquisition
+from pycompress.decisions.bo.threads import single_threaded
+from pycompress.errors import PycompressError
+
+STATE_FORMAT = "pycompress-pacbo-state"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One evaluation: the estimate of J at theta and the variance of that estimate."""
+
+    theta: tuple[float, ...]
+    value: float
+    variance: float
+    extras: dict[str, Any] = field(default_factory=dict)
+    z: float | None = None  # the acquisition value that chose it (None: initial design)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"theta": list(self.theta), "value": self.value, "variance": self.variance, "extras": self.extras,
+                "z": self.z, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Observation":
+        return cls(tuple(float(v) for v in data["theta"]), float(data["value"]), float(data["variance"]),
+                   dict(data.get("extras", {})), data.get("z"), float(data.get("seconds", 0.0)))
+
+
+# objective(theta, index) -> (mean, variance) or (mean, variance, extras)
+Objective = Callable[[np.ndarray, int], Any]
+
+
+class Executor(Protocol):
+    """Runs objective evaluations; yields (mean, variance, extras) in the order of ``jobs``."""
+
+    def map(self, objective: Objective, jobs: Sequence[tuple[np.ndarray, int]]) -> Iterator[Any]: ...
+
+
+class LocalExecutor:
+    """In this process, one after the other."""
+
+    def map(self, objective: Objective, jobs: Sequence[tuple[np.ndarray, int]]) -> Iterator[Any]:
+        for theta, index in jobs:
+            yield objective(theta, index)
+
+
+@dataclass
+class PACBOSettings:
+    delta: float = 0.05
+    relative_delta: bool = False     # delta * |mu(t^)| instead of delta
+    epsilon: float = 0.005
+    initial: int | None = None       # Sobol points; default max(10, min(2 d, 40))
+    max_evals: int = 100
+    time_limit: float | None = None  # seconds, over all resumes
+    seed: int = 0
+    batch_size: int = 1              # points proposed per GP fit (kriging believer beyond the first)
+    restarts: int = 2                # random ML-II restarts besides the warm start ...
+    restart_every: int = 5           # ... on the first fit and every this many fits (warm start only between)
+    fit_iters: int = 200
+    candidates: CandidateSettings = field(default_factory=CandidateSettings)
+
+    def initial_points(self, d: int) -> int:
+        return self.initial if self.initial is not None else max(10, min(2 * d, 40))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["candidates"]["scales"] = list(self.candidates.scales)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PACBOSettings":
+        data = dict(data)
+        cand = dict(data.pop("candidates"))
+        cand["scales"] = tuple(cand["scales"])
+        return cls(**data, candidates=CandidateSettings(**cand))
+
+
+# Settings that may change on resume without changing what was already done.
+_RESUMABLE_CHANGES = {"max_evals", "time_limit"}
+
+
+@dataclass
+class Step:
+    """The state of the search after a GP fit (one progress line)."""
+
+    evaluations: int
+    incumbent: list[float]
+    incumbent_value: float       # posterior mean at the incumbent
+    z_max: float
+    probability: float           # 1 - Phi(z_max)
+    delta: float                 # absolute delta used
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PACBOResult:
+    theta: np.ndarray                 # the incumbent
+    value: float                      # posterior mean of J at the incumbent
+    certified: bool
+    probability: float                # 1 - Phi(z_max) at the end
+    z_max: float
+    stop_reason: str                  # "certificate" | "max_evals" | "time_limit"
+    observations: list[Observation]
+    history: list[Step]
+    hyperparameters: Hyperparameters | None  # None for random search
+    seconds: float
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.observations)
+
+    def summary(self) -> str:
+        if self.certified:
+            return (f"certified: P(J(t*) - J(t^) < delta) = {self.probability:.4f} after "
+                    f"{self.evaluations} evaluations")
+        p = "" if math.isnan(self.probability) else f"; P = {self.probability:.4f}"
+        return f"no certificate ({self.stop_reason} reached after {self.evaluations} evaluations{p})"
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    # A small local copy of ir.atomic_write_text: decisions must not import the ONNX layer.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _as_observation_parts(result: Any) -> tuple[float, float, dict[str, Any]]:
+    if isinstance(result, tuple) and len(result) in (2, 3):
+        mean, var = float(result[0]), float(result[1])
+        extras = dict(result[2]) if len(result) == 3 and result[2] is not None else {}
+    elif hasattr(result, "mean") and hasattr(result, "variance"):
+        mean, var, extras = float(result.mean), float(result.variance), dict(getattr(result, "extras", {}) or {})
+    else:
+        raise PycompressError("the objective must return (mean, variance[, extras])")
+    if not math.isfinite(mean) or not math.isfinite(var) or var < 0:
+        raise PycompressError(f"the objective returned mean {mean!r} and variance {var!r}")
+    return mean, var, extras
+
+
+class PACBO:
+    """The PAC-BO loop over ``[0, 1]^d`` for an injected objective (see module docstring)."""
+
+    def __init__(self, d: int, objective: Objective, settings: PACBOSettings | None = None, *,
+                 run_dir: str | os.PathLike | None = None, seeds: Iterable[Sequence[float]] = (),
+                 snap: Callable[[np.ndarray], np.ndarray] | None = None, executor: Executor | None = None,
+                 progress: Callable[[Step | None, Observation | None], None] | None = None):
+        if d < 1:
+            raise PycompressError("nothing to search: the search space has no dimension")
+        self.d = int(d)
+        self.objective = objective
+        self.settings = settings or PACBOSettings()
+        s = self.settings
+        if not 0 < s.epsilon < 1:
+            raise PycompressError(f"--epsilon must be in (0, 1), got {s.epsilon}")
+        if s.delta < 0:
+            raise PycompressError(f"--delta must be >= 0, got {s.delta}")
+        if s.max_evals < 1 or s.batch_size < 1:
+            raise PycompressError("--max-evals and the batch size must be at least 1")
+        self.snap = snap or (lambda x: np.clip(x, 0.0, 1.0))
+        self.executor = executor or LocalExecutor()
+        self.progress = progress
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.seeds = [self._point(p) for p in seeds]
+        self.rng = np.random.default_rng(s.seed)
+        self.observations: list[Observation] = []
+        self.pending: list[tuple[np.ndarray, float | None]] = []
+        self.hyper: Hyperparameters | None = None
+        self.history: list[Step] = []
+        self.elapsed = 0.0
+        self.status = "new"
+
+    # -- state -------------------------------------------------------------
+    @property
+    def state_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "state.json"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "d": self.d,
+            "settings": self.settings.to_dict(), "status": self.status,
+            "observations": [o.to_dict() for o in self.observations],
+            "pending": [{"theta": list(map(float, t)), "z": z} for t, z in self.pending],
+            "hyperparameters": None if self.hyper is None else self.hyper.to_dict(),
+            "rng": self.rng.bit_generator.state,
+            "history": [h.to_dict() for h in self.history],
+            "elapsed": self.elapsed,
+        }
+
+    def save(self) -> None:
+        if self.state_path is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.state_path, self.state())
+
+    def load(self) -> None:
+        """Continue from ``run_dir/state.json`` (same dimension and search settings)."""
+        path = self.state_path
+        if path is None or not path.is_file():
+            raise PycompressError(f"{self.run_dir}: no PAC-BO state to resume (state.json is missing)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PycompressError(f"{path}: cannot read the PAC-BO state ({exc})") from None
+        if data.get("format") != STATE_FORMAT or data.get("version") != STATE_VERSION:
+            raise PycompressError(f"{path}: not a PAC-BO state of version {STATE_VERSION}")
+        if data["d"] != self.d:
+            raise PycompressError(f"{path}: the saved search has {data['d']} dimensions, this one {self.d}")
+        saved = PACBOSettings.from_dict(data["settings"]).to_dict()
+        mine = self.settings.to_dict()
+        changed = sorted(k for k in mine if mine[k] != saved[k] and k not in _RESUMABLE_CHANGES)
+        if changed:
+            raise PycompressError(f"{path}: cannot resume with different settings: {', '.join(changed)}")
+        self.observations = [Observation.from_dict(o) for o in data["observations"]]
+        self.pending = [(np.asarray(p["theta"], np.float64), p["z"]) for p in data["pending"]]
+        self.hyper = None if data["hyperparameters"] is None else Hyperparameters.from_dict(data["hyperparameters"])
+        self.rng.bit_generator.state = data["rng"]
+        self.history = [Step(**h) for h in data["history"]]
+        self.elapsed = float(data["elapsed"])
+        self.status = data["status"]
+
+    # -- the loop ----------------------------------------------------------
+    def initial_design(self) -> list[np.ndarray]:
+        """The initial points (seeds, then scrambled Sobol), drawn once; they stay pending until evaluated."""
+        if not self.observations and not self.pending:
+            n0 = self.settings.initial_points(self.d)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "balance properties need a power of 2": fine for a design
+                sobol = qmc.Sobol(self.d, scramble=True, seed=self.rng).random(n0) if n0 else np.empty((0, self.d))
+            initial = [self._point(p) for p in list(self.seeds) + list(sobol)]
+            self.pending = [(self.snap(p[None, :])[0], None) for p in initial]
+            self.status = "running"
+            self.save()
+        return [theta.copy() for theta, _ in self.pending]
+
+    def run(self, *, resume: bool = False) -> PACBOResult:
+        if resume:
+            self.load()
+        started = time.monotonic() - self.elapsed
+        self.initial_design()
+        if len(self.observations) + len(self.pending) < 2:
+            raise PycompressError("the search needs at least 2 initial points (--initial)")
+        while True:
+            stop = self._evaluate_pending(started)
+            if len(self.observations) < 2:
+                raise PycompressError(f"the budget ({stop}) ran out before 2 points were evaluated; "
+                                      "raise --max-evals / --time-limit")
+            with single_threaded():
+                step, model, proposals = self._decide()
+            self.history.append(step)
+            self.elapsed = time.monotonic() - started
+            if self.progress:
+                self.progress(step, self.observations[-1])
+            if is_certified(step.z_max, self.settings.epsilon):
+                self.status = "certificate"
+            else:
+                self.status = stop or self._budget_spent(started) or "running"
+            if self.status != "running":
+                self.pending = []
+                self.save()
+                return PACBOResult(np.asarray(step.incumbent), step.incumbent_value, self.status == "certificate",
+                                   step.probability, step.z_max, self.status, list(self.observations),
+                                   list(self.history), getattr(model, "hyper", None), self.elapsed)
+            self.pending = proposals
+            self.save()
+
+    def _decide(self) -> tuple[Step, Any, list[tuple[np.ndarray, float | None]]]:
+        """Fit the GP; incumbent, z_max and the next point(s) to evaluate."""
+        s = self.settings
+        restarts = s.restarts if len(self.history) % max(1, s.restart_every) == 0 else 0
+        gp = GaussianProcess.fit(self._x(), self._y(), self._noise(), init=self.hyper,
+                                 restarts=restarts, rng=self.rng, max_iter=s.fit_iters)
+        self.hyper = gp.hyper
+        visited = self._x()
+        index, mu_hat = select_incumbent(gp, visited)
+        delta = resolve_delta(s.delta, s.relative_delta, mu_hat)
+        acquisition = PACAcquisition(gp, visited[index], delta)
+        theta, z_max = maximize_acquisition(acquisition, self.d, self.rng, anchors=self._anchors(gp, visited, index),
+                                            settings=s.candidates, snap=self.snap)
+        step = Step(len(self.observations), list(map(float, visited[index])), mu_hat, z_max,
+                    certificate_probability(z_max), delta)
+        proposals = []
+        if not is_certified(z_max, s.epsilon):
+            proposals = self._propose_batch(gp, theta, z_max, visited[index], delta)
+        return step, gp, proposals
+
+    def _evaluate_pending(self, started: float) -> str | None:
+        """Evaluate the pending points (saving after each); the budget that stopped it, if any."""
+        while self.pending:
+            stop = self._budget_spent(started)
+            if stop is not None:
+                return stop
+            room = self.settings.max_evals - len(self.observations)
+            jobs = [(theta, len(self.observations) + i) for i, (theta, _) in enumerate(self.pending[:room])]
+            for (theta, _), result in zip(jobs, self.executor.map(self.objective, jobs)):
+                mean, var, extras = _as_observation_parts(result)
+                self.elapsed = time.monotonic() - started
+                self.observations.append(Observation(tuple(map(float, theta)), mean, var, extras,
+                                                     self.pending[0][1], self.elapsed))
+                self.pending.pop(0)
+                self.save()
+                # The last one of a round is reported with the GP fit that follows it.
+                if self.progress and self.pending:
+                    self.progress(None, self.observations[-1])
+        return None
+
+    def _budget_spent(self, started: float) -> str | None:
+        s = self.settings
+        if len(self.observations) >= s.max_evals:
+            return "max_evals"
+        if s.time_limit is not None and time.monotonic() - started >= s.time_limit:
+            return "time_limit"
+        return None
+
+    def _propose_batch(self, gp: GaussianProcess, theta: np.ndarray, z_max: float, incumbent: np.ndarray,
+                       delta: float) -> list[tuple[np.ndarray, float | None]]:
+        """The argmax, then (batch_size > 1) the argmax after pretending each chosen point
+        was observed at its posterior mean with the median noise (kriging believer)."""
+        batch = [(theta, z_max)]
+        x, y, noise = self._x(), self._y(), self._noise()
+        typical_noise = float(np.median(noise))
+        while len(batch) < self.settings.batch_size:
+            x = np.vstack([x, batch[-1][0]])
+            y = np.append(y, gp.mean(batch[-1][0][None, :])[0])
+            noise = np.append(noise, typical_noise)
+            gp = GaussianProcess(x, y, noise, gp.hyper)
+            acquisition = PACAcquisition(gp, incumbent, delta)
+            nxt, z = maximize_acquisition(acquisition, self.d, self.rng, anchors=np.vstack([incumbent, x[-1]]),
+                                          settings=self.settings.candidates, snap=self.snap)
+            batch.append((nxt, z))
+        return batch
+
+    def _anchors(self, gp: GaussianProcess, visited: np.ndarray, index: int) -> np.ndarray:
+        mu = gp.mean(visited)
+        order = [i for i in np.argsort(-mu, kind="stable") if i != index][: self.settings.candidates.anchors]
+        return np.vstack([visited[index]] + [visited[i] for i in order])
+
+    # -- helpers -------------------------------------------------------------
+    def _point(self, p: Sequence[float]) -> np.ndarray:
+        p = np.asarray(p, np.float64).ravel()
+        if p.size != self.d:
+            raise PycompressError(f"a seed point has {p.size} coordinates, the search has {self.d}")
+        return np.clip(p, 0.0, 1.0)
+
+    def _x(self) -> np.ndarray:
+        return np.asarray([o.theta for o in self.observations], np.float64)
+
+    def _y(self) -> np.ndarray:
+        return np.asarray([o.value for o in self.observations], np.float64)
+
+    def _noise(self) -> np.ndarray:
+        return np.asarray([o.variance for o in self.observations], np.float64)
+
+
+class RandomSearch(PACBO):
+    """The baseline in the same harness: i.i.d. uniform points until the budget is
+    spent; the answer is the best observed estimate. Never certifies (z_max and P are NaN)."""
+
+    def _decide(self) -> tuple[Step, Any, list[tuple[np.ndarray, float | None]]]:
+        y = self._y()
+        best = int(np.argmax(y))
+        step = Step(len(self.observations), list(map(float, self._x()[best])), float(y[best]), math.nan, math.nan,
+                    resolve_delta(self.settings.delta, self.settings.relative_delta, float(y[best])))
+        batch = [(self.snap(self.rng.random((1, self.d)))[0], None) for _ in range(self.settings.batch_size)]
+        return step, None, batch

@@ -1,0 +1,298 @@
+"""plan -> apply -> validate -> evaluate: the objective the planners call.
+
+The only module that wires the ONNX layer, the rewrites, the fidelity
+estimators and the decisions together. For a point ``theta`` of the search
+space it decodes a Plan, applies it to a copy of the model, measures the
+compressed model on a fresh subsample and returns (paper Eq. 2)
+
+    J(theta) = gamma * Q(f~_theta) + 1 / R(theta),   var(J) = gamma^2 var(Q)
+
+with ``Q = -L^`` (function norm, knowledge distillation), ``1 - error``
+(accuracy) or ``-cross entropy`` and ``R`` = parameters of the compressed
+layers after / before (exact, counted on the rewritten graph).
+
+Users rarely know gamma: ``select_gamma`` picks it for a target ratio by
+bisection: a GP fitted to the quality Q on the initial design predicts, for
+each gamma, the maximizer of ``gamma * mu_Q + 1/R`` over many candidates;
+``R`` of that maximizer increases with gamma.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from pycompress.decisions.bo import Dimension, GaussianProcess, SearchSpace
+from pycompress.errors import PycompressError
+from pycompress.fidelity import Estimate, FidelityEstimator
+from pycompress.ir import model_cost
+from pycompress.plan import LayerDecision, Plan
+from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
+
+# Quality from the fidelity loss: Q is maximized.
+QUALITY = {"norm": ("-function norm", -1.0, 0.0), "error": ("accuracy", -1.0, 1.0),
+           "cross_entropy": ("-cross entropy", -1.0, 0.0)}
+
+
+def quality_of(estimate: Estimate, loss: str) -> tuple[float, float]:
+    """(Q, var Q) from a loss estimate: Q = sign * L + offset."""
+    _, sign, offset = QUALITY[loss]
+    return sign * estimate.mean + offset, estimate.variance
+
+
+@dataclass
+class SiteCost:
+    """Parameters of one decision site: before, and after as ``intercept + slope * value``.
+
+    Factorizations and channel counts are linear in their parameter; the two
+    coefficients are measured by applying the rewrite at two values.
+    """
+
+    before: int
+    intercept: float
+    slope: float
+
+    def after(self, value: int | None) -> float:
+        return float(self.before) if value is None else self.intercept + self.slope * value
+
+
+@dataclass
+class Measurement:
+    """One evaluation of a compressed model: quality and exact size ratio."""
+
+    quality: float
+    quality_var: float
+    ratio: float
+    estimate: Estimate
+    plan: Plan
+    seconds: float
+
+    def objective(self, gamma: float) -> tuple[float, float]:
+        return gamma * self.quality + 1.0 / self.ratio, gamma * gamma * self.quality_var
+
+
+def build_search_space(model: ir.Model, actions: Sequence[str]) -> tuple[SearchSpace, list[str]]:
+    """One dimension per applicable site: a rank (``svd``, ``lowrank_conv``: ``[1, r_max]``)
+    or a channel count (``prune``: ``[1, width]``). A node already searched by an
+    earlier action is not searched again. Returns the space and notes on the
+    sites left out (with the reason).
+    """
+    dims: list[Dimension] = []
+    notes: list[str] = []
+    taken: set[str] = set()
+    for action in actions:
+        rewrite = get_rewrite(action)
+        if "rank" in rewrite.params:
+            kind = "rank"
+        elif "keep" in rewrite.params:
+            kind = "keep"
+        else:
+            raise PycompressError(f"action '{action}' has neither a 'rank' nor a 'keep' parameter to search")
+        for site in rewrite.sites(model):
+            if not site.ok:
+                notes.append(f"{site.name} ({action}): {site.reason}")
+                continue
+            if kind == "rank" and site.name in taken:
+                notes.append(f"{site.name} ({action}): already searched by another action")
+                continue
+            high = int(site.info.get("r_max" if kind == "rank" else "width", 0) or 0)
+            if high < (1 if kind == "rank" else 2):
+                notes.append(f"{site.name} ({action}): nothing to reduce")
+                continue
+            if kind == "rank":
+                dims.append(Dimension(site.name, action, "rank", "rank", high=high))
+            else:
+                dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=1, untouched_from=high))
+            taken.add(site.name)
+    if not dims:
+        raise PycompressError(f"no site of the model can take {', '.join(actions)}"
+                              + (f" ({notes[0]}{', ...' if len(notes) > 1 else ''})" if notes else ""))
+    return SearchSpace(dims), notes
+
+
+class CompressionObjective:
+    """``objective(theta, index) -> (J, var J, extras)`` for the planners (see module docstring)."""
+
+    def __init__(self, model: ir.Model, space: SearchSpace, estimator: FidelityEstimator, *,
+                 gamma: float = 1.0, context: ApplyContext | None = None):
+        self.model = model
+        self.estimator = estimator
+        self.gamma = float(gamma)
+        self.context = context or ApplyContext()
+        self.loss = estimator.loss
+        cost = model_cost(model).by_name()
+        self.params_total = sum(layer.params for layer in cost.values())
+        self._site_nodes = {}
+        for dim in space.dimensions:
+            site = get_rewrite(dim.action).site(model, dim.site)
+            self._site_nodes[(dim.site, dim.action)] = site.nodes
+        self.sites_before = {key: sum(cost[n].params for n in nodes if n in cost)
+                             for key, nodes in self._site_nodes.items()}
+        # Sites may share nodes (a layer between two pruned channel groups): count each node once.
+        searched = {n for nodes in self._site_nodes.values() for n in nodes}
+        self.params_sites = sum(cost[n].params for n in searched if n in cost)
+        if self.params_sites <= 0:
+            raise PycompressError("the searched sites hold no parameters")
+        self.costs = self._measure_costs(space)
+        # Values at or above which a layer would not shrink: leave it untouched.
+        space = SearchSpace([Dimension(d.site, d.action, d.param, d.kind, d.high, d.low,
+                                       self._untouched_from(d)) for d in space.dimensions])
+        self.space = space
+        self._cache: dict[tuple[int, tuple[float, ...]], Measurement] = {}
+
+    # -- sizes ---------------------------------------------------------------
+    def _apply(self, decisions: list[LayerDecision]) -> tuple[ir.Model, Plan]:
+        model = self.model.clone()
+        plan = apply_plan(model, Plan(decisions), self.context, check=False)
+        return model, plan
+
+    def _measure_costs(self, space: SearchSpace) -> dict[tuple[str, str], SiteCost]:
+        costs = {}
+        for dim in space.dimensions:
+            key = (dim.site, dim.action)
+            values = sorted({dim.high, max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
+            after = []
+            for v in values:
+                model, _ = self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])
+                after.append(model_cost(model).params - (self.params_total - self.sites_before[key]))
+            if len(values) == 1:
+                slope = after[0] / values[0]
+                intercept = 0.0
+            else:
+                slope = (after[1] - after[0]) / (values[1] - values[0])
+                intercept = after[0] - slope * values[0]
+            costs[key] = SiteCost(self.sites_before[key], intercept, slope)
+        return costs
+
+    def _untouched_from(self, dim: Dimension) -> int | None:
+        cost = self.costs[(dim.site, dim.action)]
+        for v in range(dim.low if dim.kind == "keep" else 1, dim.high + 1):
+            if cost.after(v) >= cost.before:
+                return v
+        return None
+
+    def predicted_ratio(self, thetas: np.ndarray) -> np.ndarray:
+        """R for many points (M, d) from the linear site costs (no rewriting).
+
+        The changes of the sites add up (exact for separate layers; for
+        channel groups that share a layer the interaction is neglected).
+        """
+        thetas = np.atleast_2d(thetas)
+        total = np.full(len(thetas), float(self.params_sites))
+        for j, dim in enumerate(self.space.dimensions):
+            cost = self.costs[(dim.site, dim.action)]
+            total += np.array([cost.after(dim.decode(u)) - cost.before for u in thetas[:, j]])
+        return total / self.params_sites
+
+    # -- evaluation ----------------------------------------------------------
+    def compress(self, theta: Sequence[float]) -> tuple[ir.Model, Plan]:
+        """The compressed model and applied plan at ``theta`` (checked by the ONNX checker)."""
+        model = self.model.clone()
+        plan = apply_plan(model, self.space.to_plan(theta), self.context)
+        return model, plan
+
+    def ratio_of(self, compressed: ir.Model) -> float:
+        return (model_cost(compressed).params - (self.params_total - self.params_sites)) / self.params_sites
+
+    def measure(self, theta: Sequence[float], index: int) -> Measurement:
+        """Q and R at ``theta`` on the subsample of evaluation ``index`` (cached)."""
+        key = (int(index), tuple(float(v) for v in np.asarray(theta).ravel()))
+        if key in self._cache:
+            return self._cache[key]
+        t0 = time.perf_counter()
+        model, plan = self._apply(self.space.decisions(theta))
+        estimate = self.estimator.evaluate(model, index)
+        quality, quality_var = quality_of(estimate, self.loss)
+        ratio = self.ratio_of(model)
+        if ratio <= 0:
+            raise PycompressError(f"compressed sites have {ratio:.3g} of their parameters; cannot form 1/R")
+        m = Measurement(quality, quality_var, ratio, estimate, plan, time.perf_counter() - t0)
+        self._cache[key] = m
+        return m
+
+    def __call__(self, theta: np.ndarray, index: int) -> tuple[float, float, dict[str, Any]]:
+        m = self.measure(theta, index)
+        value, variance = m.objective(self.gamma)
+        extras = {"ratio": m.ratio, "quality": m.quality, "fidelity": m.estimate.mean,
+                  "fidelity_std_error": m.estimate.std_error, **m.estimate.extras, "eval_seconds": m.seconds}
+        return value, variance, extras
+
+
+# -- gamma for a target size ---------------------------------------------------
+
+@dataclass
+class GammaChoice:
+    gamma: float
+    target: float
+    predicted_ratio: float
+    reachable: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def select_gamma(objective: CompressionObjective, points: np.ndarray, measurements: Sequence[Measurement],
+                 target: float, *, rng: np.random.Generator, candidates: int = 4096,
+                 iterations: int = 60) -> GammaChoice:
+    """Bisection on log gamma so that the predicted optimum of ``gamma Q_lcb + 1/R`` has ratio ``target``.
+
+    ``Q_lcb = mu_Q - 2 sd_Q`` from a GP fitted to the measured qualities (with
+    their variances) at ``points``; candidates are snapped Sobol points plus
+    the measured points.
+    """
+    from scipy.stats import qmc
+
+    if not 0 < target <= 1:
+        raise PycompressError(f"--target-size must be in (0, 1], got {target}")
+    space = objective.space
+    q = np.array([m.quality for m in measurements])
+    q_var = np.array([m.quality_var for m in measurements])
+    gp = GaussianProcess.fit(np.asarray(points), q, q_var, restarts=2, rng=rng)
+    sobol = qmc.Sobol(space.d, scramble=True, seed=rng).random(candidates)
+    cands = np.unique(np.vstack([space.snap(sobol), np.asarray(points)]), axis=0)
+    # A lower confidence bound, not the mean: with a handful of points the GP
+    # reverts to its constant far from the data, which can look better than
+    # anything measured and would put the predicted optimum where nothing is known.
+    _, mean_q, var_q, _ = gp.pac_scores(cands, np.asarray(points)[0], 0.0)
+    mu_q = mean_q - 2.0 * np.sqrt(np.maximum(var_q, 0.0))
+    inv_r = 1.0 / objective.predicted_ratio(cands)
+    ratios = 1.0 / inv_r
+
+    def optimum_ratio(gamma: float) -> float:
+        return float(ratios[int(np.argmax(gamma * mu_q + inv_r))])
+
+    # Scan log gamma around the scale at which a unit of Q is worth the spread
+    # of 1/R, then bisect the first crossing of the target. The predicted
+    # optimum ratio grows with gamma, but not strictly (it plateaus where Q no
+    # longer depends on a layer): without a crossing, take the smallest gamma
+    # whose ratio is closest to the target, never the end of the scan.
+    spread_q = max(float(np.ptp(mu_q)), 1e-12)
+    scale = max(float(np.ptp(inv_r)), 1e-12) / spread_q
+    logs = np.linspace(math.log(scale) - 12.0, math.log(scale) + 12.0, 241)
+    ratios_at = np.array([optimum_ratio(math.exp(g)) for g in logs])
+    notes = []
+    above = np.nonzero(ratios_at >= target)[0]
+    if above.size and above[0] > 0:
+        lo, hi = logs[above[0] - 1], logs[above[0]]
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if optimum_ratio(math.exp(mid)) < target:
+                lo = mid
+            else:
+                hi = mid
+        gamma = math.exp(hi)
+        return GammaChoice(gamma, target, optimum_ratio(gamma), True, notes)
+    best = int(np.argmin(np.abs(ratios_at - target)))
+    gamma = math.exp(logs[best])
+    notes.append(f"target {target:g} is not reached by the predicted optimum (ratios "
+                 f"{ratios_at.min():.3g}..{ratios_at.max():.3g}); using the closest, {ratios_at[best]:.3g}")
+    return GammaChoice(gamma, target, float(ratios_at[best]), False, notes)
+
+
+def describe_point(space: SearchSpace, theta: Sequence[float]) -> str:
+    """``site=value, ...`` (``full`` for an untouched site)."""
+    return ", ".join(f"{dim.site}={'full' if v is None else v}"
+                     for dim, v in zip(space.dimensions, space.values(theta)))

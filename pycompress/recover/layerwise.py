@@ -1,0 +1,135 @@
+"""Closed-form, layer-wise, teacher-guided recovery (ALGORITHMS.md 4).
+
+For each compressed layer, front to back: stream its inputs from the
+*compressed* model and its targets (the same layer's pre-activation outputs)
+from the *teacher* over calibration data into ``LayerStatistics``, refit by
+ridge least squares (a single linear layer, e.g. the consumer of pruned
+channels, refitted on the kept channels) or by reduced-rank regression (a
+factored pair A -> B at its rank), and keep the refit only if it lowers the
+layer's calibration output error; otherwise the layer is left as it was.
+
+Why front to back, one pass per layer: each refit then sees the inputs that
+the already-refitted earlier layers produce, so errors are corrected rather
+than compounded (CramNet trains sub-problems from the output back with
+gradient descent; the closed form needs the true inputs, hence this order).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from pycompress.errors import PycompressError
+from pycompress.fidelity.session import make_session, run_tensors
+from pycompress.ir import node_by_name
+from pycompress.recover.linear_view import LinearView, check_refittable, rows, target_rows
+from pycompress.recover.normal_equations import LayerStatistics
+
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
+@dataclass
+class RefitTarget:
+    """A layer to refit: one linear node, or a factored pair [first, second] at ``rank``."""
+
+    nodes: list[str]
+    target: str                  # the teacher's tensor this layer must reproduce
+    rank: int | None = None      # pairs only
+
+
+@dataclass
+class RefitResult:
+    nodes: list[str]
+    error_before: float
+    error_after: float
+    kept: bool
+    samples: int
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class RecoveryReport:
+    results: list[RefitResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"layers": [r.__dict__ for r in self.results]}
+
+
+def _validate(student: ir.Model, target: RefitTarget) -> list[ir.Node]:
+    nodes = [node_by_name(student, name) for name in target.nodes]
+    for node in nodes:
+        reason = check_refittable(node)
+        if reason:
+            raise PycompressError(f"node '{node.name}': cannot refit: {reason}")
+    if len(nodes) == 2:
+        first, second = nodes
+        if second.inputs[0] is not first.outputs[0]:
+            raise PycompressError(f"nodes '{first.name}' -> '{second.name}' are not a factored pair")
+        if second.op_type == "Conv" and LinearView(second).weight_matrix().shape[0] != \
+                LinearView(first).weight_matrix().shape[1]:
+            raise PycompressError(f"node '{second.name}': second factor must be a 1x1 conv")
+    elif len(nodes) != 1:
+        raise PycompressError(f"refit target {target.nodes}: one node or a pair")
+    return nodes
+
+
+def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget], batches: Batches, *,
+                 lam: float = 1e-3, max_pixels: int = 64, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> RecoveryReport:
+    """Refit ``targets`` of ``student`` in place, in the given (front-to-back) order."""
+    report = RecoveryReport()
+    # One teacher session for all layers: the teacher never changes.
+    teacher_session = make_session(teacher, extra_outputs=[t.target for t in targets])
+    for target in targets:
+        start = time.perf_counter()
+        nodes = _validate(student, target)
+        first, last = nodes[0], nodes[-1]
+        views = [LinearView(n) for n in nodes]
+        w_now = views[0].weight_matrix().astype(np.float64)
+        b_now = views[0].bias()
+        if len(views) == 2:
+            w2 = views[1].weight_matrix().astype(np.float64)
+            b_now = b_now @ w2 + views[1].bias()
+            w_now = w_now @ w2
+        stats = LayerStatistics(*w_now.shape)
+        rng = np.random.default_rng(seed)
+        student_session = make_session(student, extra_outputs=[first.inputs[0].name])
+        for feeds in batches():
+            x = run_tensors(student_session, [first.inputs[0].name], feeds)[0]
+            y = run_tensors(teacher_session, [target.target], feeds)[0]
+            xr, pix = rows(first, x, max_pixels=max_pixels, rng=rng)
+            yr = target_rows(last, y, pix)
+            if xr.shape[0] != yr.shape[0]:
+                raise PycompressError(f"node '{last.name}': teacher tensor '{target.target}' does not align "
+                                      f"with the layer's outputs ({yr.shape[0]} vs {xr.shape[0]} rows)")
+            stats.update(xr, yr)
+        before = stats.error(w_now, b_now)
+        note = ""
+        try:
+            if len(views) == 1:
+                w_new, b_new = stats.ridge(lam)
+                after = stats.error(w_new, b_new)
+                if after < before:
+                    views[0].set(w_new, b_new)
+            else:
+                a, bf, b_new = stats.reduced_rank(int(target.rank or w_now.shape[1]), lam)
+                after = stats.error(a @ bf, b_new)
+                if after < before:
+                    has_first_bias = views[0].op != "MatMul" and len(first.inputs) > 2 and first.inputs[2] is not None
+                    views[0].set(a, np.zeros(a.shape[1]) if has_first_bias else None)
+                    views[1].set(bf, b_new)
+        except np.linalg.LinAlgError as exc:
+            after, note = before, f"solve failed: {exc}"
+        kept = after < before
+        result = RefitResult(list(target.nodes), before, after if kept else before, kept, stats.count,
+                             time.perf_counter() - start, note or ("" if kept else "refit would not lower the error"))
+        report.results.append(result)
+        if progress:
+            progress(f"refit {'/'.join(target.nodes)}: error {before:.4g} -> {result.error_after:.4g}"
+                     f"{'' if kept else ' (kept original)'}")
+    return report

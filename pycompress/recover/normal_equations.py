@@ -1,0 +1,73 @@
+"""Layer-wise least squares from streamed statistics (ALGORITHMS.md 4).
+
+A layer is refitted so that, fed with the *compressed* model's inputs X, it
+reproduces the *teacher's* outputs Y of the same layer. Everything needed is
+in the joint covariance of [X, Y], streamed through the covariance kernel
+(float64, memory O((d_in + d_out)^2), independent of the number of samples):
+
+    Sxx = scatter of X, Sxy = cross scatter, Syy = scatter of Y (all centred),
+    ridge:          W = (Sxx + lam I)^-1 Sxy,  b = mean_y - mean_x W
+    reduced rank K: W_K = W V_K V_K^T with V_K the top-K eigenvectors of
+                    W^T Sxx W (the fitted outputs' scatter): the
+                    rank-constrained optimum (reduced-rank regression), as
+                    factors A = W V_K (d_in x K), B = V_K^T (K x d_out).
+    error(W, b) = mean over samples of ||Y - X W - b||^2, exactly, from the
+                  same statistics, so a refit is only kept when it lowers it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pycompress.kernels import CovarianceAccumulator
+
+
+class LayerStatistics:
+    """Streaming joint statistics of a layer's inputs X (n x d_in) and targets Y (n x d_out)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        self.d_in, self.d_out = int(d_in), int(d_out)
+        self._acc = CovarianceAccumulator(self.d_in + self.d_out)
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        if x.shape[0] != y.shape[0] or x.shape[1] != self.d_in or y.shape[1] != self.d_out:
+            raise ValueError(f"expected x (n, {self.d_in}) and y (n, {self.d_out}), got {x.shape}, {y.shape}")
+        dtype = np.float32 if x.dtype == np.float32 and y.dtype == np.float32 else np.float64
+        self._acc.update(np.concatenate([x, y], axis=1).astype(dtype, copy=False))
+
+    @property
+    def count(self) -> int:
+        return self._acc.count
+
+    def _parts(self):
+        s = self._acc.scatter
+        mean = self._acc.mean
+        d = self.d_in
+        return s[:d, :d], s[:d, d:], s[d:, d:], mean[:d], mean[d:]
+
+    def ridge(self, lam: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+        """(W d_in x d_out, b d_out); ``lam`` is relative to the mean input variance."""
+        sxx, sxy, _, mx, my = self._parts()
+        reg = lam * max(float(np.trace(sxx)) / self.d_in, 1e-12)
+        w = np.linalg.solve(sxx + reg * np.eye(self.d_in), sxy)
+        return w, my - mx @ w
+
+    def reduced_rank(self, rank: int, lam: float = 1e-4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A d_in x K, B K x d_out, b d_out): the best rank-K map on the data."""
+        if not 1 <= rank <= min(self.d_in, self.d_out):
+            raise ValueError(f"rank {rank} outside [1, {min(self.d_in, self.d_out)}]")
+        sxx, _, _, mx, my = self._parts()
+        w, _ = self.ridge(lam)
+        fitted = w.T @ sxx @ w
+        vals, vecs = np.linalg.eigh((fitted + fitted.T) / 2)
+        v = vecs[:, np.argsort(vals)[::-1][:rank]]
+        a, b_factor = w @ v, v.T
+        return a, b_factor, my - mx @ (a @ b_factor)
+
+    def error(self, w: np.ndarray, b: np.ndarray) -> float:
+        """Mean squared output error per sample of y ~ x W + b on the accumulated data."""
+        sxx, sxy, syy, mx, my = self._parts()
+        n = self.count
+        centred = np.trace(syy) - 2 * np.sum(w * sxy) + np.sum(w * (sxx @ w))
+        offset = my - mx @ w - b
+        return float(max(centred, 0.0) / n + offset @ offset)

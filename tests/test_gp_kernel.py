@@ -1,0 +1,149 @@
+"""The GP posterior and the fused acquisition kernel against closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pycompress.kernels as kernels
+from pycompress.decisions.bo import GaussianProcess, Hyperparameters
+from pycompress.decisions.bo.gp import NOISE_FLOOR, fit_hyperparameters
+from pycompress.kernels import reference
+
+
+def _random_posterior(rng, n, d):
+    x = rng.random((n, d))
+    ls = rng.uniform(0.2, 1.5, d)
+    s, m = 1.3, 0.2
+    a = reference.matern52(x, x, ls, s) + np.diag(rng.uniform(1e-5, 1e-2, n))
+    chol = np.linalg.cholesky(a)
+    y = rng.normal(size=n)
+    beta = np.linalg.solve(chol, y - m)
+    return x, ls, s, m, chol, beta
+
+
+def test_matern52_reference_matches_the_formula():
+    a, b = np.array([[0.1, 0.2]]), np.array([[0.4, 0.6]])
+    ls = np.array([0.5, 2.0])
+    r = np.sqrt((0.3 / 0.5) ** 2 + (0.4 / 2.0) ** 2)
+    expected = 1.7 * (1 + np.sqrt(5) * r + 5 / 3 * r ** 2) * np.exp(-np.sqrt(5) * r)
+    assert reference.matern52(a, b, ls, 1.7)[0, 0] == pytest.approx(expected, rel=1e-14)
+
+
+@pytest.mark.parametrize("n,d,m", [(1, 1, 3), (7, 3, 5), (40, 16, 1000), (300, 16, 200), (120, 4, 5000)])
+@pytest.mark.parametrize("threads", [0, 1])
+def test_native_kernel_equals_reference(n, d, m, threads):
+    rng = np.random.default_rng(n * 1000 + d + m)
+    x, ls, s, mean, chol, beta = _random_posterior(rng, n, d)
+    cands = rng.random((m, d))
+    cands[0] = x[0]  # a training point: var near the noise level
+    inc = x[min(2, n - 1)]
+    args = (cands, x, ls, s, mean, chol, beta, inc, 0.07)
+    native = kernels.gp_acquisition(*args, threads=threads)
+    ref = reference.gp_acquisition(*args)
+    for got, want in zip(native, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_native_backend_is_in_use():
+    assert kernels.BACKEND == "native", kernels.IMPORT_ERROR
+
+
+def test_kernel_rejects_bad_shapes():
+    rng = np.random.default_rng(0)
+    x, ls, s, mean, chol, beta = _random_posterior(rng, 5, 2)
+    with pytest.raises(ValueError, match="candidates"):
+        kernels.gp_acquisition(rng.random((4, 3)), x, ls, s, mean, chol, beta, x[0], 0.0)
+    with pytest.raises(ValueError, match="chol"):
+        kernels.gp_acquisition(rng.random((4, 2)), x, ls, s, mean, chol[:4, :4], beta, x[0], 0.0)
+
+
+def _closed_form(x, y, noise, hyper, points):
+    """R&W 2.22-2.24 in standardized units, with a plain solve (no Cholesky), then y's units."""
+    mean, std = y.mean(), y.std()
+    ys = (y - mean) / std
+    ns = np.maximum(noise / std ** 2, NOISE_FLOOR)
+    ls, s, c = np.asarray(hyper.lengthscales), hyper.outputscale, hyper.constant
+    a = reference.matern52(x, x, ls, s) + np.diag(ns)
+    kx = reference.matern52(points, x, ls, s)
+    mu = c + kx @ np.linalg.solve(a, ys - c)
+    cov = reference.matern52(points, points, ls, s) - kx @ np.linalg.solve(a, kx.T)
+    return mean + std * mu, cov * std ** 2
+
+
+def test_gp_posterior_equals_closed_forms_and_gpytorch():
+    import torch
+
+    rng = np.random.default_rng(3)
+    n, d = 25, 3
+    x = rng.random((n, d))
+    y = 5.0 + 3.0 * np.sin(4 * x[:, 0]) + x[:, 1] ** 2 + 0.05 * rng.normal(size=n)
+    noise = rng.uniform(1e-4, 4e-3, n)
+    hyper = Hyperparameters(constant=0.3, outputscale=1.7, lengthscales=[0.3, 0.8, 2.0])
+    gp = GaussianProcess(x, y, noise, hyper)
+    cands = rng.random((64, d))
+    inc = x[4]
+    z, mu, var, cov = gp.pac_scores(cands, inc, delta=0.1)
+
+    mu_cf, cov_cf = _closed_form(x, y, noise, hyper, np.vstack([cands, inc]))
+    np.testing.assert_allclose(mu, mu_cf[:-1], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(var, np.diag(cov_cf)[:-1], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(cov, cov_cf[:-1, -1], rtol=1e-8, atol=1e-10)
+    spread = np.diag(cov_cf)[:-1] + cov_cf[-1, -1] - 2 * cov_cf[:-1, -1]
+    np.testing.assert_allclose(z, (mu_cf[:-1] - mu_cf[-1] - 0.1) / np.sqrt(spread), rtol=1e-7)
+
+    # gpytorch's latent posterior from the same hyperparameters (standardized units).
+    model = gp.gpytorch_model()
+    with torch.no_grad():
+        post = model(torch.as_tensor(np.vstack([cands[:5], inc]), dtype=torch.float64))
+        g_mu = post.mean.numpy() * gp.y_std + gp.y_mean
+        g_cov = post.covariance_matrix.numpy() * gp.y_std ** 2
+    np.testing.assert_allclose(mu[:5], g_mu[:5], rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(var[:5], np.diag(g_cov)[:5], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cov[:5], g_cov[:5, 5], rtol=1e-6, atol=1e-9)
+
+
+def test_known_noise_is_used_per_observation():
+    # Same point observed twice: a precise value and a noisy one. The posterior
+    # follows the precise observation, and its variance is about the precise noise.
+    x = np.array([[0.5], [0.5], [0.0], [1.0]])
+    y = np.array([1.0, 3.0, 0.0, 0.0])
+    noise = np.array([1e-4, 1.0, 1e-4, 1e-4])
+    gp = GaussianProcess(x, y, noise, Hyperparameters(0.0, 1.0, [0.3]))
+    _, mu, var, _ = gp.pac_scores(np.array([[0.5]]), np.array([0.0]), 0.0)
+    assert mu[0] == pytest.approx(1.0 + 2.0 * 1e-4 / (1.0 + 1e-4), abs=2e-3)
+    assert 0.5e-4 < var[0] < 1e-4
+
+
+def test_ml2_improves_the_marginal_likelihood_and_matches_gpytorch():
+    import gpytorch
+    import torch
+
+    rng = np.random.default_rng(5)
+    x = rng.random((20, 2))
+    y = np.sin(6 * x[:, 0]) + 0.2 * x[:, 1]
+    ys = (y - y.mean()) / y.std()
+    noise = np.full(20, 1e-3)
+    start = Hyperparameters.default(2)
+    hyper, lml = fit_hyperparameters(x, ys, noise, init=start, restarts=2, rng=np.random.default_rng(0))
+
+    def gpytorch_lml(h):
+        gp = GaussianProcess(x, ys * y.std() + y.mean(), noise * y.std() ** 2, h)
+        model = gp.gpytorch_model()
+        model.train()
+        model.likelihood.train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+        with torch.no_grad():
+            return float(mll(model(model.train_inputs[0]), model.train_targets))
+
+    def numpy_lml(h):
+        a = reference.matern52(x, x, np.array(h.lengthscales), h.outputscale) + np.diag(noise)
+        r = ys - h.constant
+        _, logdet = np.linalg.slogdet(a)
+        return (-0.5 * r @ np.linalg.solve(a, r) - 0.5 * logdet - 10 * np.log(2 * np.pi)) / 20
+
+    assert lml == pytest.approx(gpytorch_lml(hyper), rel=1e-8)
+    assert lml == pytest.approx(numpy_lml(hyper), rel=1e-6)
+    assert lml > numpy_lml(start) + 0.1
+    # sin(6 x0) varies along x0 only: the fitted lengthscale of x1 is the longer one.
+    assert hyper.lengthscales[0] < hyper.lengthscales[1]
