@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     from pycompress.fidelity import LOSSES
 
     p = sub.add_parser("compress", help="search per-layer compression (PAC-BO or random search) and apply it",
-                       description="Search the rank of every applicable layer with PAC Bayesian optimization "
+                       description="Search the rank (or channels kept) of every applicable layer with PAC "
+                                   "Bayesian optimization "
                                    "(stops with a certificate P(J(t*) - J(t^) < delta) >= 1 - epsilon) or random "
                                    "search, on the objective J = gamma * Q + 1/R (Q: fidelity, R: size ratio of "
                                    "the compressed layers), and write the compressed model, its plan and a trace.")
