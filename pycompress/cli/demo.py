@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pycompress.cli.common import emit_json, human, print_table
-from pycompress.errors import PycompressError
+from pycompress.cli.common import emit_json, print_table
 
 # PAC-BO settings of the demo (see docs/pacbo.md for why an absolute delta).
 DEMO_SEARCH = ["--actions", "svd", "--gamma", "0.3", "--samples", "500", "--delta", "0.5", "--max-evals", "80",
