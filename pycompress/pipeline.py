@@ -296,3 +296,93 @@ def describe_point(space: SearchSpace, theta: Sequence[float]) -> str:
     """``site=value, ...`` (``full`` for an untouched site)."""
     return ", ".join(f"{dim.site}={'full' if v is None else v}"
                      for dim, v in zip(space.dimensions, space.values(theta)))
+
+
+# -- recovery --------------------------------------------------------------------
+
+def recovery_targets(teacher: ir.Model, student: ir.Model, plan: Plan) -> tuple[list, list[str]]:
+    """The layers of ``student`` (``teacher`` compressed by ``plan``) that the
+    closed-form recovery refits, front to back, and notes on what it skips.
+
+    - ``svd`` and the channel structure of ``lowrank_conv`` (and its
+      data-aware form): the factored pair, refitted at its rank (reduced-rank
+      regression) against the teacher's output of the original layer;
+    - ``prune``: each consumer of the pruned channels that is a plain linear
+      layer (Gemm, MatMul, Conv with group 1), refitted on the kept channels.
+    Tai's vertical/horizontal pair is not a product of two matrices on the same
+    rows and is not refitted (say so); depthwise consumers are pruned with
+    their group and have nothing to refit.
+    """
+    from pycompress.ir import node_by_name
+    from pycompress.recover import RefitTarget
+    from pycompress.recover.linear_view import check_refittable
+
+    by_name = {node.name: i for i, node in enumerate(student.graph)}
+    teacher_nodes = {node.name: node for node in teacher.graph}
+    targets: dict[tuple[str, ...], tuple[int, RefitTarget]] = {}
+    notes: list[str] = []
+
+    def pair(site: str, first: str, second: str, rank: int) -> None:
+        a = next((n for n in by_name if n == f"{site}/{first}" or n.startswith(f"{site}/{first}_")), None)
+        b = next((n for n in by_name if n == f"{site}/{second}" or n.startswith(f"{site}/{second}_")), None)
+        if a is None or b is None or site not in teacher_nodes:
+            notes.append(f"{site}: factored nodes not found; not refitted")
+            return
+        targets[(a, b)] = (by_name[a], RefitTarget([a, b], teacher_nodes[site].outputs[0].name, rank=rank))
+
+    # Producers whose own output channels were pruned: the teacher's channels they keep.
+    kept_outputs: dict[str, list[int]] = {}
+    for decision in plan.decisions:
+        if decision.action == "prune" and decision.result and "kept_indices" in decision.result:
+            for producer in get_rewrite("prune").site(teacher, decision.site).info.get("producers", []):
+                kept_outputs[producer] = decision.result["kept_indices"]
+
+    for decision in plan.decisions:
+        if decision.action == "svd":
+            pair(decision.site, "svd_a", "svd_b", int(decision.params["rank"]))
+        elif decision.action == "lowrank_conv":
+            if any(n.startswith(f"{decision.site}/lowrank_a") for n in by_name):
+                pair(decision.site, "lowrank_a", "lowrank_b", int(decision.params["rank"]))
+            else:
+                notes.append(f"{decision.site}: Tai's vertical/horizontal pair is not refitted")
+        elif decision.action == "prune":
+            site = get_rewrite("prune").site(teacher, decision.site)
+            for consumer in site.info.get("consumers", []):
+                if consumer not in by_name or consumer not in teacher_nodes:
+                    continue  # factored afterwards: refitted as a pair
+                node = node_by_name(student, consumer)
+                if check_refittable(node):
+                    continue
+                channels = kept_outputs.get(consumer)
+                teacher_width = (teacher_nodes[consumer].outputs[0].shape or [None, None])[1]
+                if channels is not None and len(channels) != node.outputs[0].shape[1]:
+                    notes.append(f"{consumer}: its kept output channels do not map one to one; not refitted")
+                    continue
+                if channels is None and node.outputs[0].shape is not None and \
+                        node.outputs[0].shape[1] != teacher_width:
+                    notes.append(f"{consumer}: output width changed by a coupled group; not refitted")
+                    continue
+                targets.setdefault((consumer,), (by_name[consumer], RefitTarget(
+                    [consumer], teacher_nodes[consumer].outputs[0].name, target_channels=channels)))
+    ordered = [t for _, t in sorted(targets.values(), key=lambda item: item[0])]
+    return ordered, notes
+
+
+def recover(teacher: ir.Model, student: ir.Model, plan: Plan, inputs: dict[str, np.ndarray], *,
+            samples: int = 512, batch_size: int = 64, seed: int = 0, lam: float = 1e-3,
+            progress=None) -> dict[str, Any]:
+    """Closed-form layer-wise recovery of ``student`` in place; returns the report's ``recovery`` part."""
+    from pycompress.recover import refit_layers
+
+    targets, notes = recovery_targets(teacher, student, plan)
+    n = len(next(iter(inputs.values())))
+    idx = np.sort(np.random.default_rng(seed).choice(n, min(n, samples), replace=False))
+    subset = {k: v[idx] for k, v in inputs.items()}
+
+    def batches():
+        for start in range(0, len(idx), batch_size):
+            yield {k: v[start:start + batch_size] for k, v in subset.items()}
+
+    t0 = time.perf_counter()
+    report = refit_layers(teacher, student, targets, batches, lam=lam, seed=seed, progress=progress)
+    return {"samples": int(len(idx)), "seconds": time.perf_counter() - t0, "notes": notes, **report.to_dict()}

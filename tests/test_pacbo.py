@@ -144,6 +144,8 @@ def test_encoding_decodes_ranks_and_channels_and_round_trips():
     assert space.values(snapped[0]) == space.values([0.2541, 0.77])
     np.testing.assert_allclose(space.snap(snapped), snapped)
     assert snapped[1, 0] == 1.0                           # the untouched region snaps to 1
+    pfa = Plan([LayerDecision("conv", "prune", {"keep_indices": [0, 3, 5, 7, 9, 11]})])
+    assert space.values(space.encode(pfa)) == [None, 6]
     with pytest.raises(PycompressError, match="fc9"):
         space.encode(Plan([LayerDecision("fc9", "svd", {"rank": 3})]))
 

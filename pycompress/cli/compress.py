@@ -28,14 +28,25 @@ def add_parser(sub) -> None:
     from pycompress.fidelity import LOSSES
 
     p = sub.add_parser("compress", help="search per-layer compression (PAC-BO or random search) and apply it",
-                       description="Search the rank of every applicable layer with PAC Bayesian optimization "
+                       description="Search the rank (or channels kept) of every applicable layer with PAC "
+                                   "Bayesian optimization "
                                    "(stops with a certificate P(J(t*) - J(t^) < delta) >= 1 - epsilon) or random "
                                    "search, on the objective J = gamma * Q + 1/R (Q: fidelity, R: size ratio of "
                                    "the compressed layers), and write the compressed model, its plan and a trace.")
     p.add_argument("model", help="the .onnx model to compress")
     p.add_argument("--data", required=False, help="calibration data: file.npz / file.npy / builtin:NAME")
     p.add_argument("-o", "--output", required=True, help="the compressed .onnx to write")
-    p.add_argument("--method", choices=["pacbo", "random"], default="pacbo", help="search method (default pacbo)")
+    p.add_argument("--method", default="pacbo", metavar="pacbo|random|pfa|PLAN.json",
+                   help="pacbo: PAC-BO search (default); random: random search baseline; pfa: one-shot "
+                        "Principal Filter Analysis pruning plan (PFA-KL, or --energy / --target-size); "
+                        "PLAN.json: apply a given plan")
+    p.add_argument("--energy", type=float, default=None, help="pfa: PFA-En energy tau instead of PFA-KL")
+    p.add_argument("--no-recover", action="store_true",
+                   help="skip the closed-form, teacher-guided layer-wise recovery after compressing")
+    p.add_argument("--recover-samples", type=int, default=512,
+                   help="calibration samples used by the recovery (default 512)")
+    p.add_argument("--report-dir", default=None,
+                   help="folder for report.json / report.md / report.html and plots (default OUT.report)")
     p.add_argument("--actions", default="svd", help="comma-separated rank actions to search (default svd)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--target-size", type=float, default=None,
@@ -90,6 +101,10 @@ def _finite(value: Any) -> Any:
 
 def _config_from_args(args) -> dict[str, Any]:
     use_labels = args.labels is not None
+    if args.method not in ("pacbo", "random", "pfa") and not args.method.endswith(".json"):
+        raise PycompressError(f"--method {args.method!r}: choose pacbo, random, pfa or a PLAN.json file")
+    if args.method.endswith(".json") and not Path(args.method).is_file():
+        raise PycompressError(f"--method {args.method}: no such plan file")
     return {
         "method": args.method, "actions": [a.strip() for a in args.actions.split(",") if a.strip()],
         "gamma": args.gamma, "target_size": (None if args.gamma is not None else
@@ -103,12 +118,9 @@ def _config_from_args(args) -> dict[str, Any]:
 
 
 def run(args) -> int:
-    from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
     from pycompress.ir import atomic_write_text, load_model, save_model
     from pycompress.data import load_data
     from pycompress.fidelity import FidelityEstimator
-    from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, select_gamma
-    from pycompress.plan import Plan
 
     started = time.monotonic()
     model_path = Path(args.model)
@@ -135,10 +147,14 @@ def run(args) -> int:
         if not args.data:
             raise PycompressError("--data is required (calibration inputs: file.npz / file.npy / builtin:NAME)")
         config = {**_config_from_args(args), "model": str(model_path.resolve()), "model_sha256": model_hash}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    searching = config["method"] in ("pacbo", "random")
+    if searching:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     def save_config() -> None:
-        atomic_write_text(run_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+        # Only a search has state to resume; one-shot methods leave no run folder.
+        if searching:
+            atomic_write_text(run_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
     save_config()
 
@@ -150,10 +166,117 @@ def run(args) -> int:
     estimator = FidelityEstimator(model, data.inputs, labels=data.labels if config["use_labels"] else None,
                                   loss=config["loss"], samples=config["samples"], outputs=config["outputs"],
                                   seed=config["seed"], threads=args.threads)
+    from pycompress.report import write_report
+    from pycompress.ir import model_cost
+    from pycompress.pipeline import recover
+
+    stages: list[dict[str, Any]] = [{"name": "load + data", "seconds": time.monotonic() - started}]
+    t_stage = time.monotonic()
+    trace = None
+    if config["method"] in ("pacbo", "random"):
+        compressed, plan, summary, trace, objective = _search(args, config, model, estimator, log, save_config,
+                                                              run_dir)
+        params_sites = objective.params_sites
+    else:
+        compressed, plan, summary = _one_shot(args, config, model, data, log)
+        params_sites = None
+    stages.append({"name": "decide + apply", "seconds": time.monotonic() - t_stage})
+
+    recovery = None
+    if not args.no_recover:
+        t_stage = time.monotonic()
+        log("recovery: closed-form layer-wise refit against the teacher")
+        before_fid = estimator.evaluate_on(compressed, np.arange(min(estimator.pool, 5000)))
+        recovery = recover(model, compressed, plan, data.inputs, samples=args.recover_samples, seed=config["seed"],
+                           progress=log)
+        recovery["fidelity_before"] = before_fid.mean
+        stages.append({"name": "recover", "seconds": time.monotonic() - t_stage})
+
+    t_stage = time.monotonic()
+    final = estimator.evaluate_on(compressed, np.arange(min(estimator.pool, 5000)))
+    if recovery is not None:
+        recovery["fidelity_after"] = final.mean
+    cost_before, cost_after = model_cost(model), model_cost(compressed)
+    summary.update({"fidelity_loss": config["loss"], "fidelity": final.mean, "fidelity_std_error": final.std_error,
+                    "fidelity_samples": final.samples, **{f"final_{k}": v for k, v in final.extras.items()}})
+    if params_sites is None:
+        summary["ratio"] = cost_after.params / max(cost_before.params, 1)
+    stages.append({"name": "verify", "seconds": time.monotonic() - t_stage})
+    plan.model = str(model_path)
+    plan.meta = _finite({"planner": config["method"], **{k: v for k, v in summary.items() if k != "decisions"}})
+    plan_path = Path(args.plan) if args.plan else output.with_name(output.stem + ".plan.json")
+    trace_path = Path(args.trace) if args.trace else output.with_name(output.stem + ".trace.json")
+    report_dir = Path(args.report_dir) if args.report_dir else output.with_name(output.stem + ".report")
+    save_model(compressed, output)
+    plan.save(plan_path)
+    if trace is not None:
+        atomic_write_text(trace_path, json.dumps(_finite(trace), indent=1) + "\n")
+
+    report = _finite({
+        "model": str(model_path), "output": str(output), "method": config["method"],
+        "actions": config["actions"] if config["method"] != "pfa" else ["prune"],
+        "seconds": time.monotonic() - started, "stages": stages,
+        "before": {"params": cost_before.params, "macs": cost_before.macs, "bytes": cost_before.bytes,
+                   "file_bytes": model_path.stat().st_size},
+        "after": {"params": cost_after.params, "macs": cost_after.macs, "bytes": cost_after.bytes,
+                  "file_bytes": output.stat().st_size, "ratio_of_compressed_layers": summary.get("ratio")},
+        "fidelity": {"loss": config["loss"], "mean": final.mean, "std_error": final.std_error,
+                     "samples": final.samples, **final.extras},
+        "search": None if trace is None else trace["search"],
+        "layers": [{"site": d.site, "action": d.action, "params": d.params,
+                    "params_before": (d.result or {}).get("params_before"),
+                    "params_after": (d.result or {}).get("params_after")} for d in plan.decisions],
+        "recovery": recovery, "summary": summary,
+        "files": {"model": str(output), "plan": str(plan_path), "trace": str(trace_path) if trace else None},
+    })
+    paths = write_report(report, report_dir)
+
+    if args.json:
+        emit_json(_finite({**summary, "output": str(output), "plan": str(plan_path),
+                           "trace": str(trace_path) if trace else None, "report": str(paths["json"]),
+                           "run_dir": str(run_dir) if trace else None, "seconds": time.monotonic() - started}))
+    else:
+        rows = [["parameters", human(cost_before.params), human(cost_after.params),
+                 f"{cost_after.params / max(cost_before.params, 1):.3f}"],
+                ["MACs", human(cost_before.macs), human(cost_after.macs),
+                 f"{cost_after.macs / max(cost_before.macs, 1):.3f}"]]
+        if params_sites is not None:
+            ratio = summary["ratio"]
+            rows.insert(0, ["compressed layers", human(params_sites), human(round(ratio * params_sites)),
+                            f"{ratio:.3f}"])
+        print_table(["", "before", "after", "ratio"], rows)
+        if trace is not None:
+            cert = (f"certificate: P(J(t*) - J(t^) < {summary['delta']:.4g}) = {summary['probability']:.4f} "
+                    f">= {1 - config['epsilon']:g}" if summary["certified"] else
+                    f"no certificate ({summary['stop_reason']})")
+            print(f"{cert}\ngamma = {config['gamma']:.6g}; decisions: {summary['decisions']}")
+        if recovery is not None:
+            kept = sum(1 for r in recovery["layers"] if r["kept"])
+            print(f"recovery: {kept}/{len(recovery['layers'])} layers refitted; fidelity "
+                  f"{recovery['fidelity_before']:.4g} -> {recovery['fidelity_after']:.4g}")
+        extra = "".join(f", {k.removeprefix('final_')} {v:.4f}" for k, v in summary.items()
+                        if k in ("final_agreement", "final_accuracy"))
+        print(f"fidelity ({config['loss']}) on {final.samples} samples: {final.mean:.4g} +- {final.std_error:.2g}"
+              f"{extra}")
+        print(f"wrote {output}, {plan_path}{', ' + str(trace_path) if trace else ''}; report: {paths['md']}")
+    return 0
+
+
+def _search(args, config, model, estimator, log, save_config, run_dir):
+    """PAC-BO or random search: (compressed model, applied plan, summary, trace, objective)."""
+    from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
+    from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, select_gamma
+    from pycompress.plan import Plan
+
     space, skipped = build_search_space(model, config["actions"])
     for note in skipped:
         log(f"skip {note}")
-    objective = CompressionObjective(model, space, estimator)
+    from pycompress.rewrites import ApplyContext
+
+    # Pruning runs before factorizing: a rank chosen for the full layer may no
+    # longer shrink the pruned one; then the layer stays unfactored.
+    objective = CompressionObjective(model, space, estimator,
+                                     context=ApplyContext(options={"skip_rank_beyond_r_max": True}))
     space = objective.space
     log(f"searching {space.d} decisions: " + ", ".join(f"{d.site} ({d.action} {d.param} <= {d.high})"
                                                       for d in space.dimensions))
@@ -203,42 +326,38 @@ def run(args) -> int:
     log(result.summary())
 
     compressed, plan = objective.compress(result.theta)
-    final = estimator.evaluate_on(compressed, np.arange(min(estimator.pool, 5000)))
-    ratio = objective.ratio_of(compressed)
     summary = {
         "method": config["method"], "certified": result.certified,
         "probability": result.probability, "z_max": result.z_max, "stop_reason": result.stop_reason,
         "delta": result.history[-1].delta if result.history else config["delta"], "epsilon": config["epsilon"],
-        "gamma": config["gamma"], "target_size": config["target_size"], "ratio": ratio,
+        "gamma": config["gamma"], "target_size": config["target_size"], "ratio": objective.ratio_of(compressed),
         "J": result.value, "evaluations": result.evaluations, "search_seconds": result.seconds,
-        "fidelity_loss": config["loss"], "fidelity": final.mean, "fidelity_std_error": final.std_error,
-        "fidelity_samples": final.samples, **{f"final_{k}": v for k, v in final.extras.items()},
         "decisions": describe_point(space, result.theta),
     }
-    plan.model = str(model_path)
-    plan.meta = _finite({"planner": config["method"], **{k: v for k, v in summary.items() if k != "decisions"}})
-    plan_path = Path(args.plan) if args.plan else output.with_name(output.stem + ".plan.json")
-    trace_path = Path(args.trace) if args.trace else output.with_name(output.stem + ".trace.json")
-    save_model(compressed, output)
-    plan.save(plan_path)
-    atomic_write_text(trace_path, json.dumps(_finite(_trace(config, space, result, summary)), indent=1) + "\n")
+    return compressed, plan, summary, _trace(config, space, result, summary), objective
 
-    if args.json:
-        emit_json(_finite({**summary, "output": str(output), "plan": str(plan_path), "trace": str(trace_path),
-                           "run_dir": str(run_dir), "seconds": time.monotonic() - started}))
+
+def _one_shot(args, config, model, data, log):
+    """PFA or a given plan, applied once: (compressed model, applied plan, summary)."""
+    from pycompress.plan import Plan
+    from pycompress.rewrites import apply_plan
+
+    if config["method"] == "pfa":
+        from pycompress.analysis import pfa_plan
+
+        target = args.target_size if args.energy is None else None
+        log("PFA: responses of every prunable group, spectra, recipe "
+            + (f"PFA-En tau={args.energy}" if args.energy is not None else
+               f"footprint target {target}" if target is not None else "PFA-KL"))
+        plan_in = pfa_plan(model, data, energy=args.energy, target_size=target, progress=not args.quiet,
+                           threads=args.threads)
     else:
-        before = objective.params_sites
-        rows = [["compressed layers", human(before), human(round(ratio * before)), f"{ratio:.3f}"]]
-        print_table(["", "params before", "after", "ratio"], rows)
-        cert = (f"certificate: P(J(t*) - J(t^) < {summary['delta']:.4g}) = {result.probability:.4f} "
-                f">= {1 - config['epsilon']:g}" if result.certified else result.summary())
-        print(f"{cert}\ngamma = {config['gamma']:.6g}; decisions: {summary['decisions']}")
-        extra = "".join(f", {k.removeprefix('final_')} {v:.4f}" for k, v in summary.items()
-                        if k in ("final_agreement", "final_accuracy"))
-        print(f"fidelity ({config['loss']}) on {final.samples} samples: {final.mean:.4g} +- {final.std_error:.2g}"
-              f"{extra}")
-        print(f"wrote {output}, {plan_path}, {trace_path}")
-    return 0
+        plan_in = Plan.load(config["method"]).without_results()
+    compressed = model.clone()
+    plan = apply_plan(compressed, plan_in)
+    summary = {"method": config["method"], "decisions": {d.site: d.params for d in plan.decisions},
+               "plan_meta": plan_in.meta}
+    return compressed, plan, summary
 
 
 def _trace(config: dict[str, Any], space, result, summary: dict[str, Any]) -> dict[str, Any]:

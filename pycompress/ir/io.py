@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from pycompress.errors import PycompressError
+from pycompress.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 # Protobuf cannot serialize more than 2 GB: bigger models keep weights outside.
 PROTO_LIMIT_BYTES = 2**31 - 1
@@ -194,32 +195,6 @@ def save_model(
             os.replace(Path(tmp) / data_name, folder / data_name)
         os.replace(tmp_model, path)
     return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` via a temp file in the same folder + rename."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    # mkstemp makes the file owner-only; give it the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def check_model(model: ir.Model, *, where: str = "rewritten model") -> None:

@@ -39,6 +39,9 @@ class RefitTarget:
     nodes: list[str]
     target: str                  # the teacher's tensor this layer must reproduce
     rank: int | None = None      # pairs only
+    # The teacher channels (axis 1) the layer still produces, when its own
+    # outputs were pruned too; None: all of them.
+    target_channels: list[int] | None = None
 
 
 @dataclass
@@ -102,6 +105,8 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
         for feeds in batches():
             x = run_tensors(student_session, [first.inputs[0].name], feeds)[0]
             y = run_tensors(teacher_session, [target.target], feeds)[0]
+            if target.target_channels is not None:
+                y = np.take(y, target.target_channels, axis=1)
             xr, pix = rows(first, x, max_pixels=max_pixels, rng=rng)
             yr = target_rows(last, y, pix)
             if xr.shape[0] != yr.shape[0]:

@@ -204,6 +204,9 @@ class LowRankConv(Rewrite):
         site = self.site(model, decision.site)
         if not site.ok:
             raise PycompressError(f"site '{site.name}': cannot apply 'lowrank_conv': {site.reason}")
+        skipped = fz.skipped_after_shrink(site, decision, ctx)
+        if skipped:
+            return skipped
         params = decision.params
         self.check_params(site, params)
         layer = conv_layer(node_by_name(model, decision.site))

@@ -206,3 +206,15 @@ def new_node(model: ir.Model, name: str, op_type: str, inputs: Sequence[ir.Value
 
 def weight(model: ir.Model, name: str, array: np.ndarray, dtype: np.dtype) -> ir.Value:
     return add_initializer(model, name, np.asarray(array, dtype=dtype, order="C"))
+
+
+def skipped_after_shrink(site, decision, ctx) -> dict | None:
+    """With ``ctx.options["skip_rank_beyond_r_max"]`` (set by searches that
+    prune before factorizing), a rank that no longer shrinks the layer, because
+    pruning made the layer smaller than the rank was chosen for, leaves the
+    layer as it is instead of failing. A hand-written plan still fails loudly.
+    """
+    rank = int(decision.params.get("rank", 0))
+    if ctx.options.get("skip_rank_beyond_r_max") and rank > int(site.info.get("r_max", rank)):
+        return {"rank": rank, "r_max": site.info.get("r_max"), "skipped": "rank above r_max after pruning"}
+    return None

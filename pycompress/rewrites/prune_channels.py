@@ -130,6 +130,7 @@ def prune_group(model: ir.Model, group: ChannelGroup, keep: np.ndarray) -> dict[
     remove_unused_initializers(model)
     params_after, macs_after = _affected_cost(model, nodes)
     return {"width": group.width, "kept": int(len(keep)), "removed": int(group.width - len(keep)),
+            "kept_indices": [int(i) for i in np.sort(np.asarray(keep))],
             "params_before": params_before, "params_after": params_after,
             "macs_before": macs_before, "macs_after": macs_after}
 

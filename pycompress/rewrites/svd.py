@@ -194,6 +194,9 @@ class SVD(Rewrite):
         site = self.site(model, decision.site)
         if not site.ok:
             raise PycompressError(f"site '{site.name}': cannot apply 'svd': {site.reason}")
+        skipped = fz.skipped_after_shrink(site, decision, ctx)
+        if skipped:
+            return skipped
         self.check_params(site, decision.params)
         layer = matrix_layer(node_by_name(model, decision.site))
         assert not isinstance(layer, str)

@@ -106,9 +106,13 @@ class SearchSpace:
         for i, dim in enumerate(self.dimensions):
             decision = by_key.get((dim.site, dim.action))
             if decision is not None:
-                if dim.param not in decision.params:
+                params = decision.params
+                if dim.param == "keep" and "keep" not in params and isinstance(params.get("keep_indices"), list):
+                    # A PFA plan names the channels; as a point of the search only their count matters.
+                    params = {"keep": len(params["keep_indices"])}
+                if dim.param not in params:
                     raise PycompressError(f"site '{dim.site}': seed plan has no '{dim.param}' for '{dim.action}'")
-                theta[i] = dim.encode(int(decision.params[dim.param]))
+                theta[i] = dim.encode(int(params[dim.param]))
         return theta
 
     def snap(self, theta: np.ndarray) -> np.ndarray:

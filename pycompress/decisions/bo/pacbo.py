@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 from scipy.stats import qmc
 
+from pycompress.files import atomic_write_text
 from pycompress.decisions.bo.acquisition import (
     PACAcquisition,
     certificate_probability,
@@ -172,18 +172,7 @@ class PACBOResult:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    # A small local copy of ir.atomic_write_text: decisions must not import the ONNX layer.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def _as_observation_parts(result: Any) -> tuple[float, float, dict[str, Any]]:

@@ -1,0 +1,113 @@
+"""`compress` end to end (each method, mixed actions, recovery, report) and `demo`."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import zoo
+from pfa_models import digits_cnn
+from pycompress.cli import main
+from pycompress.fidelity import run_model
+from pycompress.ir import load_model, model_cost
+from pycompress.plan import Plan
+
+
+@pytest.fixture(scope="module")
+def cnn_data(tmp_path_factory):
+    _, path, (xte, yte) = digits_cnn()
+    (xtr, _), _ = zoo.digits()
+    folder = tmp_path_factory.mktemp("e2e")
+    calib = folder / "calib.npz"
+    np.savez(calib, input=xtr.reshape(-1, 1, 8, 8)[:600])
+    return path, calib, (xte, yte)
+
+
+def compress(capsys, *args):
+    code = main(["compress", *map(str, args), "--quiet", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out)
+
+
+def accuracy(path, xte, yte):
+    return zoo.accuracy(run_model(load_model(path), {"input": xte})[0], yte)
+
+
+def check_report(out, report_dir):
+    """The report's numbers equal a recomputation on the written model."""
+    report = json.loads((report_dir / "report.json").read_text())
+    cost = model_cost(load_model(out))
+    assert report["after"]["params"] == cost.params and report["after"]["macs"] == cost.macs
+    assert report["after"]["file_bytes"] == out.stat().st_size
+    assert (report_dir / "report.md").read_text().count("|") > 10 and (report_dir / "report.html").exists()
+    return report
+
+
+@pytest.mark.parametrize("method", ["pfa", "random"])
+def test_compress_methods_give_valid_smaller_models(cnn_data, tmp_path, capsys, method):
+    path, calib, (xte, yte) = cnn_data
+    out = tmp_path / f"{method}.onnx"
+    extra = ["--actions", "prune,svd", "--gamma", "1", "--max-evals", "6", "--samples", "100"] \
+        if method == "random" else []
+    compress(capsys, path, "--data", calib, "--method", method, *extra, "-o", out)
+    report = check_report(out, tmp_path / f"{method}.report")
+    assert report["after"]["params"] < report["before"]["params"]
+    assert accuracy(out, xte, yte) > 0.3  # far above chance (0.1) on held-out digits
+    if method == "random":
+        assert {d["action"] for d in report["layers"]} <= {"prune", "svd"} and report["search"]["trace"]
+
+
+def test_given_plan_is_reproduced_by_apply_byte_for_byte(cnn_data, tmp_path, capsys):
+    path, calib, _ = cnn_data
+    out = tmp_path / "pfa.onnx"
+    compress(capsys, path, "--data", calib, "--method", "pfa", "--no-recover", "-o", out)
+    plan_path = tmp_path / "pfa.plan.json"
+    assert all(d.action == "prune" and "keep_indices" in d.params for d in Plan.load(plan_path).decisions)
+    again = tmp_path / "again.onnx"
+    assert main(["apply", str(path), str(plan_path), "-o", str(again), "--json"]) == 0
+    capsys.readouterr()
+    assert again.read_bytes() == out.read_bytes()
+    # And through compress --method PLAN.json.
+    third = tmp_path / "third.onnx"
+    compress(capsys, path, "--data", calib, "--method", plan_path, "--no-recover", "-o", third)
+    assert third.read_bytes() == out.read_bytes()
+
+
+def test_recovery_lowers_held_out_error_of_pruned_cnn(cnn_data, tmp_path, capsys):
+    path, calib, (xte, yte) = cnn_data
+    plain, recovered = tmp_path / "plain.onnx", tmp_path / "rec.onnx"
+    compress(capsys, path, "--data", calib, "--method", "pfa", "--no-recover", "-o", plain)
+    compress(capsys, path, "--data", calib, "--method", "pfa", "-o", recovered)
+    report = json.loads((tmp_path / "rec.report" / "report.json").read_text())
+    assert report["recovery"]["layers"] and any(layer["kept"] for layer in report["recovery"]["layers"])
+    teacher = run_model(load_model(path), {"input": xte})[0]
+
+    def held_out_error(p):
+        return float(np.mean(np.sum((run_model(load_model(p), {"input": xte})[0] - teacher) ** 2, axis=1)))
+
+    assert held_out_error(recovered) < held_out_error(plain)
+    assert accuracy(recovered, xte, yte) >= accuracy(plain, xte, yte) - 0.01
+
+
+def test_bad_method_is_one_line_error(cnn_data, tmp_path, capsys):
+    path, calib, _ = cnn_data
+    code = main(["compress", str(path), "--data", str(calib), "--method", "magic", "-o", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--method 'magic'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_demo_runs_and_prints_what_the_report_says(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pycompress", "demo", "-o", str(tmp_path / "demo"), "--json",
+                           "--quiet"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert printed["before"] == report["before"] and printed["after"] == report["after"]
+    assert printed["heldout"] == report["heldout"]
+    assert report["search"]["certificate"] and report["search"]["probability"] >= 0.995
+    assert report["after"]["params"] < 0.9 * report["before"]["params"]
+    assert report["heldout"]["accuracy_after"] >= report["heldout"]["accuracy_before"] - 0.01
