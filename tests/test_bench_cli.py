@@ -104,17 +104,17 @@ def test_bench_batch_and_random_inputs(models, capsys):
         assert row["throughput"] == pytest.approx(8e3 / row["latency_ms"]["mean"])
 
 
-def gpu_really_loads():
+def gpu_really_loads(folder):
     try:
-        session = ort.InferenceSession(str(export(zoo.MLP((4, 2)), (1, 4), "/tmp/_probe.onnx")),
+        session = ort.InferenceSession(str(export(zoo.MLP((4, 2)), (1, 4), folder / "probe.onnx")),
                                        providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     except Exception:
         return False
     return "CUDAExecutionProvider" in session.get_providers()
 
 
-def test_unloadable_gpu_provider_is_reported(models, capsys):
-    if gpu_really_loads():
+def test_unloadable_gpu_provider_is_reported(models, tmp_path, capsys):
+    if gpu_really_loads(tmp_path):
         pytest.skip("CUDA loads on this machine")
     fp32, shared, _ = models
     code = main(["bench", str(fp32), str(shared), "--provider", "cuda", "--iters", "2", "--json"])

@@ -20,9 +20,10 @@ Deviations from ALGORITHMS.md, measured on EfficientNet-Lite0
   all channels in those units and ``W~ = c[idx] * s_c``. Exporters fold
   BatchNorm into the convolutions, which multiplies each output channel by its
   own ``gamma / sigma``: one plain codebook then snaps whole small-scale (even
-  dead) channels to a few values, and EfficientNet-Lite0 at 8 bits keeps only
-  88% top-1 agreement (97% with the scale). ``per_channel: false`` is Deep
-  Compression's plain per-layer codebook. Cost: C floats per layer.
+  dead) channels to a few values. EfficientNet-Lite0, no data, top-1
+  agreement plain -> per-channel: 5 bits 10% -> 43%, 6 bits 56% -> 70%, 8 bits
+  93% -> 95%. ``per_channel: false`` is Deep Compression's plain per-layer
+  codebook. Cost: C floats per layer.
 
 - ``bias_correction`` (default: on when calibration data is given, i.e.
   ``ctx.activations``, unless the context says ``data_aware: false``, e.g.
@@ -58,7 +59,8 @@ import onnx_ir as ir
 
 from pycompress import kernels
 from pycompress.errors import PycompressError
-from pycompress.ir import attr_float, attr_int, constant_array, consumers, is_codebook_lookup, node_by_name, unique_name
+from pycompress.ir import (attr_float, attr_int, constant_array, consumers, is_codebook_lookup, node_by_name,
+                           node_macs, unique_name)
 from pycompress.plan import LayerDecision
 from pycompress.rewrites.base import ApplyContext, Rewrite, Site
 
@@ -181,8 +183,10 @@ class WeightSharing(Rewrite):
                 continue
             value = node.inputs[index]
             tensor = _const_tensor(value)
+            axis = output_channel_axis(node.op_type, index, node, len(tensor.shape))
             site.info.update(input=index, weight=value.name, shape=list(tensor.shape),
-                             params=int(np.prod(tensor.shape, dtype=np.int64)))
+                             params=int(np.prod(tensor.shape, dtype=np.int64)),
+                             channels=int(tensor.shape[axis]) if axis is not None else 0, macs=node_macs(node))
             if tensor.dtype not in _FLOAT_TYPES:
                 site.ok, site.reason = False, f"weight has dtype {tensor.dtype.name} (sharing needs float weights)"
             elif site.info["params"] == 0:
@@ -283,7 +287,10 @@ class WeightSharing(Rewrite):
             site.info["plan_note"] = (f"{site.info.get('params', 0)} weights: a {2 ** bits}-entry codebook "
                                       "would outweigh the saving")
             return None
-        return LayerDecision(site.name, self.action, {"bits": int(bits)})
+        n = site.info["params"]
+        after = n + 4 * (2 ** bits + site.info.get("channels", 0))
+        return LayerDecision(site.name, self.action, {"bits": int(bits)},
+                             note=f"{4 * n:,} -> {after:,} bytes in the ONNX file (uint8 indices)")
 
 
 def output_shift(node: ir.Node, delta: np.ndarray, input_mean: np.ndarray) -> np.ndarray:
