@@ -14,6 +14,8 @@
 #include "kernels/covariance.hpp"
 #include "kernels/pfa_select.hpp"
 #include "kernels/gp_acquisition.hpp"
+#include "kernels/huffman.hpp"
+#include "kernels/kmeans1d.hpp"
 
 namespace py = pybind11;
 using namespace pycompress;
@@ -158,6 +160,64 @@ py::tuple gp_acquisition(const py::object& candidates, const py::object& train_x
     return py::make_tuple(z, mu, var, cov);
 }
 
+py::tuple kmeans1d_py(py::array values, int clusters, int64_t max_iter) {
+    auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(values);
+    if (!a) throw py::value_error("kmeans1d: values must be a numeric array");
+    KMeans1D result;
+    {
+        py::gil_scoped_release nogil;
+        result = kmeans1d(a.data(), static_cast<int64_t>(a.size()), clusters, max_iter);
+    }
+    py::array_t<float> codebook(static_cast<py::ssize_t>(result.codebook.size()), result.codebook.data());
+    std::vector<py::ssize_t> shape(a.shape(), a.shape() + a.ndim());
+    py::array_t<uint8_t> indices(shape);
+    std::copy(result.indices.begin(), result.indices.end(), indices.mutable_data());
+    return py::make_tuple(codebook, indices, result.iterations, result.converged);
+}
+
+CodeLengths lengths_from(py::array lengths) {
+    auto a = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(lengths);
+    if (!a || a.ndim() != 1 || a.size() != 256) throw py::value_error("huffman: lengths must be 256 uint8 values");
+    CodeLengths out{};
+    std::copy(a.data(), a.data() + 256, out.begin());
+    return out;
+}
+
+py::array_t<uint8_t> huffman_code_lengths_py(py::array counts) {
+    auto a = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(counts);
+    if (!a || a.ndim() != 1 || a.size() != 256) throw py::value_error("huffman: counts must be 256 values");
+    std::array<uint64_t, 256> c{};
+    std::copy(a.data(), a.data() + 256, c.begin());
+    const CodeLengths lengths = huffman_code_lengths(c);
+    return py::array_t<uint8_t>(256, lengths.data());
+}
+
+py::bytes huffman_encode_py(py::array symbols, py::array lengths) {
+    if (!symbols.dtype().is(py::dtype::of<uint8_t>())) throw py::value_error("huffman: symbols must be uint8");
+    auto s = py::array_t<uint8_t, py::array::c_style>::ensure(symbols);
+    const CodeLengths l = lengths_from(lengths);
+    std::vector<uint8_t> out;
+    {
+        py::gil_scoped_release nogil;
+        out = huffman_encode(s.data(), static_cast<int64_t>(s.size()), l);
+    }
+    return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+}
+
+py::array_t<uint8_t> huffman_decode_py(py::buffer payload, py::array lengths, int64_t count) {
+    py::buffer_info info = payload.request();
+    if (info.itemsize != 1 || info.ndim > 1) throw py::value_error("huffman: payload must be bytes");
+    const CodeLengths l = lengths_from(lengths);
+    std::vector<uint8_t> out;
+    {
+        py::gil_scoped_release nogil;
+        out = huffman_decode(static_cast<const uint8_t*>(info.ptr), static_cast<int64_t>(info.size), l, count);
+    }
+    py::array_t<uint8_t> result(static_cast<py::ssize_t>(out.size()));
+    std::copy(out.begin(), out.end(), result.mutable_data());
+    return result;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -194,4 +254,13 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("outputscale"), py::arg("mean_constant"), py::arg("chol"), py::arg("beta"), py::arg("incumbent"),
           py::arg("delta"), py::arg("var_floor") = 1e-12, py::arg("threads") = 0,
           "PAC scores (z, mu, var, cov) of M candidates against the incumbent; see pycompress.kernels.reference.");
+    m.def("kmeans1d", &kmeans1d_py, py::arg("values"), py::arg("clusters"), py::arg("max_iter") = 10000,
+          "1-D k-means, linear init, Lloyd to convergence: (codebook[K] f32, indices u8 like values, "
+          "iterations, converged).");
+    m.def("huffman_code_lengths", &huffman_code_lengths_py, py::arg("counts"),
+          "Huffman code lengths (uint8[256]) for symbol counts[256].");
+    m.def("huffman_encode", &huffman_encode_py, py::arg("symbols"), py::arg("lengths"),
+          "Canonical Huffman encoding of a uint8 array -> bytes (MSB first).");
+    m.def("huffman_decode", &huffman_decode_py, py::arg("payload"), py::arg("lengths"), py::arg("count"),
+          "Decode `count` symbols; ValueError on corrupted or truncated input.");
 }

@@ -124,3 +124,42 @@ def remove_unused_initializers(model: ir.Model) -> None:
     for name, value in list(model.graph.initializers.items()):
         if not value.uses() and not value.is_graph_output():
             del model.graph.initializers[name]
+
+
+def _const_meta(value: ir.Value | None) -> tuple[ir.DataType | None, int | None]:
+    """(dtype, rank) of a constant value without materializing it; (None, None) if not constant."""
+    if value is None:
+        return None, None
+    if value.const_value is not None:
+        return value.const_value.dtype, len(value.const_value.shape)
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        attr = node.attributes.get("value")
+        if attr is not None:
+            tensor = attr.as_tensor()
+            return tensor.dtype, len(tensor.shape)
+    return None, None
+
+
+def is_codebook_lookup(node: ir.Node) -> bool:
+    """True for the nodes of a shared weight: ``Gather(codebook, Cast(uint8 indices))``.
+
+    Weight sharing (ALGORITHMS.md 1.5) stores a weight as a constant 1-D
+    codebook and constant uint8 indices; ONNX Gather only takes int32/int64
+    indices, hence the Cast. Both nodes have constant inputs, so a constant
+    folder would turn them back into the float weight: loaders must keep them.
+    """
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Cast":
+        dtype, _ = _const_meta(node.inputs[0])
+        return dtype == ir.DataType.UINT8 and any(
+            is_codebook_lookup(use.node) for use in node.outputs[0].uses() if use.node.op_type == "Gather")
+    if node.op_type == "Gather" and len(node.inputs) == 2:
+        data_dtype, data_rank = _const_meta(node.inputs[0])
+        if data_rank != 1 or data_dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            return False
+        cast = node.inputs[1].producer() if node.inputs[1] is not None else None
+        return (cast is not None and cast.op_type == "Cast" and cast.domain in ("", "ai.onnx")
+                and _const_meta(cast.inputs[0])[0] == ir.DataType.UINT8)
+    return False

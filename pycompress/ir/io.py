@@ -114,13 +114,23 @@ def simplify_model(model: ir.Model, *, where: str = "model") -> None:
 
     ConstantOfShape is folded too (onnxscript keeps it by default): the legacy
     torch exporter builds every "same" padding from one, and folding it lets
-    the optimizer turn Pad + Conv into a Conv with pads.
+    the optimizer turn Pad + Conv into a Conv with pads. Shared weights
+    (``Gather(codebook, Cast(uint8 indices))``) are kept: folding them would
+    silently turn a shared model back into float weights.
     """
     import onnxscript.optimizer
 
+    from pycompress.ir.graph import is_codebook_lookup
+
+    def should_fold(node: ir.Node) -> bool | None:
+        if node.op_type == "ConstantOfShape":
+            return True
+        if is_codebook_lookup(node):
+            return False
+        return None
+
     try:
-        onnxscript.optimizer.optimize_ir(
-            model, should_fold=lambda node: True if node.op_type == "ConstantOfShape" else None)
+        onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
     except Exception as exc:  # a failed optimization must not lose the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PycompressError(f"{where}: constant folding failed: {first} (retry with simplify off)") from exc

@@ -30,5 +30,10 @@ CovarianceAccumulator = _impl.CovarianceAccumulator
 l1max_removal_order = _impl.l1max_removal_order
 PFA_TIE_RTOL = _impl.PFA_TIE_RTOL
 gp_acquisition = _impl.gp_acquisition
+kmeans1d = _impl.kmeans1d
+huffman_code_lengths = _impl.huffman_code_lengths
+huffman_encode = _impl.huffman_encode
+huffman_decode = _impl.huffman_decode
 
-__all__ = ["BACKEND", "CovarianceAccumulator", "PFA_TIE_RTOL", "gp_acquisition", "l1max_removal_order", "reference"]
+__all__ = ["BACKEND", "CovarianceAccumulator", "PFA_TIE_RTOL", "gp_acquisition", "huffman_code_lengths",
+           "huffman_decode", "huffman_encode", "kmeans1d", "l1max_removal_order", "reference"]

@@ -160,3 +160,231 @@ def gp_acquisition(candidates, train_x, lengthscales, outputscale: float, mean_c
     var_hat = outputscale - w @ w
     z = (mu - mu_hat - delta) / np.sqrt(np.maximum(var + var_hat - 2.0 * cov, var_floor))
     return z, mu, var, cov
+
+
+def kmeans1d(values: np.ndarray, clusters: int, max_iter: int = 10000):
+    """1-D k-means (ALGORITHMS.md 1.5): ``(codebook[K] float32, indices uint8 like values, iterations, converged)``.
+
+    Centroids start at ``c_k = lo + (hi - lo) k / (K - 1)`` and follow Lloyd's
+    updates until the partition is a fixed point (``converged``) or
+    ``max_iter`` updates were done in total. Values are sorted once; value
+    ``v`` joins cluster ``#{k : mid_k < v}``, ``mid_k = (c_k + c_{k+1}) / 2``;
+    means come from float64 prefix sums and are clamped to their run; an empty
+    cluster keeps its centroid. After convergence, empty clusters are
+    re-seeded at the farthest member of the clusters with the largest squared
+    error and Lloyd runs again (see csrc/kernels/kmeans1d.hpp). Same
+    arithmetic as the C++ kernel, so the same bits.
+    """
+    array = np.asarray(values)
+    x = np.ascontiguousarray(array, dtype=np.float32).ravel()
+    if x.size < 1:
+        raise ValueError("kmeans1d needs at least one value")
+    if not 1 <= int(clusters) <= 256:
+        raise ValueError("kmeans1d: clusters must be in 1..256")
+    if max_iter < 1:
+        raise ValueError("kmeans1d: max_iter must be >= 1")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("kmeans1d: values must be finite")
+    k_count = int(clusters)
+    order = np.argsort(x, kind="stable")
+    s = x[order].astype(np.float64)
+    prefix = np.concatenate([[0.0], np.cumsum(s)])
+    square_prefix = np.concatenate([[0.0], np.cumsum(s * s)])
+    lo, hi = s[0], s[-1]
+    c = np.array([lo]) if k_count == 1 else lo + (hi - lo) * np.arange(k_count) / (k_count - 1)
+    iterations = 0
+
+    def assign() -> np.ndarray:
+        mid = (c[:-1] + c[1:]) / 2
+        # Same as the sweep: the running position never moves back.
+        return np.concatenate([np.maximum.accumulate(np.searchsorted(s, mid, side="right")), [s.size]])
+
+    def lloyd() -> tuple[bool, np.ndarray]:
+        nonlocal c, iterations
+        previous = None
+        while True:
+            end = assign()
+            if previous is not None and np.array_equal(end, previous):
+                return True, end
+            if iterations == max_iter:
+                return False, end
+            start = np.concatenate([[0], end[:-1]])
+            count = end - start
+            full = count > 0
+            mean = (prefix[end[full]] - prefix[start[full]]) / count[full]
+            c = c.copy()
+            c[full] = np.minimum(np.maximum(mean, s[start[full]]), s[end[full] - 1])
+            previous = end
+            iterations += 1
+
+    converged, end = lloyd()
+    for _ in range(k_count):
+        if not converged:
+            break
+        start = np.concatenate([[0], end[:-1]])
+        count = end - start
+        empty = np.flatnonzero(count == 0)
+        full = count > 0
+        total = np.zeros(k_count)
+        total[full] = prefix[end[full]] - prefix[start[full]]
+        sse = np.zeros(k_count)
+        sse[full] = (square_prefix[end[full]] - square_prefix[start[full]]) - total[full] * total[full] / count[full]
+        splittable = [k for k in range(k_count) if full[k] and s[end[k] - 1] > s[start[k]]]
+        if empty.size == 0 or not splittable:
+            break
+        splittable.sort(key=lambda k: -sse[k])  # stable: ties keep the lower index first
+        c = c.copy()
+        for e, k in zip(empty, splittable):
+            first, last = start[k], end[k] - 1
+            c[e] = s[first] if c[k] - s[first] >= s[last] - c[k] else s[last]
+        c = np.sort(c)
+        converged, end = lloyd()
+    labels = np.repeat(np.arange(k_count), np.diff(np.concatenate([[0], end])))
+    indices = np.empty(x.size, np.uint8)
+    indices[order] = labels
+    return c.astype(np.float32), indices.reshape(array.shape), iterations, converged
+
+
+# Huffman coding (ALGORITHMS.md 1.5): see csrc/kernels/huffman.hpp for the
+# conventions, which these functions follow bit for bit.
+HUFFMAN_MAX_LENGTH = 57
+
+
+def huffman_code_lengths(counts: np.ndarray) -> np.ndarray:
+    """uint8[256] code lengths from counts[256]: two-queue Huffman, leaves by (count, symbol) first on ties."""
+    counts = np.asarray(counts)
+    if counts.shape != (256,):
+        raise ValueError("huffman: counts must be 256 values")
+    counts = counts.astype(np.uint64)
+    lengths = np.zeros(256, np.uint8)
+    leaves = [int(s) for s in np.argsort(counts, kind="stable") if counts[s] > 0]
+    if not leaves:
+        return lengths
+    if len(leaves) == 1:
+        lengths[leaves[0]] = 1
+        return lengths
+    m = len(leaves)
+    weight = [int(counts[s]) for s in leaves] + [0] * (m - 1)
+    parent = [-1] * (2 * m - 1)
+    next_leaf, next_merged, created = 0, m, m
+
+    def take() -> int:
+        nonlocal next_leaf, next_merged
+        if next_leaf < m and (next_merged == created or weight[next_leaf] <= weight[next_merged]):
+            next_leaf += 1
+            return next_leaf - 1
+        next_merged += 1
+        return next_merged - 1
+
+    while created < 2 * m - 1:
+        a = take()
+        b = take()
+        weight[created] = weight[a] + weight[b]
+        parent[a] = parent[b] = created
+        created += 1
+    depth = [0] * (2 * m - 1)
+    for i in range(2 * m - 2, -1, -1):
+        if parent[i] >= 0:
+            depth[i] = depth[parent[i]] + 1
+    for i, s in enumerate(leaves):
+        if depth[i] > HUFFMAN_MAX_LENGTH:
+            raise ValueError(f"huffman: code longer than {HUFFMAN_MAX_LENGTH} bits")
+        lengths[s] = depth[i]
+    return lengths
+
+
+def _canonical(lengths: np.ndarray):
+    """(count per length, symbols sorted by (length, symbol), code per symbol); checks Kraft."""
+    lengths = np.asarray(lengths)
+    if lengths.shape != (256,):
+        raise ValueError("huffman: lengths must be 256 uint8 values")
+    lengths = lengths.astype(np.int64)
+    if lengths.min() < 0 or lengths.max() > HUFFMAN_MAX_LENGTH:
+        raise ValueError(f"huffman: code length {int(lengths.max())} exceeds {HUFFMAN_MAX_LENGTH}")
+    max_length = int(lengths.max())
+    count = np.bincount(lengths, minlength=HUFFMAN_MAX_LENGTH + 2)
+    count[0] = 0
+    room = 1
+    for length in range(1, max_length + 1):
+        room <<= 1
+        if int(count[length]) > room:
+            raise ValueError("huffman: code lengths over-subscribe the code space")
+        room -= int(count[length])
+    symbols = [s for length in range(1, max_length + 1) for s in range(256) if lengths[s] == length]
+    codes = np.zeros(256, np.uint64)
+    code, current = 0, 0
+    for s in symbols:
+        while current < lengths[s]:
+            code <<= 1
+            current += 1
+        codes[s] = code
+        code += 1
+    return count, symbols, codes, max_length
+
+
+def huffman_encode(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
+    """Canonical Huffman code of a uint8 array, packed MSB first (last byte zero-padded)."""
+    symbols = np.asarray(symbols)
+    if symbols.dtype != np.uint8:
+        raise ValueError("huffman: symbols must be uint8")
+    _, _, codes, max_length = _canonical(lengths)
+    lengths = np.asarray(lengths).astype(np.int64)
+    flat = symbols.ravel()
+    if flat.size == 0:
+        return b""
+    if np.any(lengths[flat] == 0):
+        bad = int(flat[lengths[flat] == 0][0])
+        raise ValueError(f"huffman: symbol {bad} has no code")
+    # Every code as a row of max_length bits, right-aligned; keep the last len bits.
+    sym_len = lengths[flat]
+    shifts = np.arange(max_length - 1, -1, -1, dtype=np.uint64)
+    bits = ((codes[flat][:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8)
+    keep = np.arange(max_length)[None, :] >= (max_length - sym_len)[:, None]
+    return np.packbits(bits[keep]).tobytes()
+
+
+def huffman_decode(payload: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
+    """Decode ``count`` symbols; ValueError on invalid codes or a short payload."""
+    code_count, symbols, _, max_length = _canonical(lengths)
+    count = int(count)
+    data = np.frombuffer(bytes(payload), np.uint8)
+    if count < 0:
+        raise ValueError("huffman: negative size")
+    if count == 0:
+        return np.zeros(0, np.uint8)
+    if not symbols:
+        raise ValueError("huffman: empty code table")
+    if count > data.size * 8:
+        raise ValueError("huffman: payload truncated")
+    bits = np.unpackbits(data).astype(np.uint64)
+    total = bits.size
+    padded = np.concatenate([bits, np.zeros(max_length, np.uint64)])
+    # For every bit position: the symbol and length a codeword starting there would have.
+    sym_at = np.zeros(total, np.int64)
+    len_at = np.zeros(total, np.int64)
+    code = np.zeros(total, np.uint64)
+    first, index = 0, 0
+    for length in range(1, max_length + 1):
+        code = (code << np.uint64(1)) | padded[length - 1:length - 1 + total]
+        n_len = int(code_count[length])
+        hit = (len_at == 0) & (code >= np.uint64(first)) & (code < np.uint64(first + n_len))
+        if hit.any():
+            sym_at[hit] = np.asarray(symbols, np.int64)[index + (code[hit] - np.uint64(first)).astype(np.int64)]
+            len_at[hit] = length
+        index += n_len
+        first = (first + n_len) << 1
+    out = np.empty(count, np.uint8)
+    lens, syms = len_at.tolist(), sym_at.tolist()
+    pos = 0
+    for i in range(count):
+        if pos >= total:
+            raise ValueError("huffman: payload truncated")
+        length = lens[pos]
+        if length == 0 or pos + length > total:
+            # No codeword fits in the remaining bits: the stream ended early,
+            # or the bits are no codeword at all.
+            raise ValueError("huffman: payload truncated" if pos + max_length > total else
+                             "huffman: invalid codeword in payload")
+        out[i] = syms[pos]
+        pos += length
+    return out

@@ -16,7 +16,7 @@ from pycompress.ir import check_model, infer_model_shapes
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites.base import ActivationSource, ApplyContext, Rewrite, Site
 
-_MODULES: list[str] = ["prune_channels", "svd", "conv_lowrank"]
+_MODULES: list[str] = ["prune_channels", "svd", "conv_lowrank", "weight_sharing"]
 
 REGISTRY: dict[str, Rewrite] = {}
 for _name in _MODULES:

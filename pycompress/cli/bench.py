@@ -1,0 +1,70 @@
+"""`pycompress bench A.onnx [B.onnx ...]`: latency, throughput, size, cost and fidelity on a target runtime."""
+
+from __future__ import annotations
+
+import sys
+
+from pycompress.bench import bench_models
+from pycompress.bench.report import markdown, plot, table_rows
+from pycompress.cli.common import emit_json, print_table
+from pycompress.errors import PycompressError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="latency p50/p90/p99, throughput, size, params, MACs and (with --data) "
+                                     "fidelity against the first model")
+    p.add_argument("models", nargs="+", help=".onnx or .ort files; the first is the reference for fidelity")
+    p.add_argument("--provider", default="cpu",
+                   help="execution provider: cpu, cuda, tensorrt, rocm, openvino, dml, coreml, ... (default cpu)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the timed runs (default 1)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--iters", type=int, default=100, help="timed runs (default 100)")
+    p.add_argument("--data", help="inputs (.npz/.npy/builtin:NAME): timed batch and fidelity against the first model")
+    p.add_argument("--samples", type=int, default=0, metavar="N", help="use only the first N samples of --data")
+    p.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
+    p.add_argument("--plot", metavar="PATH", help="also write a PNG: size vs latency and size vs fidelity")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    data = None
+    if args.data:
+        from pycompress.data import load_data
+        from pycompress.ir import load_model
+
+        if not args.models[0].endswith(".onnx"):
+            raise PycompressError(f"{args.models[0]}: --data needs the first model to be an .onnx file")
+        calibration = load_data(args.data, load_model(args.models[0], simplify=False))
+        data = {k: v[:args.samples] if args.samples > 0 else v for k, v in calibration.inputs.items()}
+    bar = tqdm(total=len(args.models), desc="bench", unit="model", file=sys.stderr, disable=None)
+    try:
+        results = bench_models(args.models, provider=args.provider, threads=args.threads, batch=args.batch,
+                               warmup=args.warmup, iters=args.iters, data=data, progress=lambda _: bar.update(1))
+    finally:
+        bar.close()
+    if args.markdown:
+        from pycompress.ir import atomic_write_text
+
+        atomic_write_text(args.markdown, markdown(results))
+    if args.plot:
+        plot(results, args.plot)
+    if args.json:
+        emit_json({"provider": results[0].provider, "threads": args.threads, "batch": args.batch,
+                   "warmup": args.warmup, "iters": args.iters, "data": args.data,
+                   "models": [r.to_dict() for r in results]})
+        return 0 if any(r.latency_ms for r in results) else 2
+    headers, rows = table_rows(results)
+    print_table(headers, rows)
+    print(f"\nprovider {results[0].provider}, threads {args.threads or 'default'}, batch {args.batch}, "
+          f"{args.iters} timed runs after {args.warmup} warm-up")
+    for r in results:
+        if r.error:
+            print(f"not measured: {r.error}")
+    for path in (args.markdown, args.plot):
+        if path:
+            print(f"wrote {path}")
+    return 0 if any(r.latency_ms for r in results) else 2

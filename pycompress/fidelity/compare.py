@@ -1,0 +1,56 @@
+"""How far a model's outputs are from a reference model's (ALGORITHMS.md 2 and 5).
+
+Per sample ``j``: ``l_j = ||f~(x_j) - f*(x_j)||_2^2`` over the flattened
+output. ``L^ = mean(l)`` with standard error ``sqrt(s^2 / m)`` (``s^2`` the
+sample variance, ddof 1): a first-order U-statistic. For classifier-shaped
+outputs (``[m, C]``, ``C > 1``) also the top-1 agreement
+``mean(argmax f~(x_j) == argmax f*(x_j))`` and its standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class OutputComparison:
+    samples: int
+    max_abs_diff: float
+    mean_sq_error: float           # L^ = mean_j ||f~(x_j) - f*(x_j)||^2
+    sq_error_se: float             # sqrt(var(l) / m); nan with one sample
+    relative_error: float          # ||f~ - f*||_F / ||f*||_F over all samples
+    top1_agreement: float | None   # None when the output is not [m, C]
+    top1_agreement_se: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> OutputComparison:
+    """Compare two outputs of shape ``[m, ...]`` (first axis = samples)."""
+    ref = np.asarray(reference, np.float64)
+    out = np.asarray(candidate, np.float64)
+    if ref.shape != out.shape:
+        raise ValueError(f"output shapes differ: {ref.shape} vs {out.shape}")
+    m = ref.shape[0] if ref.ndim else 1
+    diff = (out - ref).reshape(m, -1)
+    losses = (diff ** 2).sum(axis=1)
+    se = float(math.sqrt(losses.var(ddof=1) / m)) if m > 1 else math.nan
+    norm = float(np.linalg.norm(ref))
+    agreement = agreement_se = None
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        same = (ref.argmax(axis=1) == out.argmax(axis=1)).astype(np.float64)
+        agreement = float(same.mean())
+        agreement_se = float(math.sqrt(same.var(ddof=1) / m)) if m > 1 else math.nan
+    return OutputComparison(
+        samples=int(m),
+        max_abs_diff=float(np.abs(diff).max()) if diff.size else 0.0,
+        mean_sq_error=float(losses.mean()),
+        sq_error_se=se,
+        relative_error=float(np.linalg.norm(diff)) / norm if norm else float(np.linalg.norm(diff)),
+        top1_agreement=agreement,
+        top1_agreement_se=agreement_se,
+    )
