@@ -49,3 +49,14 @@ def pytest_report_header(config):
     import pycompress.kernels as k
 
     return f"pycompress kernels backend: {k.BACKEND}" + (f" ({k.IMPORT_ERROR})" if k.IMPORT_ERROR else "")
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rngs():
+    """Each test starts from the same global RNG state, whatever ran before it:
+    torch modules draw their initial weights from the global generator."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)

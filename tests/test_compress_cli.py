@@ -165,6 +165,11 @@ def digits_mlp(tmp_path_factory):
     """The 64-1000-1000-10 MLP of examples/digits_mlp.py, trained on 1200 digits, exported."""
     folder = tmp_path_factory.mktemp("digits")
     (xtr, ytr), (xte, yte) = zoo.digits()
+    # Seed before building: the initial weights come from torch's global RNG,
+    # whose state otherwise depends on which tests ran before this one.
+    import torch
+
+    torch.manual_seed(0)
     module = _train_one_thread(zoo.MLP((64, 1000, 1000, 10)), xtr, ytr, epochs=15)
     path = export(module, (1, 64), folder / "mlp.onnx")
     np.savez(folder / "calib.npz", x=xtr)
@@ -186,7 +191,7 @@ def test_digits_mlp_svd_certified_and_accurate(digits_mlp, tmp_path, capsys):
                  "-o", str(out), "--quiet", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["certified"] and summary["probability"] >= 0.995
+    assert summary["certified"] and summary["probability"] >= 0.995, summary
     assert summary["ratio"] < 0.9
     before = run_model(load_model(path), {"input": xte})[0]
     after = run_model(load_model(out), {"input": xte})[0]
