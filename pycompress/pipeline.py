@@ -56,19 +56,59 @@ OBJECTIVES = ("size", "macs", "latency")
 
 
 @dataclass
-class SiteCost:
-    """Cost (parameters or MACs) of one decision site: before, and after as ``intercept + slope * value``.
+class Linear:
+    """``before`` and ``after(v) = intercept + slope * v`` of one cost."""
 
-    Factorizations and channel counts are linear in their parameter; the two
-    coefficients are measured by applying the rewrite at two values.
-    """
-
-    before: int
+    before: float
     intercept: float
     slope: float
 
+    def at(self, value: np.ndarray) -> np.ndarray:
+        return self.intercept + self.slope * value
+
+    @classmethod
+    def fit(cls, before: float, values: Sequence[int], after: Sequence[float]) -> "Linear":
+        if len(values) == 1:
+            return cls(before, 0.0, after[0] / values[0])
+        slope = (after[1] - after[0]) / (values[1] - values[0])
+        return cls(before, after[0] - slope * values[0], slope)
+
+
+@dataclass
+class SiteCost:
+    """Cost (parameters or MACs) of one decision site as a function of its value.
+
+    Per node that keeps its name (pruning changes a layer's width, not its
+    name) a linear function, and one for the nodes the rewrite replaced
+    (a factorization swaps a layer for a pair), with the original names of
+    those: channel counts and ranks are linear in the parameter, so two
+    applications of the rewrite measure the coefficients exactly.
+    """
+
+    nodes: dict[str, Linear]
+    replaced: Linear
+    replaced_nodes: list[str]
+
+    @property
+    def before(self) -> float:
+        return sum(c.before for c in self.nodes.values()) + self.replaced.before
+
     def after(self, value: int | None) -> float:
-        return float(self.before) if value is None else self.intercept + self.slope * value
+        if value is None:
+            return self.before
+        return float(sum(c.at(value) for c in self.nodes.values()) + (self.replaced.at(value)
+                                                                        if self.replaced_nodes else 0.0))
+
+    def factors(self, values: np.ndarray, untouched: np.ndarray) -> dict[str, np.ndarray]:
+        """Cost after / before of every node this site changes, at ``values`` (1 where untouched)."""
+        out = {}
+        parts = list(self.nodes.items())
+        if self.replaced_nodes:
+            parts += [(name, self.replaced) for name in self.replaced_nodes]
+        for name, cost in parts:
+            if cost.before > 0:
+                out[name] = np.where(untouched, 1.0, np.maximum(cost.at(values), 0.0) / cost.before)
+        return out
 
 
 @dataclass
@@ -173,8 +213,6 @@ class CompressionObjective:
         for dim in space.dimensions:
             site = get_rewrite(dim.action).site(model, dim.site)
             self._site_nodes[(dim.site, dim.action)] = site.nodes
-        self.sites_before = {key: sum(cost[n] for n in nodes if n in cost)
-                             for key, nodes in self._site_nodes.items()}
         # Sites may share nodes (a layer between two pruned channel groups): count each node once.
         searched = {n for nodes in self._site_nodes.values() for n in nodes}
         self.cost_sites = sum(cost[n] for n in searched if n in cost)
@@ -194,22 +232,24 @@ class CompressionObjective:
         return model, plan
 
     def _measure_costs(self, space: SearchSpace) -> dict[tuple[str, str], SiteCost]:
+        """Each site's cost function, from the rewrite applied alone at two values."""
+        before = self._node_costs(self.model)
         costs = {}
         for dim in space.dimensions:
-            key = (dim.site, dim.action)
             values = sorted({dim.high, max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
-            after = []
-            for v in values:
-                model, _ = self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])
-                after.append(self._counted(model) - (self.cost_total - self.sites_before[key]))
-            if len(values) == 1:
-                slope = after[0] / values[0]
-                intercept = 0.0
-            else:
-                slope = (after[1] - after[0]) / (values[1] - values[0])
-                intercept = after[0] - slope * values[0]
-            costs[key] = SiteCost(self.sites_before[key], intercept, slope)
+            afters = [self._node_costs(self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])[0])
+                      for v in values]
+            changed = sorted({n for after in afters for n in after if n in before and after[n] != before[n]})
+            replaced = [n for n in before if n not in afters[0]]
+            new = [{n: c for n, c in after.items() if n not in before} for after in afters]
+            costs[(dim.site, dim.action)] = SiteCost(
+                {n: Linear.fit(before[n], values, [after[n] for after in afters]) for n in changed},
+                Linear.fit(sum(before[n] for n in replaced), values, [sum(x.values()) for x in new]),
+                replaced)
         return costs
+
+    def _node_costs(self, model: ir.Model) -> dict[str, int]:
+        return {name: getattr(layer, self.counted) for name, layer in model_cost(model).by_name().items()}
 
     def _untouched_from(self, dim: Dimension) -> int | None:
         cost = self.costs[(dim.site, dim.action)]
@@ -219,17 +259,26 @@ class CompressionObjective:
         return None
 
     def predicted_ratio(self, thetas: np.ndarray) -> np.ndarray:
-        """R for many points (M, d) from the linear site costs (no rewriting).
+        """R for many points (M, d) from the site cost functions (no rewriting).
 
-        The changes of the sites add up (exact for separate layers; for
-        channel groups that share a layer the interaction is neglected).
+        A node's cost is multiplied by the factor of every site that changes it:
+        exact for a layer between two pruned channel groups (its cost is
+        proportional to both widths); a layer both pruned and factored gets
+        the product too (approximate: its rank range shrinks with the width).
         """
         thetas = self.space.expand(np.atleast_2d(thetas))
-        total = np.full(len(thetas), float(self.cost_sites))
+        base = self._node_costs(self.model)
+        factor: dict[str, np.ndarray] = {}
         for j, dim in enumerate(self.space.dimensions):
-            cost = self.costs[(dim.site, dim.action)]
-            total += np.array([cost.after(dim.decode(u)) - cost.before for u in thetas[:, j]])
-        return total / self.cost_sites
+            decoded = [dim.decode(u) for u in thetas[:, j]]
+            untouched = np.array([v is None for v in decoded])
+            values = np.array([dim.high if v is None else v for v in decoded], np.float64)
+            for name, f in self.costs[(dim.site, dim.action)].factors(values, untouched).items():
+                factor[name] = factor[name] * f if name in factor else f
+        change = np.zeros(len(thetas))
+        for name, f in factor.items():
+            change += base[name] * (f - 1.0)
+        return (self.cost_sites + change) / self.cost_sites
 
     # -- evaluation ----------------------------------------------------------
     def compress(self, theta: Sequence[float]) -> tuple[ir.Model, Plan]:

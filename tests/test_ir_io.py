@@ -133,3 +133,23 @@ def test_atomic_writes_use_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_truncated_model_computes_the_intermediate_tensor_only(tmp_path):
+    import zoo
+    from conftest import export
+    from pycompress.fidelity import make_session, run_tensors
+    from pycompress.ir import truncated
+
+    model = load_model(export(zoo.ResidualCNN(), (2, 1, 8, 8), tmp_path / "r.onnx"))
+    nodes = list(model.graph)
+    name = nodes[len(nodes) // 2].outputs[0].name
+    small = truncated(model, [name])
+    assert 0 < len(list(small.graph)) < len(nodes) and [v.name for v in small.graph.outputs] == [name]
+    x = {model.graph.inputs[0].name: np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)}
+    want = run_tensors(make_session(model, extra_outputs=[name]), [name], x)[0]
+    got = run_tensors(make_session(small), [name], x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert len(list(model.graph)) == len(nodes)            # the original is untouched
+    with pytest.raises(PycompressError, match="not produced"):
+        truncated(model, ["nope"])

@@ -163,3 +163,32 @@ def is_codebook_lookup(node: ir.Node) -> bool:
         return (cast is not None and cast.op_type == "Cast" and cast.domain in ("", "ai.onnx")
                 and _const_meta(cast.inputs[0])[0] == ir.DataType.UINT8)
     return False
+
+
+def truncated(model: ir.Model, outputs: list[str]) -> ir.Model:
+    """A copy of ``model`` that computes only ``outputs``: the nodes they depend on.
+
+    onnxruntime runs every node of a graph whatever is fetched; a pass that
+    needs an early tensor is that much cheaper on the truncated copy.
+    """
+    copy = model.clone()
+    produced = {v.name: v for node in copy.graph for v in node.outputs}
+    inputs = {v.name: v for v in copy.graph.inputs}
+    missing = [name for name in outputs if name not in produced and name not in inputs]
+    if missing:
+        raise PycompressError(f"tensor '{missing[0]}' is not produced by any node of the model")
+    needed: set[int] = set()
+    stack = [produced[name].producer() for name in outputs if name in produced]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    copy.graph.outputs.clear()
+    for node in reversed(list(copy.graph)):
+        if id(node) not in needed:
+            copy.graph.remove(node, safe=True)
+    copy.graph.outputs.extend(produced.get(name) or inputs[name] for name in outputs)
+    remove_unused_initializers(copy)
+    return copy

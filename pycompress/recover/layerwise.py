@@ -25,8 +25,8 @@ import onnx_ir as ir
 
 from pycompress.errors import PycompressError
 from pycompress.fidelity.session import make_session, run_tensors
-from pycompress.ir import node_by_name
-from pycompress.recover.linear_view import LinearView, check_refittable, rows, target_rows
+from pycompress.ir import node_by_name, truncated
+from pycompress.recover.linear_view import LinearView, check_refittable, output_pixels, rows, target_rows
 from pycompress.recover.normal_equations import LayerStatistics
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -63,6 +63,24 @@ class RecoveryReport:
         return {"layers": [r.__dict__ for r in self.results]}
 
 
+def _teacher_rows(teacher: ir.Model, targets: list[RefitTarget], nodes: list[list[ir.Node]], batches: Batches,
+                  max_pixels: int, seed: int) -> list[list[tuple[np.ndarray | None, np.ndarray]]]:
+    """Per target, per batch: the output pixels drawn and the teacher's rows there (float32)."""
+    session = make_session(teacher, extra_outputs=[t.target for t in targets])
+    names = list(dict.fromkeys(t.target for t in targets))
+    rngs = [np.random.default_rng([seed, i]) for i in range(len(targets))]
+    out: list[list] = [[] for _ in targets]
+    for feeds in batches():
+        values = dict(zip(names, run_tensors(session, names, feeds)))
+        for i, (target, pair) in enumerate(zip(targets, nodes)):
+            y = values[target.target]
+            if target.target_channels is not None:
+                y = np.take(y, target.target_channels, axis=1)
+            pix = output_pixels(pair[0], y.shape, max_pixels, rngs[i])
+            out[i].append((pix, np.ascontiguousarray(target_rows(pair[-1], y, pix), dtype=np.float32)))
+    return out
+
+
 def _validate(student: ir.Model, target: RefitTarget) -> list[ir.Node]:
     nodes = [node_by_name(student, name) for name in target.nodes]
     for node in nodes:
@@ -84,13 +102,19 @@ def _validate(student: ir.Model, target: RefitTarget) -> list[ir.Node]:
 def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget], batches: Batches, *,
                  lam: float = 1e-3, max_pixels: int = 64, seed: int = 0,
                  progress: Callable[[str], None] | None = None) -> RecoveryReport:
-    """Refit ``targets`` of ``student`` in place, in the given (front-to-back) order."""
+    """Refit ``targets`` of ``student`` in place, in the given (front-to-back) order.
+
+    The teacher never changes: one pass over the data collects the target rows
+    of every layer (at most ``max_pixels`` output pixels per sample, drawn per
+    layer and batch before any data is seen). The student changes after each
+    refit, so each layer takes one pass of the student truncated at its input.
+    """
     report = RecoveryReport()
-    # One teacher session for all layers: the teacher never changes.
-    teacher_session = make_session(teacher, extra_outputs=[t.target for t in targets])
-    for target in targets:
+    checked = [_validate(student, target) for target in targets]
+    teacher_rows = _teacher_rows(teacher, targets, checked, batches, max_pixels, seed)
+    graph_inputs = {v.name for v in student.graph.inputs}
+    for t, (target, nodes) in enumerate(zip(targets, checked)):
         start = time.perf_counter()
-        nodes = _validate(student, target)
         first, last = nodes[0], nodes[-1]
         views = [LinearView(n) for n in nodes]
         w_now = views[0].weight_matrix().astype(np.float64)
@@ -100,15 +124,11 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
             b_now = b_now @ w2 + views[1].bias()
             w_now = w_now @ w2
         stats = LayerStatistics(*w_now.shape)
-        rng = np.random.default_rng(seed)
-        student_session = make_session(student, extra_outputs=[first.inputs[0].name])
-        for feeds in batches():
-            x = run_tensors(student_session, [first.inputs[0].name], feeds)[0]
-            y = run_tensors(teacher_session, [target.target], feeds)[0]
-            if target.target_channels is not None:
-                y = np.take(y, target.target_channels, axis=1)
-            xr, pix = rows(first, x, max_pixels=max_pixels, rng=rng)
-            yr = target_rows(last, y, pix)
+        source = first.inputs[0].name
+        student_session = None if source in graph_inputs else make_session(truncated(student, [source]))
+        for feeds, (pix, yr) in zip(batches(), teacher_rows[t]):
+            x = feeds[source] if student_session is None else run_tensors(student_session, [source], feeds)[0]
+            xr, _ = rows(first, x, pixels=pix)
             if xr.shape[0] != yr.shape[0]:
                 raise PycompressError(f"node '{last.name}': teacher tensor '{target.target}' does not align "
                                       f"with the layer's outputs ({yr.shape[0]} vs {xr.shape[0]} rows)")

@@ -112,10 +112,23 @@ def check_refittable(node: ir.Node) -> str | None:
     return None
 
 
+def output_pixels(node: ir.Node, output_shape: tuple[int, ...], max_pixels: int | None,
+                  rng: np.random.Generator) -> np.ndarray | None:
+    """At most ``max_pixels`` sorted output pixel indices of a Conv (None: Gemm/MatMul, or all of them)."""
+    if node.op_type in ("Gemm", "MatMul"):
+        return None
+    count = int(np.prod(output_shape[2:]))
+    if max_pixels is None or count <= max_pixels:
+        return np.arange(count)
+    return np.sort(rng.choice(count, max_pixels, replace=False))
+
+
 def rows(node: ir.Node, x: np.ndarray, *, max_pixels: int | None = None,
-         rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+         rng: np.random.Generator | None = None, pixels: np.ndarray | None = None
+         ) -> tuple[np.ndarray, np.ndarray | None]:
     """The node's input activations as rows of its linear map, and the output
-    pixels they stand for (im2col for Conv, at most ``max_pixels`` per sample)."""
+    pixels they stand for (im2col for Conv: the given ``pixels``, or at most
+    ``max_pixels`` drawn per sample)."""
     if node.op_type in ("Gemm", "MatMul"):
         return x.reshape(-1, x.shape[-1]), None
     w = constant_array(node.inputs[1])
@@ -127,9 +140,8 @@ def rows(node: ir.Node, x: np.ndarray, *, max_pixels: int | None = None,
     n, _, hp, wp = xp.shape
     ho = (hp - (dh * (kh - 1) + 1)) // sh + 1
     wo = (wp - (dw * (kw - 1) + 1)) // sw + 1
-    pix = np.arange(ho * wo)
-    if max_pixels is not None and len(pix) > max_pixels:
-        pix = np.sort((rng or np.random.default_rng(0)).choice(len(pix), max_pixels, replace=False))
+    pix = pixels if pixels is not None else output_pixels(node, (n, co, ho, wo), max_pixels,
+                                                          rng or np.random.default_rng(0))
     oy, ox = (pix // wo) * sh, (pix % wo) * sw
     ky = np.arange(kh) * dh
     kx = np.arange(kw) * dw
