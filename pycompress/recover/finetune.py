@@ -74,8 +74,8 @@ class EpochStats:
 class FinetuneReport:
     kept: bool
     best_epoch: int                  # 0: nothing better than the compressed model
-    before: HeldOut                  # held-out scores of the student before / after, by onnxruntime
-    after: HeldOut
+    before: HeldOut | None           # held-out scores of the student before / after, by onnxruntime
+    after: HeldOut | None            # (None: nothing to fine-tune)
     epochs: list[EpochStats] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     trainable: list[str] = field(default_factory=list)
@@ -202,8 +202,10 @@ def finetune(teacher: ir.Model, student: ir.Model, inputs: Mapping[str, np.ndarr
     if trainable == "compressed":
         names = compressed_initializers(teacher, student)
         if not names:
-            raise PycompressError("fine-tuning: no compressed layer found (the student equals the teacher); "
-                                  "use trainable='all'")
+            log("finetune: no compressed layer (the student has the teacher's weights); nothing to fine-tune")
+            return FinetuneReport(kept=False, best_epoch=0, before=None, after=None,
+                                  settings={"skipped": "no compressed layer"},
+                                  seconds=time.monotonic() - started)
     elif trainable == "all":
         names = None
     else:

@@ -118,6 +118,8 @@ def _clip(node, opset):
         return lambda x: torch.clamp(x, lo, hi)
 
     def fn(x, lo=None, hi=None):
+        if lo is None and hi is None:
+            return x
         return torch.clamp(x, None if lo is None else float(lo), None if hi is None else float(hi))
     return fn
 
