@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pycompress.errors import PycompressError
 from pycompress.fidelity.session import run_model
@@ -242,15 +243,11 @@ def finetune(teacher: ir.Model, student: ir.Model, inputs: Mapping[str, np.ndarr
         history: list[EpochStats] = []
         teacher_t = torch.from_numpy(teacher_out)
         labels_t = None if labels is None else torch.from_numpy(labels)
-        try:
-            from tqdm import tqdm
-        except ImportError:       # pragma: no cover - tqdm ships with the dependencies
-            tqdm = None
         for epoch in range(1, epochs + 1):
             t0 = time.monotonic()
             order = rng.permutation(train_idx)
             batches = range(0, len(order), batch_size)
-            if tqdm is not None and progress is not None:
+            if progress is not None:
                 batches = tqdm(batches, desc=f"finetune epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
             total, seen = 0.0, 0
             for start_at in batches:
