@@ -8,8 +8,14 @@ compressed model on a fresh subsample and returns (paper Eq. 2)
     J(theta) = gamma * Q(f~_theta) + 1 / R(theta),   var(J) = gamma^2 var(Q)
 
 with ``Q = -L^`` (function norm, knowledge distillation), ``1 - error``
-(accuracy) or ``-cross entropy`` and ``R`` = parameters of the compressed
-layers after / before (exact, counted on the rewritten graph).
+(accuracy) or ``-cross entropy`` and ``R`` the cost of the compressed layers
+after / before (``--objective``): parameters ("size", the paper's choice) or
+MACs ("macs"), both exact, counted on the rewritten graph; or ("latency") the
+onnxruntime latency of the whole model on this machine relative to the
+original, timed once per candidate. Timing is noisy: its variance enters
+``var J`` through ``var(1/R) ~= var(R) / R^4`` and the GP weighs it like the
+fidelity noise. Predictions of R without rewriting (gamma selection, the
+untouched rule) use MACs for "latency".
 
 Users rarely know gamma: ``select_gamma`` picks it for a target ratio by
 bisection: a GP fitted to the quality Q on the initial design predicts, for
@@ -21,7 +27,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,9 +52,12 @@ def quality_of(estimate: Estimate, loss: str) -> tuple[float, float]:
     return sign * estimate.mean + offset, estimate.variance
 
 
+OBJECTIVES = ("size", "macs", "latency")
+
+
 @dataclass
 class SiteCost:
-    """Parameters of one decision site: before, and after as ``intercept + slope * value``.
+    """Cost (parameters or MACs) of one decision site: before, and after as ``intercept + slope * value``.
 
     Factorizations and channel counts are linear in their parameter; the two
     coefficients are measured by applying the rewrite at two values.
@@ -63,7 +73,7 @@ class SiteCost:
 
 @dataclass
 class Measurement:
-    """One evaluation of a compressed model: quality and exact size ratio."""
+    """One evaluation of a compressed model: quality and cost ratio R (with its variance, if timed)."""
 
     quality: float
     quality_var: float
@@ -71,17 +81,36 @@ class Measurement:
     estimate: Estimate
     plan: Plan
     seconds: float
+    ratio_var: float = 0.0
 
     def objective(self, gamma: float) -> tuple[float, float]:
-        return gamma * self.quality + 1.0 / self.ratio, gamma * gamma * self.quality_var
+        # var(1/R) by the delta method; zero for counted (exact) ratios.
+        return (gamma * self.quality + 1.0 / self.ratio,
+                gamma * gamma * self.quality_var + self.ratio_var / self.ratio ** 4)
 
 
-def build_search_space(model: ir.Model, actions: Sequence[str]) -> tuple[SearchSpace, list[str]]:
+GRANULARITIES = ("layer", "block", "stage")
+
+
+def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str = "layer"
+                       ) -> tuple[SearchSpace, list[str]]:
     """One dimension per applicable site: a rank (``svd``, ``lowrank_conv``: ``[1, r_max]``)
     or a channel count (``prune``: ``[1, width]``). A node already searched by an
     earlier action is not searched again. Returns the space and notes on the
     sites left out (with the reason).
+
+    ``granularity`` "block" / "stage" makes the sites of one action inside one
+    residual block / resolution stage (``pycompress.ir.blocks``) share one
+    coordinate of the search (the same fraction of their ranges); "layer"
+    searches every site on its own.
     """
+    if granularity not in GRANULARITIES:
+        raise PycompressError(f"--granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+    labels: dict[str, str] = {}
+    if granularity != "layer":
+        from pycompress.ir.blocks import block_labels, stage_labels
+
+        labels = block_labels(model) if granularity == "block" else stage_labels(model)
     dims: list[Dimension] = []
     notes: list[str] = []
     taken: set[str] = set()
@@ -104,14 +133,18 @@ def build_search_space(model: ir.Model, actions: Sequence[str]) -> tuple[SearchS
             if high < (1 if kind == "rank" else 2):
                 notes.append(f"{site.name} ({action}): nothing to reduce")
                 continue
+            group = f"{labels[site.nodes[0]]}:{action}" if site.nodes and site.nodes[0] in labels else None
             if kind == "rank":
-                dims.append(Dimension(site.name, action, "rank", "rank", high=high))
+                dims.append(Dimension(site.name, action, "rank", "rank", high=high, group=group))
             else:
-                dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=1, untouched_from=high))
+                dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=1, untouched_from=high,
+                                      group=group))
             taken.add(site.name)
     if not dims:
         raise PycompressError(f"no site of the model can take {', '.join(actions)}"
                               + (f" ({notes[0]}{', ...' if len(notes) > 1 else ''})" if notes else ""))
+    sizes = Counter(d.group for d in dims)
+    dims = [replace(d, group=None) if sizes[d.group] == 1 else d for d in dims]   # a group of one is a layer
     return SearchSpace(dims), notes
 
 
@@ -119,29 +152,38 @@ class CompressionObjective:
     """``objective(theta, index) -> (J, var J, extras)`` for the planners (see module docstring)."""
 
     def __init__(self, model: ir.Model, space: SearchSpace, estimator: FidelityEstimator, *,
-                 gamma: float = 1.0, context: ApplyContext | None = None):
+                 gamma: float = 1.0, context: ApplyContext | None = None, objective: str = "size",
+                 latency=None):
+        if objective not in OBJECTIVES:
+            raise PycompressError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if objective == "latency" and latency is None:
+            raise PycompressError("--objective latency needs a latency probe (pycompress.fidelity.LatencyProbe)")
         self.model = model
         self.estimator = estimator
         self.gamma = float(gamma)
         self.context = context or ApplyContext()
         self.loss = estimator.loss
-        cost = model_cost(model).by_name()
-        self.params_total = sum(layer.params for layer in cost.values())
+        self.objective = objective
+        self.latency = latency
+        # What the linear site costs count: MACs stand in for latency where nothing is timed.
+        self.counted = "params" if objective == "size" else "macs"
+        cost = {name: getattr(layer, self.counted) for name, layer in model_cost(model).by_name().items()}
+        self.cost_total = sum(cost.values())
         self._site_nodes = {}
         for dim in space.dimensions:
             site = get_rewrite(dim.action).site(model, dim.site)
             self._site_nodes[(dim.site, dim.action)] = site.nodes
-        self.sites_before = {key: sum(cost[n].params for n in nodes if n in cost)
+        self.sites_before = {key: sum(cost[n] for n in nodes if n in cost)
                              for key, nodes in self._site_nodes.items()}
         # Sites may share nodes (a layer between two pruned channel groups): count each node once.
         searched = {n for nodes in self._site_nodes.values() for n in nodes}
-        self.params_sites = sum(cost[n].params for n in searched if n in cost)
-        if self.params_sites <= 0:
-            raise PycompressError("the searched sites hold no parameters")
+        self.cost_sites = sum(cost[n] for n in searched if n in cost)
+        if self.cost_sites <= 0:
+            raise PycompressError(f"the searched sites hold no {'parameters' if self.counted == 'params' else 'MACs'}"
+                                  " to reduce")
         self.costs = self._measure_costs(space)
         # Values at or above which a layer would not shrink: leave it untouched.
-        space = SearchSpace([Dimension(d.site, d.action, d.param, d.kind, d.high, d.low,
-                                       self._untouched_from(d)) for d in space.dimensions])
+        space = SearchSpace([replace(d, untouched_from=self._untouched_from(d)) for d in space.dimensions])
         self.space = space
         self._cache: dict[tuple[int, tuple[float, ...]], Measurement] = {}
 
@@ -159,7 +201,7 @@ class CompressionObjective:
             after = []
             for v in values:
                 model, _ = self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])
-                after.append(model_cost(model).params - (self.params_total - self.sites_before[key]))
+                after.append(self._counted(model) - (self.cost_total - self.sites_before[key]))
             if len(values) == 1:
                 slope = after[0] / values[0]
                 intercept = 0.0
@@ -182,12 +224,12 @@ class CompressionObjective:
         The changes of the sites add up (exact for separate layers; for
         channel groups that share a layer the interaction is neglected).
         """
-        thetas = np.atleast_2d(thetas)
-        total = np.full(len(thetas), float(self.params_sites))
+        thetas = self.space.expand(np.atleast_2d(thetas))
+        total = np.full(len(thetas), float(self.cost_sites))
         for j, dim in enumerate(self.space.dimensions):
             cost = self.costs[(dim.site, dim.action)]
             total += np.array([cost.after(dim.decode(u)) - cost.before for u in thetas[:, j]])
-        return total / self.params_sites
+        return total / self.cost_sites
 
     # -- evaluation ----------------------------------------------------------
     def compress(self, theta: Sequence[float]) -> tuple[ir.Model, Plan]:
@@ -196,8 +238,12 @@ class CompressionObjective:
         plan = apply_plan(model, self.space.to_plan(theta), self.context)
         return model, plan
 
+    def _counted(self, model: ir.Model) -> int:
+        return getattr(model_cost(model), self.counted)
+
     def ratio_of(self, compressed: ir.Model) -> float:
-        return (model_cost(compressed).params - (self.params_total - self.params_sites)) / self.params_sites
+        """Counted cost ratio of the compressed sites (parameters, or MACs for "macs" and "latency")."""
+        return (self._counted(compressed) - (self.cost_total - self.cost_sites)) / self.cost_sites
 
     def measure(self, theta: Sequence[float], index: int) -> Measurement:
         """Q and R at ``theta`` on the subsample of evaluation ``index`` (cached)."""
@@ -208,17 +254,20 @@ class CompressionObjective:
         model, plan = self._apply(self.space.decisions(theta))
         estimate = self.estimator.evaluate(model, index)
         quality, quality_var = quality_of(estimate, self.loss)
-        ratio = self.ratio_of(model)
+        if self.objective == "latency":
+            ratio, ratio_var = self.latency.ratio(model)
+        else:
+            ratio, ratio_var = self.ratio_of(model), 0.0
         if ratio <= 0:
-            raise PycompressError(f"compressed sites have {ratio:.3g} of their parameters; cannot form 1/R")
-        m = Measurement(quality, quality_var, ratio, estimate, plan, time.perf_counter() - t0)
+            raise PycompressError(f"compressed sites have {ratio:.3g} of their {self.objective}; cannot form 1/R")
+        m = Measurement(quality, quality_var, ratio, estimate, plan, time.perf_counter() - t0, ratio_var)
         self._cache[key] = m
         return m
 
     def __call__(self, theta: np.ndarray, index: int) -> tuple[float, float, dict[str, Any]]:
         m = self.measure(theta, index)
         value, variance = m.objective(self.gamma)
-        extras = {"ratio": m.ratio, "quality": m.quality, "fidelity": m.estimate.mean,
+        extras = {"ratio": m.ratio, "ratio_std_error": math.sqrt(m.ratio_var), "quality": m.quality, "fidelity": m.estimate.mean,
                   "fidelity_std_error": m.estimate.std_error, **m.estimate.extras, "eval_seconds": m.seconds}
         return value, variance, extras
 

@@ -19,7 +19,7 @@ from pycompress.cli.common import emit_json, human, print_table
 from pycompress.errors import PycompressError
 
 # Settings that define a search: a resumed run takes them from its run folder.
-_SEARCH_KEYS = ("method", "actions", "gamma", "target_size", "loss", "use_labels", "labels", "outputs", "samples",
+_SEARCH_KEYS = ("method", "actions", "granularity", "objective", "gamma", "target_size", "loss", "use_labels", "labels", "outputs", "samples",
                 "delta", "relative_delta", "epsilon", "seed", "initial", "seed_plans", "data")
 CONFIG_NAME = "compress.json"
 
@@ -56,7 +56,17 @@ def add_parser(sub) -> None:
                    help="fine-tuning optimizer (default rmsprop, as CramNet)")
     p.add_argument("--report-dir", default=None,
                    help="folder for report.json / report.md / report.html and plots (default OUT.report)")
-    p.add_argument("--actions", default="svd", help="comma-separated rank actions to search (default svd)")
+    p.add_argument("--actions", default="svd",
+                   help="comma-separated actions to search: svd, lowrank_conv, prune (default svd); "
+                        "a layer pruned and factored is pruned first")
+    p.add_argument("--objective", default="size", choices=("size", "macs", "latency"),
+                   help="what R in J = gamma * Q + 1/R measures: parameters (default), MACs, or the onnxruntime "
+                        "latency on this machine (timed per candidate; its noise enters the GP)")
+    p.add_argument("--latency-runs", type=int, default=10,
+                   help="--objective latency: timed runs per candidate at batch 1 (default 10)")
+    p.add_argument("--granularity", default="layer", choices=("layer", "block", "stage"),
+                   help="one search coordinate per layer (default), per residual block or per resolution "
+                        "stage and action (keeps the search small on deep networks)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--target-size", type=float, default=None,
                       help="choose gamma so that the compressed layers keep about this fraction of their "
@@ -116,6 +126,7 @@ def _config_from_args(args) -> dict[str, Any]:
         raise PycompressError(f"--method {args.method}: no such plan file")
     return {
         "method": args.method, "actions": [a.strip() for a in args.actions.split(",") if a.strip()],
+        "granularity": args.granularity, "objective": args.objective,
         "gamma": args.gamma, "target_size": (None if args.gamma is not None else
                                              (args.target_size if args.target_size is not None else 0.25)),
         "loss": args.loss or ("error" if use_labels else "norm"), "use_labels": use_labels,
@@ -183,12 +194,12 @@ def run(args) -> int:
     t_stage = time.monotonic()
     trace = None
     if config["method"] in ("pacbo", "random"):
-        compressed, plan, summary, trace, objective = _search(args, config, model, estimator, log, save_config,
-                                                              run_dir)
-        params_sites = objective.params_sites
+        compressed, plan, summary, trace, objective = _search(args, config, model, data, estimator, log,
+                                                              save_config, run_dir)
+        cost_sites = objective.cost_sites
     else:
         compressed, plan, summary = _one_shot(args, config, model, data, log)
-        params_sites = None
+        cost_sites = None
     stages.append({"name": "decide + apply", "seconds": time.monotonic() - t_stage})
 
     recovery = None
@@ -225,7 +236,7 @@ def run(args) -> int:
     cost_before, cost_after = model_cost(model), model_cost(compressed)
     summary.update({"fidelity_loss": config["loss"], "fidelity": final.mean, "fidelity_std_error": final.std_error,
                     "fidelity_samples": final.samples, **{f"final_{k}": v for k, v in final.extras.items()}})
-    if params_sites is None:
+    if cost_sites is None:
         summary["ratio"] = cost_after.params / max(cost_before.params, 1)
     stages.append({"name": "verify", "seconds": time.monotonic() - t_stage})
     plan.model = str(model_path)
@@ -266,10 +277,14 @@ def run(args) -> int:
                  f"{cost_after.params / max(cost_before.params, 1):.3f}"],
                 ["MACs", human(cost_before.macs), human(cost_after.macs),
                  f"{cost_after.macs / max(cost_before.macs, 1):.3f}"]]
-        if params_sites is not None:
+        if cost_sites is not None:
             ratio = summary["ratio"]
-            rows.insert(0, ["compressed layers", human(params_sites), human(round(ratio * params_sites)),
+            counted = "parameters" if config.get("objective", "size") == "size" else "MACs"
+            rows.insert(0, [f"compressed layers ({counted})", human(cost_sites), human(round(ratio * cost_sites)),
                             f"{ratio:.3f}"])
+        if "latency_ratio" in summary:
+            ms, r = summary["latency_ms_before"], summary["latency_ratio"]
+            rows.append(["latency (ms, batch 1)", f"{ms:.3f}", f"{ms * r:.3f}", f"{r:.3f}"])
         print_table(["", "before", "after", "ratio"], rows)
         if trace is not None:
             cert = (f"certificate: P(J(t*) - J(t^) < {summary['delta']:.4g}) = {summary['probability']:.4f} "
@@ -291,24 +306,39 @@ def run(args) -> int:
     return 0
 
 
-def _search(args, config, model, estimator, log, save_config, run_dir):
+def _search(args, config, model, data, estimator, log, save_config, run_dir):
     """PAC-BO or random search: (compressed model, applied plan, summary, trace, objective)."""
     from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
     from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, select_gamma
     from pycompress.plan import Plan
 
-    space, skipped = build_search_space(model, config["actions"])
+    space, skipped = build_search_space(model, config["actions"], config.get("granularity", "layer"))
     for note in skipped:
         log(f"skip {note}")
     from pycompress.rewrites import ApplyContext
 
     # Pruning runs before factorizing: a rank chosen for the full layer may no
     # longer shrink the pruned one; then the layer stays unfactored.
+    latency = None
+    if config.get("objective") == "latency":
+        from pycompress.fidelity.latency import LatencyProbe
+
+        log("timing the original model (the latency baseline)")
+        latency = LatencyProbe(model, {k: v[:1] for k, v in data.inputs.items()}, runs=args.latency_runs,
+                               threads=args.threads)
+        log(f"original latency {latency.baseline.mean * 1e3:.3f} ms +- {latency.baseline.std_error * 1e3:.2g} "
+            "(batch 1)")
     objective = CompressionObjective(model, space, estimator,
-                                     context=ApplyContext(options={"skip_rank_beyond_r_max": True}))
+                                     context=ApplyContext(options={"skip_rank_beyond_r_max": True}),
+                                     objective=config.get("objective", "size"), latency=latency)
     space = objective.space
-    log(f"searching {space.d} decisions: " + ", ".join(f"{d.site} ({d.action} {d.param} <= {d.high})"
-                                                      for d in space.dimensions))
+    if space.grouped:
+        log(f"searching {space.d} coordinates over {len(space.dimensions)} sites: "
+            + "; ".join(f"{name}: {', '.join(space.dimensions[i].site for i in idx)}"
+                        for name, idx in zip(space.coordinate_names(), space.members)))
+    else:
+        log(f"searching {space.d} decisions: " + ", ".join(f"{d.site} ({d.action} {d.param} <= {d.high})"
+                                                          for d in space.dimensions))
 
     settings = PACBOSettings(delta=config["delta"], relative_delta=config["relative_delta"],
                              epsilon=config["epsilon"], initial=config["initial"], max_evals=args.max_evals,
@@ -359,10 +389,18 @@ def _search(args, config, model, estimator, log, save_config, run_dir):
         "method": config["method"], "certified": result.certified,
         "probability": result.probability, "z_max": result.z_max, "stop_reason": result.stop_reason,
         "delta": result.history[-1].delta if result.history else config["delta"], "epsilon": config["epsilon"],
-        "gamma": config["gamma"], "target_size": config["target_size"], "ratio": objective.ratio_of(compressed),
+        "gamma": config["gamma"], "target_size": config["target_size"], "objective": objective.objective,
+        "ratio": objective.ratio_of(compressed),
         "J": result.value, "evaluations": result.evaluations, "search_seconds": result.seconds,
         "decisions": describe_point(space, result.theta),
     }
+    if latency is not None:
+        summary["latency_ratio"], var = latency.ratio(compressed)
+        summary["latency_ratio_std_error"] = math.sqrt(var)
+        summary["latency_ms_before"] = latency.baseline.mean * 1e3
+    if space.grouped:
+        summary["groups"] = {name: [space.dimensions[i].site for i in idx]
+                             for name, idx in zip(space.coordinate_names(), space.members) if len(idx) > 1}
     return compressed, plan, summary, _trace(config, space, result, summary), objective
 
 
@@ -412,6 +450,6 @@ def _trace(config: dict[str, Any], space, result, summary: dict[str, Any]) -> di
               "delta": summary["delta"], "epsilon": config["epsilon"], "stop_reason": result.stop_reason,
               "evaluations": result.evaluations, "seconds": result.seconds, "trace": trace}
     return {"config": config,
-            "dimensions": [{"site": d.site, "action": d.action, "r_max": d.high, "untouched_from": d.untouched_from}
-                           for d in space.dimensions],
+            "dimensions": [{"site": d.site, "action": d.action, "r_max": d.high, "untouched_from": d.untouched_from,
+                            "group": d.group} for d in space.dimensions],
             "result": summary, "search": search}

@@ -7,6 +7,13 @@ number of channels kept in ``[min_keep_i, C_i]`` (decoded
 reduce the layer (``>= untouched_from``) leaves it untouched: no decision.
 The optimizer works on ``theta in [0, 1]^d``; ``snap`` maps a point to the
 lattice point that is actually evaluated, so that the GP sees what was run.
+
+Grouped decisions (``--granularity block|stage``): dimensions that share a
+``group`` share one coordinate, i.e. one *fraction* ``u`` of their ranges
+(``r_i = round(u * r_max_i)`` for every member), so that a real network keeps
+``d`` small (the paper searched ResNet18 with 9 parameters). The coordinate is
+snapped on the lattice of its finest member, on which every member's value is
+a function of ``u``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class Dimension:
     kind "rank": values ``1..high`` (``high = r_max``), ``low`` is ignored.
     kind "keep": values ``low..high`` (``min_keep..C``).
     ``untouched_from``: values at or above it leave the layer as it is.
+    ``group``: dimensions with the same group share one coordinate (None: own).
     """
 
     site: str
@@ -38,6 +46,12 @@ class Dimension:
     high: int
     low: int = 1
     untouched_from: int | None = None
+    group: str | None = None
+
+    @property
+    def steps(self) -> int:
+        """Number of lattice steps of the coordinate."""
+        return self.high if self.kind == "rank" else self.high - self.low
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -69,7 +83,11 @@ class Dimension:
 
 
 class SearchSpace:
-    """The ordered dimensions of a search; decodes points to Plans and back."""
+    """The ordered dimensions of a search; decodes points to Plans and back.
+
+    ``d`` counts coordinates: one per ungrouped dimension plus one per group,
+    in order of first appearance.
+    """
 
     def __init__(self, dimensions: Sequence[Dimension]):
         if not dimensions:
@@ -78,14 +96,44 @@ class SearchSpace:
         if len(set(keys)) != len(keys):
             raise PycompressError("a site/action pair appears twice in the search space")
         self.dimensions = list(dimensions)
+        slots: dict[object, int] = {}
+        self.members: list[list[int]] = []          # coordinate -> its dimensions
+        for i, dim in enumerate(self.dimensions):
+            key = ("group", dim.group) if dim.group is not None else ("dim", i)
+            if key not in slots:
+                slots[key] = len(self.members)
+                self.members.append([])
+            self.members[slots[key]].append(i)
+        self.coordinate_of = np.empty(len(self.dimensions), dtype=np.intp)
+        for j, idx in enumerate(self.members):
+            self.coordinate_of[idx] = j
+        # The finest member's lattice carries the snapping of a coordinate.
+        self._leaders = [max(idx, key=lambda i: self.dimensions[i].steps) for idx in self.members]
 
     @property
     def d(self) -> int:
-        return len(self.dimensions)
+        return len(self.members)
+
+    @property
+    def grouped(self) -> bool:
+        return self.d < len(self.dimensions)
+
+    def coordinate_names(self) -> list[str]:
+        """A label per coordinate: the group, or ``site (action)``."""
+        names = []
+        for idx in self.members:
+            dim = self.dimensions[idx[0]]
+            names.append(dim.group if dim.group is not None else f"{dim.site} ({dim.action})")
+        return names
+
+    def expand(self, theta: np.ndarray) -> np.ndarray:
+        """Per-dimension coordinates (..., n_dimensions) of points (..., d)."""
+        theta = np.asarray(theta, np.float64)
+        return theta[..., self.coordinate_of]
 
     def values(self, theta: Sequence[float]) -> list[int | None]:
-        theta = self._check(theta)
-        return [dim.decode(u) for dim, u in zip(self.dimensions, theta)]
+        u = self.expand(self._check(theta))
+        return [dim.decode(x) for dim, x in zip(self.dimensions, u)]
 
     def decisions(self, theta: Sequence[float]) -> list[LayerDecision]:
         return [LayerDecision(dim.site, dim.action, {dim.param: v})
@@ -95,14 +143,19 @@ class SearchSpace:
         return Plan(self.decisions(theta), model, dict(meta or {}))
 
     def encode(self, plan: Plan | Iterable[LayerDecision]) -> np.ndarray:
-        """A plan's point: sites it does not mention are untouched (coordinate 1)."""
+        """A plan's point: sites it does not mention are untouched (coordinate 1).
+
+        A group's coordinate is the mean of its members' coordinates (a plan
+        from PFA keeps a different fraction per layer; the group gets their
+        average).
+        """
         decisions = plan.decisions if isinstance(plan, Plan) else list(plan)
         by_key = {(d.site, d.action): d for d in decisions}
         known = {(dim.site, dim.action) for dim in self.dimensions}
         for key in by_key:
             if key not in known:
                 raise PycompressError(f"site '{key[0]}': action '{key[1]}' is not part of this search")
-        theta = np.ones(self.d)
+        per_dim = np.ones(len(self.dimensions))
         for i, dim in enumerate(self.dimensions):
             decision = by_key.get((dim.site, dim.action))
             if decision is not None:
@@ -112,27 +165,28 @@ class SearchSpace:
                     params = {"keep": len(params["keep_indices"])}
                 if dim.param not in params:
                     raise PycompressError(f"site '{dim.site}': seed plan has no '{dim.param}' for '{dim.action}'")
-                theta[i] = dim.encode(int(params[dim.param]))
-        return theta
+                per_dim[i] = dim.encode(int(params[dim.param]))
+        return np.array([per_dim[idx].mean() for idx in self.members])
 
     def snap(self, theta: np.ndarray) -> np.ndarray:
         """Map points (d,) or (M, d) to the lattice points that decode to the same plan."""
         theta = np.asarray(theta, np.float64)
         flat = np.atleast_2d(theta)
         out = np.empty_like(flat)
-        for j, dim in enumerate(self.dimensions):
+        for j, leader in enumerate(self._leaders):
+            dim = self.dimensions[leader]
             col = np.clip(flat[:, j], 0.0, 1.0)
             if dim.kind == "rank":
                 values = np.maximum(1, np.rint(col * dim.high))
                 snapped = values / dim.high
-                if dim.untouched_from is not None:
-                    snapped = np.where(values >= dim.untouched_from, 1.0, snapped)
             else:
                 span = dim.high - dim.low
                 values = np.rint(dim.low + col * span)
                 snapped = (values - dim.low) / span if span else np.ones_like(col)
-                if dim.untouched_from is not None:
-                    snapped = np.where(values >= dim.untouched_from, 1.0, snapped)
+            if dim.untouched_from is not None and len(self.members[j]) == 1:
+                # Every untouched value is the same plan: one point for it. (In a
+                # group the other members still change below the leader's cut.)
+                snapped = np.where(values >= dim.untouched_from, 1.0, snapped)
             out[:, j] = snapped
         return out.reshape(theta.shape)
 
