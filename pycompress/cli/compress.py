@@ -45,6 +45,15 @@ def add_parser(sub) -> None:
                    help="skip the closed-form, teacher-guided layer-wise recovery after compressing")
     p.add_argument("--recover-samples", type=int, default=512,
                    help="calibration samples used by the recovery (default 512)")
+    p.add_argument("--finetune", action="store_true",
+                   help="after recovery, fine-tune the compressed ONNX graph's weights against the original "
+                        "(MSE to its outputs + cross-entropy with labels when the data has them); kept only if "
+                        "it lowers the held-out loss (docs/finetune.md)")
+    p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="fine-tuning learning rate (default 1e-3 for rmsprop/adam, 1e-2 for sgd)")
+    p.add_argument("--finetune-optimizer", choices=("rmsprop", "adam", "sgd"), default="rmsprop",
+                   help="fine-tuning optimizer (default rmsprop, as CramNet)")
     p.add_argument("--report-dir", default=None,
                    help="folder for report.json / report.md / report.html and plots (default OUT.report)")
     p.add_argument("--actions", default="svd",
@@ -203,10 +212,27 @@ def run(args) -> int:
         recovery["fidelity_before"] = before_fid.mean
         stages.append({"name": "recover", "seconds": time.monotonic() - t_stage})
 
+    finetuned = None
+    if args.finetune:
+        from pycompress.recover.finetune import finetune
+
+        t_stage = time.monotonic()
+        log("finetune: gradient fine-tuning of the compressed graph against the teacher")
+        before_ft = estimator.evaluate_on(compressed, np.arange(min(estimator.pool, 5000)))
+        if recovery is not None:
+            recovery["fidelity_after"] = before_ft.mean
+        finetuned = finetune(model, compressed, data.inputs, data.labels, epochs=args.finetune_epochs,
+                             lr=args.finetune_lr, optimizer=args.finetune_optimizer, seed=config["seed"],
+                             progress=None if args.quiet else log, threads=args.threads).to_dict()
+        finetuned["fidelity_before"] = before_ft.mean
+        stages.append({"name": "finetune", "seconds": time.monotonic() - t_stage})
+
     t_stage = time.monotonic()
     final = estimator.evaluate_on(compressed, np.arange(min(estimator.pool, 5000)))
-    if recovery is not None:
+    if recovery is not None and finetuned is None:
         recovery["fidelity_after"] = final.mean
+    if finetuned is not None:
+        finetuned["fidelity_after"] = final.mean
     cost_before, cost_after = model_cost(model), model_cost(compressed)
     summary.update({"fidelity_loss": config["loss"], "fidelity": final.mean, "fidelity_std_error": final.std_error,
                     "fidelity_samples": final.samples, **{f"final_{k}": v for k, v in final.extras.items()}})
@@ -237,7 +263,7 @@ def run(args) -> int:
         "layers": [{"site": d.site, "action": d.action, "params": d.params,
                     "params_before": (d.result or {}).get("params_before"),
                     "params_after": (d.result or {}).get("params_after")} for d in plan.decisions],
-        "recovery": recovery, "summary": summary,
+        "recovery": recovery, "finetune": finetuned, "summary": summary,
         "files": {"model": str(output), "plan": str(plan_path), "trace": str(trace_path) if trace else None},
     })
     paths = write_report(report, report_dir)
@@ -269,6 +295,9 @@ def run(args) -> int:
             kept = sum(1 for r in recovery["layers"] if r["kept"])
             print(f"recovery: {kept}/{len(recovery['layers'])} layers refitted; fidelity "
                   f"{recovery['fidelity_before']:.4g} -> {recovery['fidelity_after']:.4g}")
+        if finetuned is not None:
+            print(f"finetune: {'kept epoch ' + str(finetuned['best_epoch']) if finetuned['kept'] else 'not kept'}; "
+                  f"fidelity {finetuned['fidelity_before']:.4g} -> {finetuned['fidelity_after']:.4g}")
         extra = "".join(f", {k.removeprefix('final_')} {v:.4f}" for k, v in summary.items()
                         if k in ("final_agreement", "final_accuracy"))
         print(f"fidelity ({config['loss']}) on {final.samples} samples: {final.mean:.4g} +- {final.std_error:.2g}"
