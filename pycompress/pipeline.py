@@ -132,8 +132,8 @@ class Measurement:
 GRANULARITIES = ("layer", "block", "stage")
 
 
-def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str = "layer"
-                       ) -> tuple[SearchSpace, list[str]]:
+def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str = "layer", *,
+                       max_prune: float = 1.0, align: int = 1) -> tuple[SearchSpace, list[str]]:
     """One dimension per applicable site: a rank (``svd``, ``lowrank_conv``: ``[1, r_max]``)
     or a channel count (``prune``: ``[1, width]``). A node already searched by an
     earlier action is not searched again. Returns the space and notes on the
@@ -142,8 +142,12 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
     ``granularity`` "block" / "stage" makes the sites of one action inside one
     residual block / resolution stage (``pycompress.ir.blocks``) share one
     coordinate of the search (the same fraction of their ranges); "layer"
-    searches every site on its own.
+    searches every site on its own. ``max_prune``: the largest fraction of a
+    channel group the search may remove (keeps ``>= ceil((1 - max_prune) C)``);
+    ``align``: channel counts searched are multiples of it (or the full width).
     """
+    if not 0 < max_prune <= 1:
+        raise PycompressError(f"--max-prune must be in (0, 1], got {max_prune}")
     if granularity not in GRANULARITIES:
         raise PycompressError(f"--granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
     labels: dict[str, str] = {}
@@ -177,8 +181,13 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
             if kind == "rank":
                 dims.append(Dimension(site.name, action, "rank", "rank", high=high, group=group))
             else:
-                dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=1, untouched_from=high,
-                                      group=group))
+                low = max(1, min(high, math.ceil(round((1.0 - max_prune) * high, 9))))
+                if low >= high or -(-low // align) * align >= high:
+                    notes.append(f"{site.name} ({action}): --max-prune {max_prune:g} / --align {align} "
+                                 "leave nothing to remove")
+                    continue
+                dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=low, untouched_from=high,
+                                      group=group, align=align))
             taken.add(site.name)
     if not dims:
         raise PycompressError(f"no site of the model can take {', '.join(actions)}"

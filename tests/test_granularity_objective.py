@@ -166,3 +166,28 @@ def test_objective_latency_end_to_end(resnet, tmp_path, capsys):
     assert result["latency_ratio"] > 0 and math.isfinite(result["latency_ratio_std_error"])
     trace = json.loads((tmp_path / "lat.trace.json").read_text())
     assert all(row["J_se"] > 0 for row in trace["search"]["trace"])
+
+
+def test_aligned_channel_counts():
+    dim = Dimension("s", "prune", "keep", "keep", high=96, low=20, untouched_from=96, align=16)
+    assert dim.levels.tolist() == [32, 48, 64, 80, 96]
+    space = SearchSpace([dim])
+    rng = np.random.default_rng(1)
+    for theta in space.snap(rng.random((50, 1))):
+        value = space.values(theta)[0]
+        assert value is None or (value % 16 == 0 and 32 <= value < 96)
+    assert space.values(space.encode(Plan([LayerDecision("s", "prune", {"keep": 50})])))[0] == 48
+    odd = Dimension("s", "prune", "keep", "keep", high=40, low=10, align=16)
+    assert odd.levels.tolist() == [16, 32, 40]          # the full width stays reachable
+
+
+def test_max_prune_and_align_bound_the_search(resnet):
+    model = load_model(resnet[0])
+    full, _ = build_search_space(model, ["prune"])
+    bounded, notes = build_search_space(model, ["prune"], max_prune=0.25, align=4)
+    for dim in bounded.dimensions:
+        assert dim.low == math.ceil(0.75 * dim.high) and all(v % 4 == 0 or v == dim.high for v in dim.levels)
+    # Groups of 8 channels: 0.25 of them is 2, but no multiple of 4 lies in [6, 8): left out, with the reason.
+    assert len(bounded.dimensions) < len(full.dimensions) and any("--align 4" in n for n in notes)
+    with pytest.raises(Exception, match="--max-prune"):
+        build_search_space(model, ["prune"], max_prune=0.0)

@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from pycompress.cli.common import emit_json, human, print_table
 from pycompress.errors import PycompressError
 
 # Settings that define a search: a resumed run takes them from its run folder.
-_SEARCH_KEYS = ("method", "actions", "granularity", "objective", "gamma", "target_size", "loss", "use_labels", "labels", "outputs", "samples",
+_SEARCH_KEYS = ("method", "actions", "granularity", "objective", "max_prune", "align", "gamma", "target_size", "loss", "use_labels", "labels", "outputs", "samples",
                 "delta", "relative_delta", "epsilon", "seed", "initial", "seed_plans", "data")
 CONFIG_NAME = "compress.json"
 
@@ -64,6 +65,12 @@ def add_parser(sub) -> None:
                         "latency on this machine (timed per candidate; its noise enters the GP)")
     p.add_argument("--latency-runs", type=int, default=10,
                    help="--objective latency: timed runs per candidate at batch 1 (default 10)")
+    p.add_argument("--max-prune", type=float, default=1.0,
+                   help="prune: the largest fraction of any channel group the search may remove (default 1: "
+                        "down to one channel); fragile compact networks want e.g. 0.25")
+    p.add_argument("--align", type=int, default=1,
+                   help="prune: search channel counts in multiples of this (e.g. 16 for onnxruntime's AVX-512 "
+                        "blocked convolutions, 8 for AVX2; other widths are padded and can run slower)")
     p.add_argument("--granularity", default="layer", choices=("layer", "block", "stage"),
                    help="one search coordinate per layer (default), per residual block or per resolution "
                         "stage and action (keeps the search small on deep networks)")
@@ -126,7 +133,8 @@ def _config_from_args(args) -> dict[str, Any]:
         raise PycompressError(f"--method {args.method}: no such plan file")
     return {
         "method": args.method, "actions": [a.strip() for a in args.actions.split(",") if a.strip()],
-        "granularity": args.granularity, "objective": args.objective,
+        "granularity": args.granularity, "objective": args.objective, "max_prune": args.max_prune,
+        "align": args.align,
         "gamma": args.gamma, "target_size": (None if args.gamma is not None else
                                              (args.target_size if args.target_size is not None else 0.25)),
         "loss": args.loss or ("error" if use_labels else "norm"), "use_labels": use_labels,
@@ -312,9 +320,9 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
     from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, select_gamma
     from pycompress.plan import Plan
 
-    space, skipped = build_search_space(model, config["actions"], config.get("granularity", "layer"))
-    for note in skipped:
-        log(f"skip {note}")
+    space, skipped = build_search_space(model, config["actions"], config.get("granularity", "layer"),
+                                        max_prune=config.get("max_prune", 1.0), align=config.get("align", 1))
+    _log_skipped(skipped, log)
     from pycompress.rewrites import ApplyContext
 
     # Pruning runs before factorizing: a rank chosen for the full layer may no
@@ -402,6 +410,15 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         summary["groups"] = {name: [space.dimensions[i].site for i in idx]
                              for name, idx in zip(space.coordinate_names(), space.members) if len(idx) > 1}
     return compressed, plan, summary, _trace(config, space, result, summary), objective
+
+
+def _log_skipped(notes: list[str], log, shown: int = 3) -> None:
+    """Sites left out of the search: a few in full, the rest counted by reason (real networks have dozens)."""
+    for note in notes[:shown]:
+        log(f"skip {note}")
+    if len(notes) > shown:
+        reasons = Counter(note.split(": ", 1)[-1].split(" (group=")[0] for note in notes[shown:])
+        log(f"skip {len(notes) - shown} more sites: " + "; ".join(f"{n} x {r}" for r, n in reasons.most_common()))
 
 
 def _one_shot(args, config, model, data, log):

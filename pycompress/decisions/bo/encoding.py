@@ -19,6 +19,7 @@ a function of ``u``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ class Dimension:
     """One coordinate: parameter ``param`` of ``action`` at ``site``.
 
     kind "rank": values ``1..high`` (``high = r_max``), ``low`` is ignored.
-    kind "keep": values ``low..high`` (``min_keep..C``).
+    kind "keep": values ``low..high`` (``min_keep..C``), multiples of ``align`` (and ``high``).
     ``untouched_from``: values at or above it leave the layer as it is.
     ``group``: dimensions with the same group share one coordinate (None: own).
     """
@@ -47,24 +48,35 @@ class Dimension:
     low: int = 1
     untouched_from: int | None = None
     group: str | None = None
+    align: int = 1
+
+    @cached_property
+    def levels(self) -> np.ndarray:
+        """kind "keep": the channel counts searched, multiples of ``align`` in ``[low, high]`` plus ``high``
+        (onnxruntime's blocked convolutions pad other widths: they cost time without saving any)."""
+        first = -(-self.low // self.align) * self.align
+        return np.unique(np.append(np.arange(first, self.high + 1, self.align), self.high))
 
     @property
     def steps(self) -> int:
         """Number of lattice steps of the coordinate."""
-        return self.high if self.kind == "rank" else self.high - self.low
+        return self.high if self.kind == "rank" else len(self.levels) - 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise PycompressError(f"site '{self.site}': unknown dimension kind '{self.kind}'")
         if self.high < 1 or (self.kind == "keep" and not 1 <= self.low <= self.high):
             raise PycompressError(f"site '{self.site}': empty range [{self.low}, {self.high}] for '{self.param}'")
+        if self.align < 1:
+            raise PycompressError(f"site '{self.site}': align must be >= 1, got {self.align}")
 
     def value(self, u: float) -> int:
         """The integer parameter at coordinate ``u`` in [0, 1] (before the untouched rule)."""
         u = float(min(max(u, 0.0), 1.0))
         if self.kind == "rank":
             return max(1, int(round(u * self.high)))
-        return int(round(self.low + u * (self.high - self.low)))
+        levels = self.levels
+        return int(levels[int(round(u * (len(levels) - 1)))])
 
     def decode(self, u: float) -> int | None:
         """The parameter at ``u``, or None when it would leave the layer untouched."""
@@ -77,9 +89,10 @@ class Dimension:
             return 1.0
         if self.kind == "rank":
             return float(min(max(value, 1), self.high)) / self.high
-        if self.high == self.low:
+        levels = self.levels
+        if len(levels) == 1:
             return 1.0
-        return float(min(max(value, self.low), self.high) - self.low) / (self.high - self.low)
+        return float(np.argmin(np.abs(levels - value))) / (len(levels) - 1)
 
 
 class SearchSpace:
@@ -180,9 +193,11 @@ class SearchSpace:
                 values = np.maximum(1, np.rint(col * dim.high))
                 snapped = values / dim.high
             else:
-                span = dim.high - dim.low
-                values = np.rint(dim.low + col * span)
-                snapped = (values - dim.low) / span if span else np.ones_like(col)
+                levels = dim.levels
+                span = len(levels) - 1
+                index = np.rint(col * span).astype(np.intp)
+                values = levels[index]
+                snapped = index / span if span else np.ones_like(col)
             if dim.untouched_from is not None and len(self.members[j]) == 1:
                 # Every untouched value is the same plan: one point for it. (In a
                 # group the other members still change below the leader's cut.)
