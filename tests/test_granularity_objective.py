@@ -191,3 +191,12 @@ def test_max_prune_and_align_bound_the_search(resnet):
     assert len(bounded.dimensions) < len(full.dimensions) and any("--align 4" in n for n in notes)
     with pytest.raises(Exception, match="--max-prune"):
         build_search_space(model, ["prune"], max_prune=0.0)
+
+
+def test_seed_plans_may_decide_sites_outside_the_search():
+    space = _space()
+    plan = Plan([LayerDecision("a", "svd", {"rank": 20}), LayerDecision("elsewhere", "prune", {"keep": 3})])
+    with pytest.raises(Exception, match="not part of this search"):
+        space.encode(plan)
+    theta = space.encode(plan, strict=False)
+    assert theta[0] == pytest.approx((0.5 + 1.0) / 2) and theta[1] == 1.0

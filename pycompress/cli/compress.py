@@ -351,7 +351,8 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
     settings = PACBOSettings(delta=config["delta"], relative_delta=config["relative_delta"],
                              epsilon=config["epsilon"], initial=config["initial"], max_evals=args.max_evals,
                              time_limit=args.time_limit, seed=config["seed"])
-    seeds = [space.encode(Plan.load(p)) for p in config["seed_plans"]]
+    # A seed plan (e.g. PFA's) may decide sites this search leaves out: those decisions are dropped.
+    seeds = [space.encode(Plan.load(p), strict=False) for p in config["seed_plans"]]
 
     def progress(step, obs) -> None:
         ratio = obs.extras.get("ratio", float("nan"))

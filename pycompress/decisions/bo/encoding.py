@@ -155,8 +155,9 @@ class SearchSpace:
     def to_plan(self, theta: Sequence[float], *, model: str = "", meta: dict | None = None) -> Plan:
         return Plan(self.decisions(theta), model, dict(meta or {}))
 
-    def encode(self, plan: Plan | Iterable[LayerDecision]) -> np.ndarray:
+    def encode(self, plan: Plan | Iterable[LayerDecision], *, strict: bool = True) -> np.ndarray:
         """A plan's point: sites it does not mention are untouched (coordinate 1).
+        ``strict=False`` ignores decisions on sites outside the search.
 
         A group's coordinate is the mean of its members' coordinates (a plan
         from PFA keeps a different fraction per layer; the group gets their
@@ -165,9 +166,11 @@ class SearchSpace:
         decisions = plan.decisions if isinstance(plan, Plan) else list(plan)
         by_key = {(d.site, d.action): d for d in decisions}
         known = {(dim.site, dim.action) for dim in self.dimensions}
-        for key in by_key:
+        for key in list(by_key):
             if key not in known:
-                raise PycompressError(f"site '{key[0]}': action '{key[1]}' is not part of this search")
+                if strict:
+                    raise PycompressError(f"site '{key[0]}': action '{key[1]}' is not part of this search")
+                del by_key[key]     # a seed plan may decide sites the search leaves out
         per_dim = np.ones(len(self.dimensions))
         for i, dim in enumerate(self.dimensions):
             decision = by_key.get((dim.site, dim.action))
