@@ -111,3 +111,39 @@ def test_demo_runs_and_prints_what_the_report_says(tmp_path):
     assert report["search"]["certificate"] and report["search"]["probability"] >= 0.995
     assert report["after"]["params"] < 0.9 * report["before"]["params"]
     assert report["heldout"]["accuracy_after"] >= report["heldout"]["accuracy_before"] - 0.01
+
+
+@pytest.mark.slow
+def test_efficientnet_demo_prints_what_the_report_says(tmp_path):
+    """The real pretrained CNN: PFA seed + PAC-BO over prune/lowrank_conv by stage, recovery, bench."""
+    proc = subprocess.run([sys.executable, "-m", "pycompress", "demo", "--model", "efficientnet-lite0",
+                           "-o", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "demo" / "efficientnet_report" / "report.json").read_text())
+    rows = {line.rsplit(None, 3)[0].strip(): line.rsplit(None, 3)[1:] for line in proc.stdout.splitlines()
+            if line.startswith(("parameters", "MACs", "latency"))}
+    b, a = report["before"], report["after"]
+    assert rows["parameters"][:2] == [f"{b['params']:,}", f"{a['params']:,}"]
+    assert rows["MACs"][:2] == [f"{b['macs']:,}", f"{a['macs']:,}"]
+    p50 = [row["latency_ms"]["p50"] for row in report["bench"]]
+    assert rows["latency p50 (ms, batch 1)"] == [f"{p50[0]:.2f}", f"{p50[1]:.2f}", f"{p50[1] / p50[0]:.3f}"]
+    agreement = report["heldout"]["top1_agreement"]
+    assert f"held-out crops: {agreement:.4f}" in proc.stdout
+    # Smaller and still the same classifier on most unseen crops (chance agreement is ~0.001).
+    assert a["macs"] < 0.9 * b["macs"] and a["params"] < b["params"]
+    assert agreement >= 0.5
+    assert report["recovery"]["layers"] and (tmp_path / "demo" / "efficientnet_report" / "report.html").exists()
+    assert {"groups", "objective"} <= set(report["summary"]) and report["summary"]["objective"] == "macs"
+
+
+def test_init_pfa_evaluates_the_pfa_plan_first(cnn_data, tmp_path, capsys):
+    path, calib, _ = cnn_data
+    compress(capsys, path, "--data", calib, "--method", "pfa", "--no-recover", "-o", tmp_path / "pfa.onnx")
+    pfa_counts = {d.site: len(d.params["keep_indices"]) for d in Plan.load(tmp_path / "pfa.plan.json").decisions}
+    compress(capsys, path, "--data", calib, "--method", "random", "--actions", "prune", "--init", "pfa",
+             "--gamma", "1", "--max-evals", "3", "--samples", "60", "--no-recover", "-o", tmp_path / "s.onnx")
+    first = json.loads((tmp_path / "s.trace.json").read_text())["search"]["trace"][0]["decisions"]
+    assert pfa_counts and {site: keep for site, keep in first.items() if keep is not None} == pfa_counts
+    code = main(["compress", str(path), "--data", str(calib), "--actions", "svd", "--init", "pfa",
+                 "-o", str(tmp_path / "x.onnx")])
+    assert code == 2 and "--init pfa" in capsys.readouterr().err

@@ -30,3 +30,20 @@ def test_write_report_files_and_numbers(tmp_path):
     assert "certified" in md and "15 evaluations" in md
     assert "<table>" in paths["html"].read_text()
     assert paths["bo_trace.png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_shows_finetuning_held_out_and_latency(tmp_path):
+    report = {"model": "m.onnx", "before": {"params": 10}, "after": {"params": 5},
+              "finetune": {"kept": True, "best_epoch": 2, "before": {"loss": 4.0, "mse": 4.0, "agreement": 0.5},
+                           "epochs": [{"epoch": 1, "train_loss": 3.0, "heldout": {"loss": 2.5, "mse": 2.5,
+                                                                                  "agreement": 0.7}, "seconds": 1.0},
+                                      {"epoch": 2, "train_loss": 2.0, "heldout": {"loss": 1.5, "mse": 1.5,
+                                                                                  "agreement": 0.8}, "seconds": 1.0}]},
+              "heldout": {"samples": 128, "top1_agreement": 0.75},
+              "bench": [{"name": "a.onnx", "provider": "CPUExecutionProvider", "batch": 1,
+                         "latency_ms": {"p50": 8.0, "p90": 9.0}},
+                        {"name": "b.onnx", "latency_ms": {"p50": 6.0, "p90": 7.0}}]}
+    md = write_report(report, tmp_path)["md"].read_text()
+    assert "## Fine-tuning (kept epoch 2)" in md and "| 2 | 2 | 1.5 | 1.5 | 0.8 | 1.0 |" in md
+    assert "top1_agreement: 0.75" in md
+    assert "| b.onnx | 6.000 | 7.000 | 0.750 |" in md

@@ -21,7 +21,7 @@ from pycompress.errors import PycompressError
 
 # Settings that define a search: a resumed run takes them from its run folder.
 _SEARCH_KEYS = ("method", "actions", "granularity", "objective", "max_prune", "align", "gamma", "target_size", "loss", "use_labels", "labels", "outputs", "samples",
-                "delta", "relative_delta", "epsilon", "seed", "initial", "seed_plans", "data")
+                "delta", "relative_delta", "epsilon", "seed", "initial", "seed_plans", "data", "init", "energy")
 CONFIG_NAME = "compress.json"
 
 
@@ -94,6 +94,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the search and the subsamples (default 0)")
     p.add_argument("--seed-plan", action="append", default=[], metavar="PLAN.json",
                    help="also evaluate this plan first (e.g. from PFA); repeatable")
+    p.add_argument("--init", choices=("sobol", "pfa"), default="sobol",
+                   help="pfa: also seed the search with a PFA pruning plan computed on --data (PFA-KL, or "
+                        "PFA-En with --energy); the initial design stays a Sobol sequence (default: sobol only)")
     p.add_argument("--run-dir", default=None, help="folder for the resumable state (default OUT.run)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the search saved in RUN_DIR")
     p.add_argument("--plan", default=None, help="where to write the plan (default OUT.plan.json)")
@@ -142,6 +145,7 @@ def _config_from_args(args) -> dict[str, Any]:
         "samples": args.samples, "delta": args.delta, "relative_delta": args.relative_delta,
         "epsilon": args.epsilon, "seed": args.seed, "initial": args.initial,
         "seed_plans": [str(Path(p).resolve()) for p in args.seed_plan], "data": args.data,
+        "init": args.init, "energy": args.energy,
     }
 
 
@@ -353,6 +357,14 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
                              time_limit=args.time_limit, seed=config["seed"])
     # A seed plan (e.g. PFA's) may decide sites this search leaves out: those decisions are dropped.
     seeds = [space.encode(Plan.load(p), strict=False) for p in config["seed_plans"]]
+    if config.get("init") == "pfa" and not args.resume:
+        from pycompress.analysis import pfa_plan
+
+        if "prune" not in config["actions"]:
+            raise PycompressError("--init pfa seeds pruning decisions: add prune to --actions")
+        log("PFA seed plan: " + (f"PFA-En tau={config['energy']}" if config.get("energy") is not None else "PFA-KL"))
+        seeds.append(space.encode(pfa_plan(model, data, energy=config.get("energy"), progress=not args.quiet,
+                                           threads=args.threads), strict=False))
 
     def progress(step, obs) -> None:
         ratio = obs.extras.get("ratio", float("nan"))

@@ -166,6 +166,29 @@ def render_markdown(report: dict, plots: list[str]) -> str:
                   "|---|---:|---:|---|"]
         lines += [f"| {'/'.join(r['nodes'])} | {_fmt(r['error_before'])} | {_fmt(r['error_after'])} | "
                   f"{'yes' if r['kept'] else 'no'} |" for r in rec]
+    tuned = report.get("finetune") or {}
+    if tuned.get("epochs"):
+        lines += ["", f"## Fine-tuning ({'kept epoch ' + str(tuned.get('best_epoch')) if tuned.get('kept') else 'not kept'})",
+                  "", "| epoch | train loss | held-out loss | held-out MSE | agreement | seconds |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        start = tuned.get("before") or {}
+        if start:
+            lines.append(f"| 0 | - | {_fmt(start.get('loss'))} | {_fmt(start.get('mse'))} | "
+                         f"{_fmt(start.get('agreement'))} | - |")
+        lines += [f"| {e['epoch']} | {_fmt(e['train_loss'])} | {_fmt(e['heldout'].get('loss'))} | "
+                  f"{_fmt(e['heldout'].get('mse'))} | {_fmt(e['heldout'].get('agreement'))} | {e['seconds']:.1f} |"
+                  for e in tuned["epochs"]]
+    held = report.get("heldout") or {}
+    if held:
+        lines += ["", "## Held-out data (never seen by the search or the recovery)", ""]
+        lines += [f"- {key}: {_fmt(value)}" for key, value in held.items()]
+    bench = [row for row in report.get("bench") or [] if row.get("latency_ms")]
+    if bench:
+        base = bench[0]["latency_ms"]["p50"]
+        lines += ["", f"## Latency ({bench[0].get('provider', '')}, batch {bench[0].get('batch', 1)})", "",
+                  "| model | p50 ms | p90 ms | p50 / original |", "|---|---:|---:|---:|"]
+        lines += [f"| {row['name']} | {row['latency_ms']['p50']:.3f} | {row['latency_ms']['p90']:.3f} | "
+                  f"{row['latency_ms']['p50'] / base:.3f} |" for row in bench]
     for plot in plots:
         lines += ["", f"![{plot}]({plot})"]
     return "\n".join(lines) + "\n"
