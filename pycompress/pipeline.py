@@ -437,11 +437,13 @@ def recovery_targets(teacher: ir.Model, student: ir.Model, plan: Plan) -> tuple[
             return
         targets[(a, b)] = (by_name[a], RefitTarget([a, b], teacher_nodes[site].outputs[0].name, rank=rank))
 
-    # Producers whose own output channels were pruned: the teacher's channels they keep.
+    # The pruned channel groups, analysed once on the teacher; producers whose
+    # own output channels were pruned keep these teacher channels.
+    pruned = {d.site: get_rewrite("prune").site(teacher, d.site) for d in plan.decisions if d.action == "prune"}
     kept_outputs: dict[str, list[int]] = {}
     for decision in plan.decisions:
         if decision.action == "prune" and decision.result and "kept_indices" in decision.result:
-            for producer in get_rewrite("prune").site(teacher, decision.site).info.get("producers", []):
+            for producer in pruned[decision.site].info.get("producers", []):
                 kept_outputs[producer] = decision.result["kept_indices"]
 
     for decision in plan.decisions:
@@ -453,8 +455,7 @@ def recovery_targets(teacher: ir.Model, student: ir.Model, plan: Plan) -> tuple[
             else:
                 notes.append(f"{decision.site}: Tai's vertical/horizontal pair is not refitted")
         elif decision.action == "prune":
-            site = get_rewrite("prune").site(teacher, decision.site)
-            for consumer in site.info.get("consumers", []):
+            for consumer in pruned[decision.site].info.get("consumers", []):
                 if consumer not in by_name or consumer not in teacher_nodes:
                     continue  # factored afterwards: refitted as a pair
                 node = node_by_name(student, consumer)

@@ -201,14 +201,10 @@ class LowRankConv(Rewrite):
             fz.check_rank(site, params, site.info["channel_full_rank"], "channel: min(Co, Ci*kh*kw)")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
-        site = self.site(model, decision.site)
-        if not site.ok:
-            raise PycompressError(f"site '{site.name}': cannot apply 'lowrank_conv': {site.reason}")
-        skipped = fz.skipped_after_shrink(site, decision, ctx)
+        site, skipped = fz.prepare(self, model, decision, ctx)
         if skipped:
             return skipped
         params = decision.params
-        self.check_params(site, params)
         layer = conv_layer(node_by_name(model, decision.site))
         assert not isinstance(layer, str)
         rank, structure = int(params["rank"]), _structure(params)

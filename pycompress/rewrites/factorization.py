@@ -218,3 +218,15 @@ def skipped_after_shrink(site, decision, ctx) -> dict | None:
     if ctx.options.get("skip_rank_beyond_r_max") and rank > int(site.info.get("r_max", rank)):
         return {"rank": rank, "r_max": site.info.get("r_max"), "skipped": "rank above r_max after pruning"}
     return None
+
+
+def prepare(rewrite, model: ir.Model, decision, ctx: ApplyContext) -> tuple[Site, dict | None]:
+    """The checked site of a factorization's ``apply``, and the result to return
+    at once when the layer is left as it is (``skipped_after_shrink``)."""
+    site = rewrite.site(model, decision.site)
+    if not site.ok:
+        raise PycompressError(f"site '{site.name}': cannot apply '{rewrite.action}': {site.reason}")
+    skipped = skipped_after_shrink(site, decision, ctx)
+    if skipped is None:
+        rewrite.check_params(site, decision.params)
+    return site, skipped

@@ -191,13 +191,9 @@ class SVD(Rewrite):
         fz.check_flag(site, params, "data_aware")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
-        site = self.site(model, decision.site)
-        if not site.ok:
-            raise PycompressError(f"site '{site.name}': cannot apply 'svd': {site.reason}")
-        skipped = fz.skipped_after_shrink(site, decision, ctx)
+        site, skipped = fz.prepare(self, model, decision, ctx)
         if skipped:
             return skipped
-        self.check_params(site, decision.params)
         layer = matrix_layer(node_by_name(model, decision.site))
         assert not isinstance(layer, str)
         rank = int(decision.params["rank"])
