@@ -52,7 +52,9 @@ def quality_of(estimate: Estimate, loss: str) -> tuple[float, float]:
     return sign * estimate.mean + offset, estimate.variance
 
 
-OBJECTIVES = ("size", "macs", "latency")
+OBJECTIVES = ("size", "bytes", "macs", "latency")
+# What the site costs count for each objective (latency: MACs where nothing is timed).
+COUNTED = {"size": "params", "bytes": "packed_bytes", "macs": "macs", "latency": "macs"}
 
 
 @dataclass
@@ -130,6 +132,8 @@ class Measurement:
 
 
 GRANULARITIES = ("layer", "block", "stage")
+# Index bits searched for ``share``: below 2 bits even large FC layers collapse.
+SHARE_BITS = (2, 8)
 
 
 def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str = "layer", *,
@@ -158,14 +162,23 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
     dims: list[Dimension] = []
     notes: list[str] = []
     taken: set[str] = set()
+    factored: dict[str, str] = {}
+
+    def group_of(site, action: str) -> str | None:
+        return f"{labels[site.nodes[0]]}:{action}" if site.nodes and site.nodes[0] in labels else None
+
+    # Sharing comes last: the layers left whole by the factorizations.
+    actions = sorted(actions, key=lambda a: get_rewrite(a).order)
     for action in actions:
         rewrite = get_rewrite(action)
         if "rank" in rewrite.params:
             kind = "rank"
         elif "keep" in rewrite.params:
             kind = "keep"
+        elif "bits" in rewrite.params:
+            kind = "bits"
         else:
-            raise PycompressError(f"action '{action}' has neither a 'rank' nor a 'keep' parameter to search")
+            raise PycompressError(f"action '{action}' has no 'rank', 'keep' or 'bits' parameter to search")
         for site in rewrite.sites(model):
             if not site.ok:
                 notes.append(f"{site.name} ({action}): {site.reason}")
@@ -173,11 +186,18 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
             if kind == "rank" and site.name in taken:
                 notes.append(f"{site.name} ({action}): already searched by another action")
                 continue
+            if kind == "bits":
+                if site.name in factored:
+                    notes.append(f"{site.name} ({action}): factored by {factored[site.name]}; not shared")
+                    continue
+                dims.append(Dimension(site.name, action, "bits", "keep", high=SHARE_BITS[1], low=SHARE_BITS[0],
+                                      group=group_of(site, action)))
+                continue
             high = int(site.info.get("r_max" if kind == "rank" else "width", 0) or 0)
             if high < (1 if kind == "rank" else 2):
                 notes.append(f"{site.name} ({action}): nothing to reduce")
                 continue
-            group = f"{labels[site.nodes[0]]}:{action}" if site.nodes and site.nodes[0] in labels else None
+            group = group_of(site, action)
             if kind == "rank":
                 dims.append(Dimension(site.name, action, "rank", "rank", high=high, group=group))
             else:
@@ -189,6 +209,8 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
                 dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=low, untouched_from=high,
                                       group=group, align=align))
             taken.add(site.name)
+            if kind == "rank":
+                factored[site.name] = action
     if not dims:
         raise PycompressError(f"no site of the model can take {', '.join(actions)}"
                               + (f" ({notes[0]}{', ...' if len(notes) > 1 else ''})" if notes else ""))
@@ -214,8 +236,7 @@ class CompressionObjective:
         self.loss = estimator.loss
         self.objective = objective
         self.latency = latency
-        # What the linear site costs count: MACs stand in for latency where nothing is timed.
-        self.counted = "params" if objective == "size" else "macs"
+        self.counted = COUNTED[objective]
         cost = {name: getattr(layer, self.counted) for name, layer in model_cost(model).by_name().items()}
         self.cost_total = sum(cost.values())
         self._site_nodes = {}
@@ -226,8 +247,7 @@ class CompressionObjective:
         searched = {n for nodes in self._site_nodes.values() for n in nodes}
         self.cost_sites = sum(cost[n] for n in searched if n in cost)
         if self.cost_sites <= 0:
-            raise PycompressError(f"the searched sites hold no {'parameters' if self.counted == 'params' else 'MACs'}"
-                                  " to reduce")
+            raise PycompressError(f"the searched sites hold no {self.counted.replace('_', ' ')} to reduce")
         self.costs = self._measure_costs(space)
         # Values at or above which a layer would not shrink: leave it untouched.
         space = SearchSpace([replace(d, untouched_from=self._untouched_from(d)) for d in space.dimensions])
@@ -248,13 +268,19 @@ class CompressionObjective:
             values = sorted({dim.high, max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
             afters = [self._node_costs(self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])[0])
                       for v in values]
-            changed = sorted({n for after in afters for n in after if n in before and after[n] != before[n]})
             replaced = [n for n in before if n not in afters[0]]
-            new = [{n: c for n, c in after.items() if n not in before} for after in afters]
+            added = [sum(c for n, c in after.items() if n not in before) for after in afters]
+            main = next((n for n in self._site_nodes[(dim.site, dim.action)] if n in before), None)
+            if not replaced and main is not None and any(added):
+                # Weight sharing keeps the layer and adds its codebook lookup:
+                # the new nodes' cost belongs to the layer they feed.
+                for after, extra in zip(afters, added):
+                    after[main] = after.get(main, 0) + extra
+                added = [0.0 for _ in afters]
+            changed = sorted({n for after in afters for n in after if n in before and after[n] != before[n]})
             costs[(dim.site, dim.action)] = SiteCost(
                 {n: Linear.fit(before[n], values, [after[n] for after in afters]) for n in changed},
-                Linear.fit(sum(before[n] for n in replaced), values, [sum(x.values()) for x in new]),
-                replaced)
+                Linear.fit(sum(before[n] for n in replaced), values, added), replaced)
         return costs
 
     def _node_costs(self, model: ir.Model) -> dict[str, int]:

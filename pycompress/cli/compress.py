@@ -58,10 +58,12 @@ def add_parser(sub) -> None:
     p.add_argument("--report-dir", default=None,
                    help="folder for report.json / report.md / report.html and plots (default OUT.report)")
     p.add_argument("--actions", default="svd",
-                   help="comma-separated actions to search: svd, lowrank_conv, prune (default svd); "
-                        "a layer pruned and factored is pruned first")
-    p.add_argument("--objective", default="size", choices=("size", "macs", "latency"),
-                   help="what R in J = gamma * Q + 1/R measures: parameters (default), MACs, or the onnxruntime "
+                   help="comma-separated actions to search: svd, lowrank_conv, prune, share (default svd); "
+                        "pruning comes first, then factorizations, then sharing (index bits 2..8) of the "
+                        "layers left whole")
+    p.add_argument("--objective", default="size", choices=("size", "bytes", "macs", "latency"),
+                   help="what R in J = gamma * Q + 1/R measures: parameters (default), packed bytes (shared "
+                        "weights at their index bits: needed by --actions share), MACs, or the onnxruntime "
                         "latency on this machine (timed per candidate; its noise enters the GP)")
     p.add_argument("--latency-runs", type=int, default=10,
                    help="--objective latency: timed runs per candidate at batch 1 (default 10)")
@@ -134,6 +136,9 @@ def _config_from_args(args) -> dict[str, Any]:
         raise PycompressError(f"--method {args.method!r}: choose pacbo, random, pfa or a PLAN.json file")
     if args.method.endswith(".json") and not Path(args.method).is_file():
         raise PycompressError(f"--method {args.method}: no such plan file")
+    if "share" in args.actions.split(",") and args.objective != "bytes" and args.method in ("pacbo", "random"):
+        raise PycompressError("--actions share reduces bytes, not parameters, MACs or latency: "
+                              "use --objective bytes")
     return {
         "method": args.method, "actions": [a.strip() for a in args.actions.split(",") if a.strip()],
         "granularity": args.granularity, "objective": args.objective, "max_prune": args.max_prune,
@@ -291,7 +296,7 @@ def run(args) -> int:
                  f"{cost_after.macs / max(cost_before.macs, 1):.3f}"]]
         if cost_sites is not None:
             ratio = summary["ratio"]
-            counted = "parameters" if config.get("objective", "size") == "size" else "MACs"
+            counted = {"size": "parameters", "bytes": "packed bytes"}.get(config.get("objective", "size"), "MACs")
             rows.insert(0, [f"compressed layers ({counted})", human(cost_sites), human(round(ratio * cost_sites)),
                             f"{ratio:.3f}"])
         if "latency_ratio" in summary:

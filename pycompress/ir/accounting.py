@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from pycompress.ir.graph import attr_int, constant_array, shape_of
+from pycompress.ir.graph import attr_int, constant_array, is_codebook_lookup, shape_of
 
 # Ops whose cost is their matrix product; everything else is counted for its
 # parameters only (elementwise work is small next to Conv/Gemm/MatMul).
@@ -32,6 +32,10 @@ class LayerCost:
     params: int
     bytes: int
     macs: int
+    # Bytes once deployed packed: shared-weight indices at their codebook's
+    # bit width (``ceil(log2 K)`` bits each, as the .pcz container stores them
+    # before Huffman), every other weight as stored.
+    packed_bytes: float = 0.0
 
 
 @dataclass
@@ -50,13 +54,18 @@ class ModelCost:
     def macs(self) -> int:
         return sum(layer.macs for layer in self.layers)
 
+    @property
+    def packed_bytes(self) -> float:
+        return sum(layer.packed_bytes for layer in self.layers)
+
     def by_name(self) -> dict[str, LayerCost]:
         return {layer.name: layer for layer in self.layers}
 
     def to_dict(self) -> dict:
         return {
             "layers": [asdict(layer) for layer in self.layers],
-            "total": {"params": self.params, "bytes": self.bytes, "macs": self.macs},
+            "total": {"params": self.params, "bytes": self.bytes, "macs": self.macs,
+                      "packed_bytes": self.packed_bytes},
         }
 
 
@@ -115,6 +124,8 @@ def model_cost(model: ir.Model) -> ModelCost:
         if node.op_type == "Constant":
             continue
         params = nbytes = 0
+        packed = 0.0
+        index_bits = _index_bits(node)
         weight_shape = None
         for value in node.inputs:
             if value is None or id(value) in counted:
@@ -125,9 +136,22 @@ def model_cost(model: ir.Model) -> ModelCost:
             counted.add(id(value))
             params += int(array.size)
             nbytes += int(array.nbytes)
+            packed += array.size * index_bits / 8 if index_bits and array.dtype == np.uint8 else array.nbytes
             if weight_shape is None or array.size > math.prod(weight_shape):
                 weight_shape = list(array.shape)
         macs = node_macs(node)
         if params or macs:
-            cost.layers.append(LayerCost(node.name, node.op_type, weight_shape, params, nbytes, macs))
+            cost.layers.append(LayerCost(node.name, node.op_type, weight_shape, params, nbytes, macs, packed))
     return cost
+
+
+def _index_bits(node: ir.Node) -> int | None:
+    """Bits per index of a shared weight's ``Cast(uint8 indices)`` (from its codebook's length), else None."""
+    if node.op_type != "Cast" or not is_codebook_lookup(node):
+        return None
+    for use in node.outputs[0].uses():
+        if use.node.op_type == "Gather":
+            codebook = constant_array(use.node.inputs[0])
+            if codebook is not None:
+                return max(1, math.ceil(math.log2(max(codebook.size, 2))))
+    return None

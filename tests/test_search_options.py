@@ -1,4 +1,5 @@
-"""Grouped search coordinates (--granularity) and what R measures (--objective)."""
+"""Search options of `compress`: grouped coordinates (--granularity), what R measures (--objective),
+bounds on channel counts (--max-prune, --align), seed plans, and sharing bits as a searched dimension."""
 
 from __future__ import annotations
 
@@ -200,3 +201,54 @@ def test_seed_plans_may_decide_sites_outside_the_search():
         space.encode(plan)
     theta = space.encode(plan, strict=False)
     assert theta[0] == pytest.approx((0.5 + 1.0) / 2) and theta[1] == 1.0
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    import zoo
+
+    folder = tmp_path_factory.mktemp("share")
+    path = export(zoo.MLP((64, 256, 128, 10)), (1, 64), folder / "mlp.onnx")
+    np.savez(folder / "calib.npz", x=np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32))
+    return path, folder / "calib.npz"
+
+
+def test_packed_bytes_count_shared_indices_at_their_bits(mlp):
+    from pycompress.rewrites import ApplyContext, apply_plan
+
+    model = load_model(mlp[0])
+    first = next(n for n in model.graph if n.op_type == "Gemm")
+    before = model_cost(model)
+    assert before.packed_bytes == before.bytes          # nothing shared: every weight as stored
+    apply_plan(model, Plan([LayerDecision(first.name, "share", {"bits": 5, "per_channel": False})]), ApplyContext())
+    after = model_cost(model)
+    shared = [layer for layer in after.layers if layer.op == "Cast"]
+    assert len(shared) == 1 and shared[0].params == 256 * 64
+    assert shared[0].packed_bytes == pytest.approx(256 * 64 * 5 / 8)
+    assert after.packed_bytes == pytest.approx(after.bytes - 256 * 64 * (1 - 5 / 8))
+
+
+def test_share_is_searched_in_bits_on_the_layers_left_whole(mlp):
+    model = load_model(mlp[0])
+    space, _ = build_search_space(model, ["share"])
+    assert [(d.param, d.low, d.high) for d in space.dimensions] == [("bits", 2, 8)] * 3
+    # With svd, the factorization takes the layers it applies to; they are not shared.
+    both, notes = build_search_space(model, ["share", "svd"])
+    assert {d.action for d in both.dimensions} == {"svd"} and len(notes) == 3
+    assert all("factored by svd" in n for n in notes)
+
+
+def test_compress_share_by_packed_bytes(mlp, tmp_path, capsys):
+    path, calib = mlp
+    out = tmp_path / "shared.onnx"
+    code = main(["compress", str(path), "--data", str(calib), "--actions", "share", "-o", str(out)])
+    assert code == 2 and "--objective bytes" in capsys.readouterr().err
+    result = _compress(capsys, path, "--data", calib, "--method", "random", "--actions", "share", "--objective",
+                       "bytes", "--gamma", "1", "--max-evals", "4", "--samples", "40", "-o", out)
+    plan = Plan.load(tmp_path / "shared.plan.json")
+    assert len(plan.decisions) == 3 and all(d.action == "share" and 2 <= d.params["bits"] <= 8
+                                            for d in plan.decisions)
+    before, after = model_cost(load_model(path)), model_cost(load_model(out))
+    # The ratio is the packed bytes of the written model over the original's (all three layers searched).
+    assert result["ratio"] == pytest.approx(after.packed_bytes / before.packed_bytes)
+    assert result["ratio"] < 0.3
