@@ -9,8 +9,9 @@ compressed model on a fresh subsample and returns (paper Eq. 2)
 
 with ``Q = -L^`` (function norm, knowledge distillation), ``1 - error``
 (accuracy) or ``-cross entropy`` and ``R`` the cost of the compressed layers
-after / before (``--objective``): parameters ("size", the paper's choice) or
-MACs ("macs"), both exact, counted on the rewritten graph; or ("latency") the
+after / before (``--objective``): parameters ("size", the paper's choice),
+packed bytes ("bytes": shared weights' indices at their bit width) or MACs
+("macs"), all exact, counted on the rewritten graph; or ("latency") the
 onnxruntime latency of the whole model on this machine relative to the
 original, timed once per candidate. Timing is noisy: its variance enters
 ``var J`` through ``var(1/R) ~= var(R) / R^4`` and the GP weighs it like the
@@ -78,7 +79,7 @@ class Linear:
 
 @dataclass
 class SiteCost:
-    """Cost (parameters or MACs) of one decision site as a function of its value.
+    """Cost (parameters, packed bytes or MACs) of one decision site as a function of its value.
 
     Per node that keeps its name (pruning changes a layer's width, not its
     name) a linear function, and one for the nodes the rewrite replaced
@@ -138,10 +139,12 @@ SHARE_BITS = (2, 8)
 
 def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str = "layer", *,
                        max_prune: float = 1.0, align: int = 1) -> tuple[SearchSpace, list[str]]:
-    """One dimension per applicable site: a rank (``svd``, ``lowrank_conv``: ``[1, r_max]``)
-    or a channel count (``prune``: ``[1, width]``). A node already searched by an
-    earlier action is not searched again. Returns the space and notes on the
-    sites left out (with the reason).
+    """One dimension per applicable site: a rank (``svd``, ``lowrank_conv``: ``[1, r_max]``),
+    a channel count (``prune``: ``[1, width]``) or index bits (``share``:
+    ``SHARE_BITS``, only on layers no factorization searches). A node already
+    searched by an earlier action is not searched again. Actions are taken in
+    their rewrite order (prune, factorizations, share). Returns the space and
+    notes on the sites left out (with the reason).
 
     ``granularity`` "block" / "stage" makes the sites of one action inside one
     residual block / resolution stage (``pycompress.ir.blocks``) share one

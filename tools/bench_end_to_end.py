@@ -13,7 +13,7 @@ the original (latency: onnxruntime CPU, batch 1, the models timed in the same ru
 agreement with the original and relative L2 error of the logits on held-out crops (another
 seed, never seen by any method).
 
-    PYTHONPATH=. python tools/bench_end_to_end.py [--targets 0.75 0.5 0.35] [--max-evals 40]
+    PYTHONPATH=. python tools/bench_end_to_end.py [--targets 0.75 0.5 0.35] [--max-evals 40] [--max-prune 0.5]
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ def main_() -> None:
     parser.add_argument("--model", default=None, help="EfficientNet-Lite0 .onnx (default: export it)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.5, 0.35])
     parser.add_argument("--max-evals", type=int, default=40)
+    parser.add_argument("--max-prune", type=float, default=0.5,
+                        help="pacbo: largest fraction of a channel group removed (unbounded, the fidelity "
+                             "without recovery saturates and the gamma choice has nothing to go on)")
     parser.add_argument("--held-out", type=int, default=128)
     parser.add_argument("--iters", type=int, default=50, help="timed runs per model")
     args = parser.parse_args()
@@ -82,8 +85,9 @@ def main_() -> None:
     shape = [d if isinstance(d, int) else None for d in model.graph.inputs[0].shape]
     crops = skimage_crops(args.held_out, shape, np.float32, Preprocess(), "held-out", seed=1)[:]
     before = model_cost(model)
-    search = ["--actions", "prune,lowrank_conv", "--granularity", "stage", "--objective", "size", "--align", "16",
-              "--samples", "64", "--delta", "0.05", "--max-evals", args.max_evals, "--seed", "0", "--quiet"]
+    search = ["--actions", "prune,lowrank_conv", "--granularity", "stage", "--objective", "size",
+              "--max-prune", args.max_prune, "--align", "16", "--samples", "64", "--delta", "0.05",
+              "--max-evals", args.max_evals, "--seed", "0", "--quiet"]
 
     rows = []   # (method, target, path, seconds, certificate)
     for target in args.targets:
