@@ -155,6 +155,8 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
     """
     if not 0 < max_prune <= 1:
         raise PycompressError(f"--max-prune must be in (0, 1], got {max_prune}")
+    if align < 1:
+        raise PycompressError(f"--align must be a positive integer, got {align}")
     if granularity not in GRANULARITIES:
         raise PycompressError(f"--granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
     labels: dict[str, str] = {}

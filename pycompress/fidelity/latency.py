@@ -57,6 +57,8 @@ class LatencyProbe:
 
     def __init__(self, original: ir.Model, feeds: Mapping[str, np.ndarray], *, runs: int = 10,
                  baseline_runs: int = 40, threads: int | None = None):
+        if runs < 3:
+            raise PycompressError(f"--latency-runs must be at least 3 (a timing needs a spread), got {runs}")
         self.feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         self.runs = int(runs)
         self.threads = threads
