@@ -3,6 +3,7 @@
 For each target size T (fraction of the searched layers' cost kept), runs
 
 - ``pfa``: ``compress --method pfa --target-size T --no-recover`` (PFA footprint recipe, one shot);
+- ``pfa+recovery``: that plan applied again with the closed-form recovery (``--method PLAN.json``);
 - ``pacbo``: ``compress --method pacbo --target-size T --no-recover`` seeded with the PFA plan;
 - ``pacbo+recovery``: the same search followed by the closed-form recovery (the search is run
   once and reused: ``--resume`` of its run folder replays the evaluations);
@@ -96,7 +97,13 @@ def main_() -> None:
         pfa = work / f"pfa_{tag}.onnx"
         cli("compress", original, "--data", CALIBRATION, "--method", "pfa", "--target-size", target, "--no-recover",
             "--quiet", "-o", pfa)
-        rows.append(("pfa", target, pfa, time.monotonic() - t0, "-"))
+        pfa_seconds = time.monotonic() - t0
+        rows.append(("pfa", target, pfa, pfa_seconds, "-"))
+        t0 = time.monotonic()
+        pfa_rec = work / f"pfa_rec_{tag}.onnx"
+        cli("compress", original, "--data", CALIBRATION, "--method", work / f"pfa_{tag}.plan.json", "--quiet",
+            "-o", pfa_rec)
+        rows.append(("pfa+recovery", target, pfa_rec, pfa_seconds + time.monotonic() - t0, "-"))
         plan = pfa_plan(model, load_data(CALIBRATION, model), target_size=target, progress=False)
         seed_plan = work / f"pfa_{tag}.seed.json"
         plan.save(seed_plan)
