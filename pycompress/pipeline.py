@@ -356,7 +356,8 @@ class CompressionObjective:
     def __call__(self, theta: np.ndarray, index: int) -> tuple[float, float, dict[str, Any]]:
         m = self.measure(theta, index)
         value, variance = m.objective(self.gamma)
-        extras = {"ratio": m.ratio, "ratio_std_error": math.sqrt(m.ratio_var), "quality": m.quality, "fidelity": m.estimate.mean,
+        extras = {"ratio": m.ratio, "ratio_std_error": math.sqrt(m.ratio_var), "quality": m.quality,
+                  "fidelity": m.estimate.mean,
                   "fidelity_std_error": m.estimate.std_error, **m.estimate.extras, "eval_seconds": m.seconds}
         return value, variance, extras
 

@@ -20,8 +20,9 @@ from pycompress.cli.common import emit_json, human, print_table
 from pycompress.errors import PycompressError
 
 # Settings that define a search: a resumed run takes them from its run folder.
-_SEARCH_KEYS = ("method", "actions", "granularity", "objective", "max_prune", "align", "gamma", "target_size", "loss", "use_labels", "labels", "outputs", "samples",
-                "delta", "relative_delta", "epsilon", "seed", "initial", "seed_plans", "data", "init", "energy")
+_SEARCH_KEYS = ("method", "actions", "granularity", "objective", "max_prune", "align", "gamma", "target_size",
+                "loss", "use_labels", "labels", "outputs", "samples", "delta", "relative_delta", "epsilon", "seed",
+                "initial", "seed_plans", "data", "init", "energy")
 CONFIG_NAME = "compress.json"
 
 
@@ -136,6 +137,8 @@ def _config_from_args(args) -> dict[str, Any]:
         raise PycompressError(f"--method {args.method!r}: choose pacbo, random, pfa or a PLAN.json file")
     if args.method.endswith(".json") and not Path(args.method).is_file():
         raise PycompressError(f"--method {args.method}: no such plan file")
+    if args.init == "pfa" and "prune" not in args.actions.split(","):
+        raise PycompressError("--init pfa seeds pruning decisions: add prune to --actions")
     if "share" in args.actions.split(",") and args.objective != "bytes" and args.method in ("pacbo", "random"):
         raise PycompressError("--actions share reduces bytes, not parameters, MACs or latency: "
                               "use --objective bytes")
@@ -365,8 +368,6 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
     if config.get("init") == "pfa" and not args.resume:
         from pycompress.analysis import pfa_plan
 
-        if "prune" not in config["actions"]:
-            raise PycompressError("--init pfa seeds pruning decisions: add prune to --actions")
         log("PFA seed plan: " + (f"PFA-En tau={config['energy']}" if config.get("energy") is not None else "PFA-KL"))
         seeds.append(space.encode(pfa_plan(model, data, energy=config.get("energy"), progress=not args.quiet,
                                            threads=args.threads), strict=False))

@@ -33,8 +33,8 @@ DEMO_SEARCH = ["--actions", "svd", "--gamma", "0.3", "--samples", "500", "--delt
 # EfficientNet-Lite0: PFA seeds the search; one coordinate per stage and action keeps d small.
 EFFNET_CALIBRATION = "builtin:skimage:384"
 EFFNET_ENERGY = 0.999
-EFFNET_SEARCH = ["--actions", "prune,lowrank_conv", "--granularity", "stage", "--objective", "macs", "--max-prune", "0.3", "--align", "16",
-                 "--target-size", "0.75", "--samples", "64", "--delta", "0.05", "--max-evals", "40", "--seed", "0",
+EFFNET_SEARCH = ["--actions", "prune,lowrank_conv", "--granularity", "stage", "--objective", "macs",
+                 "--max-prune", "0.3", "--align", "16", "--target-size", "0.75", "--samples", "64", "--delta", "0.05", "--max-evals", "40", "--seed", "0",
                  "--recover-samples", "128"]
 EFFNET_HELD_OUT = 128
 

@@ -168,7 +168,8 @@ def render_markdown(report: dict, plots: list[str]) -> str:
                   f"{'yes' if r['kept'] else 'no'} |" for r in rec]
     tuned = report.get("finetune") or {}
     if tuned.get("epochs"):
-        lines += ["", f"## Fine-tuning ({'kept epoch ' + str(tuned.get('best_epoch')) if tuned.get('kept') else 'not kept'})",
+        kept = f"kept epoch {tuned.get('best_epoch')}" if tuned.get("kept") else "not kept"
+        lines += ["", f"## Fine-tuning ({kept})",
                   "", "| epoch | train loss | held-out loss | held-out MSE | agreement | seconds |",
                   "|---:|---:|---:|---:|---:|---:|"]
         start = tuned.get("before") or {}
