@@ -70,3 +70,14 @@ def relative_error(expected: np.ndarray, got: np.ndarray) -> float:
 
 def op_types(model: ir.Model) -> list[str]:
     return [node.op_type for node in model.graph]
+
+
+def assert_exact_on_a_copy(model: ir.Model, decision: tuple, feeds: dict[str, np.ndarray],
+                           original: np.ndarray) -> ir.Model:
+    """Apply ``decision`` (one that must not change the function, e.g. a full rank) to a copy of
+    ``model``: the checker passes and onnxruntime reproduces ``original``. Returns the copy."""
+    copy = model.clone()
+    apply(copy, decision)
+    check(copy)
+    np.testing.assert_allclose(run(copy, feeds)[0], original, rtol=1e-5, atol=1e-5)
+    return copy

@@ -10,7 +10,7 @@ from conftest import export
 from pycompress.errors import PycompressError
 from pycompress.ir import load_model, model_cost, node_by_name
 from pycompress.rewrites import REGISTRY
-from rewrite_testing import apply, check, model_from_text, op_types, relative_error, run
+from rewrite_testing import apply, assert_exact_on_a_copy, check, model_from_text, op_types, relative_error, run
 
 SVD = REGISTRY["svd"]
 RNG = np.random.default_rng(0)
@@ -101,10 +101,7 @@ def test_matmul_with_the_weight_first(tmp_path):
     assert site.info["macs"] == 5 * 12 * 7  # symbolic batch counts 1
     x = RNG.normal(size=(3, 12, 5)).astype(np.float32)
     original = run(model, {"x": x})[0]
-    full = model.clone()
-    apply(full, ("mm", "svd", {"rank": 7}))
-    check(full)
-    np.testing.assert_allclose(run(full, {"x": x})[0], original, rtol=1e-5, atol=1e-5)
+    assert_exact_on_a_copy(model, ("mm", "svd", {"rank": 7}), {"x": x}, original)
     apply(model, ("mm", "svd", {"rank": 2}))
     np.testing.assert_allclose(run(model, {"x": x})[0], numpy_truncated(w.T, 2).T @ x, rtol=1e-4, atol=1e-4)
     assert model_cost(model).params == 2 * (12 + 7)
@@ -121,10 +118,7 @@ def test_transformer_style_3d_matmul(tmp_path):
     model, w = transformer_matmul(tmp_path)
     x = RNG.normal(size=(2, 9, 16)).astype(np.float32)
     original = run(model, {"x": x})[0]
-    full = model.clone()
-    apply(full, ("proj", "svd", {"rank": 16}))
-    check(full)
-    np.testing.assert_allclose(run(full, {"x": x})[0], original, rtol=1e-5, atol=1e-5)
+    assert_exact_on_a_copy(model, ("proj", "svd", {"rank": 16}), {"x": x}, original)
     apply(model, ("proj", "svd", {"rank": 5}))
     check(model)
     got = run(model, {"x": x})[0]
@@ -180,11 +174,8 @@ def test_1x1_conv_goes_through_the_matrix_path(tmp_path):
     assert site.info["macs"] == 6 * 4 * 8 * 12
     x = RNG.normal(size=(2, 8, 9, 7)).astype(np.float32)
     original = run(model, {"x": x})[0]
-    full = model.clone()
-    apply(full, ("pw", "svd", {"rank": 8}))
-    check(full)
+    full = assert_exact_on_a_copy(model, ("pw", "svd", {"rank": 8}), {"x": x}, original)
     assert op_types(full) == ["Conv", "Conv"]
-    np.testing.assert_allclose(run(full, {"x": x})[0], original, rtol=1e-5, atol=1e-5)
     # Rank 3 equals the 1x1 conv with the rank-3 weight (padded border = bias only, as in the original).
     plan = apply(model, ("pw", "svd", {"rank": 3}))
     w3 = numpy_truncated(w.reshape(12, 8).T, 3).T.reshape(12, 8, 1, 1).astype(np.float32)
