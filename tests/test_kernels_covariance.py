@@ -159,6 +159,18 @@ def test_non_finite_blocks_are_rejected_and_leave_the_state(impl, bad):
     np.testing.assert_array_equal(acc.cov, before)
 
 
+@pytest.mark.parametrize("impl", [kernels, reference], ids=["backend", "reference"])
+def test_non_finite_first_block_leaves_the_accumulator_usable(impl):
+    x = np.random.default_rng(10).normal(size=(30, 4))
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    acc = impl.CovarianceAccumulator(4)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        acc.update(bad)
+    acc.update(x)
+    np.testing.assert_allclose(acc.cov, exact_cov(x), rtol=1e-12)
+
+
 def test_non_finite_after_a_merged_fold_makes_the_accumulator_refuse(monkeypatch):
     # A bad value past the first fold of a call: rows before it were already
     # merged, so the accumulator refuses further use instead of lying.

@@ -224,7 +224,10 @@ void CovarianceAccumulator::update_impl(const T* block, int64_t rows, int64_t ro
         const T* x = block + start * row_stride;
         const double nd = static_cast<double>(n);
         if (!has_shift_) {
-            column_mean(x, n, d, row_stride, shift_.data());
+            column_mean(x, n, d, row_stride, m.data());
+            for (int64_t j = 0; j < d; ++j)
+                if (!std::isfinite(m[j])) throw std::domain_error("block contains NaN or infinity");
+            shift_ = m;
             has_shift_ = true;
         }
         for (int attempt = 0;; ++attempt) {
