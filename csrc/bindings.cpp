@@ -80,19 +80,38 @@ py::array_t<double> square(const std::vector<double>& values, int64_t d) {
     return out;
 }
 
+// Rows may be strided (a slice of a larger array, a column subset of rows is
+// not): the kernel reads rows in place when the elements of a row are
+// contiguous, and only other layouts (or other dtypes) are copied first.
+template <typename T>
+bool update_in_place(CovarianceAccumulator& acc, const py::array& block, int64_t rows) {
+    if (!block.dtype().is(py::dtype::of<T>())) return false;
+    const auto item = static_cast<py::ssize_t>(sizeof(T));
+    if (block.shape(1) > 1 && block.strides(1) != item) return false;
+    if (rows > 1 && (block.strides(0) < block.shape(1) * item || block.strides(0) % item != 0)) return false;
+    const int64_t stride = rows > 1 ? block.strides(0) / item : acc.dim();
+    const T* data = static_cast<const T*>(block.data());
+    py::gil_scoped_release nogil;
+    if constexpr (sizeof(T) == 4)
+        acc.update_f32(data, rows, stride);
+    else
+        acc.update_f64(data, rows, stride);
+    return true;
+}
+
 void covariance_update(CovarianceAccumulator& acc, py::array block) {
     if (block.ndim() != 2 || block.shape(1) != acc.dim())
         throw py::value_error("block must have shape (rows, " + std::to_string(acc.dim()) +
                               "), got " + std::string(py::str(block.attr("shape"))));
     const int64_t rows = block.shape(0);
+    if (rows == 0) return;
+    if (update_in_place<float>(acc, block, rows) || update_in_place<double>(acc, block, rows)) return;
     if (block.dtype().is(py::dtype::of<float>())) {
         auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(block);
-        py::gil_scoped_release nogil;
-        acc.update_f32(a.data(), rows);
+        update_in_place<float>(acc, a, rows);
     } else {
         auto a = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(block);
-        py::gil_scoped_release nogil;
-        acc.update_f64(a.data(), rows);
+        update_in_place<double>(acc, a, rows);
     }
 }
 
@@ -227,7 +246,7 @@ PYBIND11_MODULE(_kernels, m) {
     py::class_<CovarianceAccumulator>(m, "CovarianceAccumulator")
         .def(py::init<int64_t>(), py::arg("dim"))
         .def("update", &covariance_update, py::arg("block"),
-             "Add a (rows, dim) float32/float64 block; accumulation is float64.")
+             "Add a (rows, dim) float32/float64 block; accumulation is float64. ValueError on NaN/inf.")
         .def("merge", &CovarianceAccumulator::merge, py::arg("other"))
         .def_property_readonly("dim", &CovarianceAccumulator::dim)
         .def_property_readonly("count", &CovarianceAccumulator::count)

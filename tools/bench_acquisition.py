@@ -8,7 +8,12 @@ over all M would be quadratic in M). The BLAS bound is the n^2 M flops of the
 triangular solve at the rate this machine's BLAS reaches on dgemm (measured
 here, same thread count). All ratios come from one run.
 
-    python tools/bench_acquisition.py [--quick] [--threads 2]
+Measures the installed package (--checkout puts this source tree first on
+sys.path instead) and refuses to time the numpy fallback as the kernel.
+With --device cuda: the CUDA kernel against torch.cuda doing the same work
+(the cross-covariance, torch's Cholesky solve, the same formulas), in one run.
+
+    python tools/bench_acquisition.py [--quick] [--threads 2] [--n 100] [--m 65536] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def best_of(fn, repeats: int) -> float:
@@ -48,19 +52,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="n = 50, 200 and M = 10,000 only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--n", type=int, nargs="+", help="observation counts (overrides --quick)")
+    parser.add_argument("--m", type=int, nargs="+", help="candidate counts (overrides --quick)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--checkout", action="store_true", help="import pycompress from this source tree")
     args = parser.parse_args()
+    if args.checkout:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
     import torch
 
+    import pycompress
     from pycompress.decisions.bo import GaussianProcess, Hyperparameters
-    from pycompress.kernels import BACKEND, gp_acquisition
+    from pycompress.kernels import BACKEND, IMPORT_ERROR, gp_acquisition
 
+    print(f"pycompress from {os.path.dirname(pycompress.__file__)}; kernels backend: {BACKEND}")
+    if BACKEND == "reference":
+        print(f"refusing to time the numpy fallback as the kernel ({IMPORT_ERROR})", file=sys.stderr)
+        return 2
+    d, delta = 16, 0.05
+    sizes_n = args.n or ((50, 200) if args.quick else (50, 100, 200, 500))
+    sizes_m = args.m or ((10_000,) if args.quick else (10_000, 65_536))
+    if args.device == "cuda":
+        return bench_cuda(sizes_n, sizes_m, d, delta)
     torch.set_num_threads(args.threads)
     rate = dgemm_rate(args.threads)
-    print(f"kernels: {BACKEND}; threads: {args.threads}; dgemm rate {rate / 1e9:.1f} GFLOP/s")
-    d, delta = 16, 0.05
-    sizes_n = (50, 200) if args.quick else (50, 100, 200, 500)
-    sizes_m = (10_000,) if args.quick else (10_000, 65_536)
+    print(f"threads: {args.threads}; dgemm rate {rate / 1e9:.1f} GFLOP/s")
     rows = []
     for n in sizes_n:
         rng = np.random.default_rng(n)

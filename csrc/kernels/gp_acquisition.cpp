@@ -199,6 +199,65 @@ void forward_substitution(const double* chol, int64_t n, double* x) {
     }
 }
 
+// The three dots of V = L^-1 K for a block of candidates, without forming V:
+// for candidate j (kc row j, n values) and each output i,
+//     v_ji = sum_{k <= i} Linv_ik kc_jk,
+// accumulated into vb_j = v_j . beta, vv_j = v_j . v_j, vw_j = v_j . w.
+// linvT is Linv^T row-major with rows padded to np (a multiple of 8, zeros
+// past n), beta_p / w_p padded likewise, so padded outputs are 0. Register
+// tile: C candidates x 8 outputs (2 x C accumulators), each Linv^T row load
+// shared by C candidates; k stops at the tile's diagonal, so the flops are
+// the triangular n^2 per candidate. Why not dtrmm: OpenBLAS's dtrmm at
+// n ~ 100 ran at ~60% of its large-dgemm rate here, and V would then be
+// written and read again for the dots.
+template <int C>
+__attribute__((target("avx2,fma"), always_inline)) inline
+void tri_dots_tile(const double* __restrict kc, int64_t n, const double* __restrict linvT, int64_t np,
+                   const double* __restrict beta_p, const double* __restrict w_p, double* vb, double* vv,
+                   double* vw) {
+    __m256d sb[C], sv[C], sw[C];
+    for (int c = 0; c < C; ++c) sb[c] = sv[c] = sw[c] = _mm256_setzero_pd();
+    for (int64_t i0 = 0; i0 < np; i0 += 8) {
+        __m256d lo[C], hi[C];
+        for (int c = 0; c < C; ++c) lo[c] = hi[c] = _mm256_setzero_pd();
+        const int64_t kmax = std::min(n, i0 + 8);
+        for (int64_t k = 0; k < kmax; ++k) {
+            const __m256d l0 = _mm256_loadu_pd(linvT + k * np + i0);
+            const __m256d l1 = _mm256_loadu_pd(linvT + k * np + i0 + 4);
+            for (int c = 0; c < C; ++c) {
+                const __m256d x = _mm256_broadcast_sd(kc + c * n + k);
+                lo[c] = _mm256_fmadd_pd(x, l0, lo[c]);
+                hi[c] = _mm256_fmadd_pd(x, l1, hi[c]);
+            }
+        }
+        const __m256d b0 = _mm256_loadu_pd(beta_p + i0), b1 = _mm256_loadu_pd(beta_p + i0 + 4);
+        const __m256d w0 = _mm256_loadu_pd(w_p + i0), w1 = _mm256_loadu_pd(w_p + i0 + 4);
+        for (int c = 0; c < C; ++c) {
+            sb[c] = _mm256_fmadd_pd(lo[c], b0, _mm256_fmadd_pd(hi[c], b1, sb[c]));
+            sv[c] = _mm256_fmadd_pd(lo[c], lo[c], _mm256_fmadd_pd(hi[c], hi[c], sv[c]));
+            sw[c] = _mm256_fmadd_pd(lo[c], w0, _mm256_fmadd_pd(hi[c], w1, sw[c]));
+        }
+    }
+    for (int c = 0; c < C; ++c) {
+        alignas(32) double t[4];
+        _mm256_store_pd(t, sb[c]);
+        vb[c] = (t[0] + t[1]) + (t[2] + t[3]);
+        _mm256_store_pd(t, sv[c]);
+        vv[c] = (t[0] + t[1]) + (t[2] + t[3]);
+        _mm256_store_pd(t, sw[c]);
+        vw[c] = (t[0] + t[1]) + (t[2] + t[3]);
+    }
+}
+
+__attribute__((target("avx2,fma")))
+void tri_dots_avx2(const double* kc, int64_t cols, int64_t n, const double* linvT, int64_t np,
+                   const double* beta_p, const double* w_p, double* vb, double* vv, double* vw) {
+    int64_t j = 0;
+    for (; j + 4 <= cols; j += 4)
+        tri_dots_tile<4>(kc + j * n, n, linvT, np, beta_p, w_p, vb + j, vv + j, vw + j);
+    for (; j < cols; ++j) tri_dots_tile<1>(kc + j * n, n, linvT, np, beta_p, w_p, vb + j, vv + j, vw + j);
+}
+
 // Candidates per block: the n x B block of V stays near 1 MB (cache), and
 // dtrsm still gets enough columns to run at its full rate.
 int64_t block_columns(int64_t n) {
@@ -272,8 +331,24 @@ void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t 
         // Column-major identity; chol row-major lower == column-major upper of L^T.
         b.dtrsm("L", "U", "T", "N", &ni, &ni, &one, gp.chol, &ni, chol_inv.data(), &ni);
     }
+    // With AVX2: the fused triangular multiply + dots (tri_dots_avx2) instead
+    // of dtrmm; PYCOMPRESS_GP_DTRMM=1 keeps dtrmm (for comparison).
+    const char* force_dtrmm = std::getenv("PYCOMPRESS_GP_DTRMM");
+    const bool use_fused = use_inverse && has_avx2_fma() && !(force_dtrmm && *force_dtrmm == '1');
+    const int64_t np = (n + 7) / 8 * 8;
+    std::vector<double> linvT, beta_p, w_p;
+    if (use_fused) {
+        // Row k of Linv^T is column k of the column-major chol_inv.
+        linvT.assign(static_cast<size_t>(n * np), 0.0);
+        for (int64_t k = 0; k < n; ++k)
+            for (int64_t i = k; i < n; ++i) linvT[k * np + i] = chol_inv[k * n + i];
+        beta_p.assign(static_cast<size_t>(np), 0.0);
+        w_p.assign(static_cast<size_t>(np), 0.0);
+        std::copy(gp.beta, gp.beta + n, beta_p.begin());
+        std::copy(w.begin(), w.end(), w_p.begin());
+    }
 
-    auto run_block = [&](int64_t blk, std::vector<double>& kc, std::vector<double>& cs) {
+    auto run_block = [&](int64_t blk, std::vector<double>& kc, std::vector<double>& cs, std::vector<double>& dots) {
         const int64_t start = blk * bcols;
         const int64_t cols = std::min(bcols, m - start);
         kc.resize(static_cast<size_t>(n * cols));
@@ -286,13 +361,24 @@ void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t 
         // kc is n x cols column-major; chol row-major lower == column-major
         // upper of L^T, so "U","T" solves L V = kc; chol_inv is column-major lower.
         const int ci = static_cast<int>(cols);
-        if (use_inverse)
+        if (use_fused) {
+            dots.resize(static_cast<size_t>(3 * cols));
+            tri_dots_avx2(kc.data(), cols, n, linvT.data(), np, beta_p.data(), w_p.data(), dots.data(),
+                          dots.data() + cols, dots.data() + 2 * cols);
+        } else if (use_inverse) {
             b.dtrmm("L", "L", "N", "N", &ni, &ci, &one, chol_inv.data(), &ni, kc.data(), &ni);
-        else
+        } else {
             b.dtrsm("L", "U", "T", "N", &ni, &ci, &one, gp.chol, &ni, kc.data(), &ni);
+        }
         for (int64_t j = 0; j < cols; ++j) {
             double vb, vv, vw;
-            three_dots(kc.data() + j * n, gp.beta, w.data(), n, &vb, &vv, &vw);
+            if (use_fused) {
+                vb = dots[j];
+                vv = dots[cols + j];
+                vw = dots[2 * cols + j];
+            } else {
+                three_dots(kc.data() + j * n, gp.beta, w.data(), n, &vb, &vv, &vw);
+            }
             const int64_t o = start + j;
             const double mu = gp.mean_constant + vb;
             const double var = gp.outputscale - vv;
@@ -309,14 +395,14 @@ void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
         {
-            std::vector<double> kc, cs(static_cast<size_t>(d));
+            std::vector<double> kc, cs(static_cast<size_t>(d)), dots;
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t blk = 0; blk < nblocks; ++blk) run_block(blk, kc, cs);
+            for (int64_t blk = 0; blk < nblocks; ++blk) run_block(blk, kc, cs, dots);
         }
 #endif
     } else {
-        std::vector<double> kc, cs(static_cast<size_t>(d));
-        for (int64_t blk = 0; blk < nblocks; ++blk) run_block(blk, kc, cs);
+        std::vector<double> kc, cs(static_cast<size_t>(d)), dots;
+        for (int64_t blk = 0; blk < nblocks; ++blk) run_block(blk, kc, cs, dots);
     }
 }
 

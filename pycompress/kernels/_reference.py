@@ -31,6 +31,8 @@ class CovarianceAccumulator:
         if block.shape[0] == 0:
             return
         x = block.astype(np.float64)
+        if not np.isfinite(x).all():
+            raise ValueError("block contains NaN or infinity")
         mu = x.mean(axis=0)
         centred = x - mu
         self._merge(x.shape[0], mu, centred.T @ centred)
