@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pycompress.cli.common import emit_json, human, print_table
+from pycompress.cli.common import emit_json, human, model_inputs, output_policy, print_table
 from pycompress.errors import PycompressError
 from pycompress.ir import load_model
 from pycompress.plan import Plan
@@ -53,6 +53,11 @@ def parse_actions(text: str) -> list[str]:
 
 
 def _check_options(args) -> None:
+    import math
+
+    for flag, value in (("--energy", args.energy), ("--keep", args.keep)):
+        if not math.isfinite(value):
+            raise PycompressError(f"{flag} {value}: must be a finite number")
     if not 0.0 < args.energy <= 1.0:
         raise PycompressError(f"--energy {args.energy}: must be in (0, 1]")
     if not 0.0 < args.keep <= 1.0:
@@ -66,6 +71,11 @@ def _check_options(args) -> None:
 def run(args) -> int:
     actions = parse_actions(args.actions)
     _check_options(args)
+    with output_policy({"-o": args.output}, model_inputs("model", args.model), lock=[args.output] if args.output else []):
+        return _run(args, actions)
+
+
+def _run(args, actions: list[str]) -> int:
     model = load_model(args.model)
     options: dict[str, Any] = {"energy": args.energy, "keep": args.keep, "bits": args.bits,
                                "align": args.align, "data_aware": args.data_aware}

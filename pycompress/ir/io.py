@@ -65,8 +65,59 @@ def check_external_data(proto: onnx.ModelProto, model_path: Path) -> int:
             )
         if not target.is_file():
             raise PycompressError(f"{where}: external data file {location!r} not found next to the model")
-        total += int(info.get("length", target.stat().st_size))
+        size = target.stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info.get("length", size - offset))
+        except ValueError:
+            raise PycompressError(f"{where}: external data offset/length are not integers") from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise PycompressError(f"{where}: external data offset {offset} + length {length} lies beyond the "
+                                  f"end of {location!r} ({size} bytes); refused")
+        expected = _expected_bytes(tensor)
+        if expected is not None and "length" in info and length != expected:
+            raise PycompressError(f"{where}: external data length {length} does not match its shape and type "
+                                  f"({expected} bytes)")
+        total += length
     return total
+
+
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor of this shape and fixed-size type holds (None: strings, sub-byte types)."""
+    import numpy as np
+
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except Exception:
+        return None
+    if dtype.kind in "OUS" or tensor.data_type in _SUB_BYTE_TYPES:
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    return count * dtype.itemsize
+
+
+_SUB_BYTE_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """The model file and the external data files it reads (the files an output must never replace)."""
+    path = Path(path)
+    files = [path]
+    if not path.is_file():
+        return files
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return files  # load_model reports the bad file
+    folder = path.parent
+    for tensor in _iter_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if location and not os.path.isabs(location) and (folder / location) not in files:
+                files.append(folder / location)
+    return files
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = True,
@@ -99,7 +150,12 @@ def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = 
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PycompressError(f"{path}: ONNX checker failed: {first}") from exc
     del proto
-    model = ir.load(path)
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # onnx_ir's SerdeError on types or data it cannot represent
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PycompressError(f"{path}: cannot read the model ({type(exc).__name__}: {first})") from None
+    check_finite_weights(model, where=str(path))
     if simplify:
         simplify_model(model, where=str(path))
     if infer_shapes:
@@ -107,6 +163,24 @@ def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = 
     model.meta["pycompress.source_path"] = str(path.resolve())
     model.meta["pycompress.external_bytes"] = external
     return model
+
+
+def check_finite_weights(model: ir.Model, *, where: str = "model") -> None:
+    """Refuse a float initializer holding NaN or Inf (it would poison every SVD, fit and measurement)."""
+    import numpy as np
+
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or value.dtype is None or not value.dtype.is_floating_point():
+            continue
+        try:
+            array = tensor.numpy()
+        except Exception as exc:
+            raise PycompressError(f"{where}: initializer '{name}' cannot be read ({type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise PycompressError(f"{where}: initializer '{name}' holds {bad} NaN/Inf value(s); refused")
 
 
 def simplify_model(model: ir.Model, *, where: str = "model") -> None:
@@ -138,6 +212,21 @@ def simplify_model(model: ir.Model, *, where: str = "model") -> None:
 
 def infer_model_shapes(model: ir.Model, *, where: str = "model") -> None:
     """Run ONNX shape inference on the model in place (data propagation on)."""
+    import logging
+
+    # onnx_ir logs a failed inference (with its traceback) and keeps going with
+    # the model unchanged: a type-mismatched model would load as if valid. The
+    # failure is caught from its log record instead and refused.
+    failures: list[logging.LogRecord] = []
+
+    class _Catch(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            failures.append(record)
+            return False
+
+    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    catch = _Catch()
+    logger.addFilter(catch)
     try:
         # strict_mode off: an op onnx cannot infer leaves its outputs unknown
         # rather than failing the whole load.
@@ -145,6 +234,13 @@ def infer_model_shapes(model: ir.Model, *, where: str = "model") -> None:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PycompressError(f"{where}: shape inference failed: {first}") from exc
+    finally:
+        logger.removeFilter(catch)
+    for record in failures:
+        if record.levelno >= logging.WARNING and record.exc_info:
+            exc = record.exc_info[1]
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PycompressError(f"{where}: shape inference failed: {first}")
 
 
 def model_nbytes(model: ir.Model) -> int:
