@@ -28,6 +28,7 @@ from pycompress.fidelity import collect_activations, run_model
 from pycompress.ir import load_model, model_cost, save_model
 from pycompress.plan import Plan
 from pycompress.rewrites import ApplyContext, apply_plan
+from pycompress.rewrites.compose import check_plan_composes
 
 
 def add_parser(sub) -> None:
@@ -155,6 +156,8 @@ def _run(args) -> int:
     plan = Plan.load(args.plan)
     if not plan.decisions:
         raise PycompressError(f"{args.plan}: the plan has no decisions")
+    # The whole plan, before the data is read or anything is fitted.
+    check_plan_composes(model, plan, where=str(args.plan))
     if args.data is None:
         for decision in plan.decisions:
             if decision.params.get("data_aware") is True:
