@@ -36,7 +36,7 @@ class ConversionReport:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         raise PycompressError(f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
     if not dims or any(d <= 0 for d in dims):

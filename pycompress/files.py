@@ -96,8 +96,8 @@ class OutputPolicy:
                 raise _error(f"{name}: not a file name")
             for in_label, source in self.inputs.items():
                 if _same_file(path, source):
-                    raise _error(f"{name}: is the input {in_label} {source}; refusing to overwrite an input, "
-                                 "choose another output path")
+                    raise _error(f"{name}: refusing to overwrite the input {in_label} {source}; choose another "
+                                 "output path")
             if path.is_symlink() and not path.exists():
                 raise _error(f"{name}: a dangling symbolic link; refused")
             if not is_folder and path.is_dir():

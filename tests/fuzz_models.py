@@ -38,3 +38,19 @@ def write_data(path: Path, n: int = 64, seed: int = 0) -> Path:
     else:
         np.save(path, x)
     return path
+
+
+def conv_proto(seed: int = 0) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(3->4, 3x3) -> Relu -> GlobalAveragePool -> Flatten: takes image folders."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.2
+    b = np.zeros(4, np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["y"], name="flat")]
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

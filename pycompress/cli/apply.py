@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from pycompress.cli.common import (AT_LEAST_ONE, Range, check_numbers, data_inputs, emit_json, human, model_inputs,
+from pycompress.cli.common import (AT_LEAST_ONE, NON_NEGATIVE, check_numbers, data_inputs, emit_json, human, model_inputs,
                                    output_policy, print_table)
 from pycompress.data import Calibration, load_data
 from pycompress.errors import PycompressError
@@ -139,7 +139,7 @@ def output_difference(reference: ir.Model, model: ir.Model, inputs: dict[str, np
 
 
 def run(args) -> int:
-    check_numbers(args, samples=AT_LEAST_ONE, batch_size=AT_LEAST_ONE, seed=Range(0, 2**63 - 1))
+    check_numbers(args, samples=AT_LEAST_ONE, batch_size=AT_LEAST_ONE, seed=NON_NEGATIVE)
     output = Path(args.output)
     if results_path(output).resolve() == Path(args.plan).resolve():
         raise PycompressError(f"{args.plan}: the results would overwrite the input plan "

@@ -41,7 +41,17 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    from pathlib import Path
+
     from tqdm import tqdm
+
+    from pycompress.ir import load_model
+
+    # Every model validated up front: a damaged file is one clear error naming it, not a failure mid-table.
+    for model in args.models:
+        path = Path(model)
+        if path.suffix == ".onnx" or not path.is_file():
+            load_model(path, simplify=False)
 
     data = None
     if args.data:

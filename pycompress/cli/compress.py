@@ -136,8 +136,10 @@ def _config_from_args(args) -> dict[str, Any]:
     use_labels = args.labels is not None
     if args.method not in ("pacbo", "random", "pfa") and not args.method.endswith(".json"):
         raise PycompressError(f"--method {args.method!r}: choose pacbo, random, pfa or a PLAN.json file")
-    if args.method.endswith(".json") and not Path(args.method).is_file():
+    if args.method.endswith(".json") and not Path(args.method).exists():
         raise PycompressError(f"--method {args.method}: no such plan file")
+    if args.method.endswith(".json") and not Path(args.method).is_file():
+        raise PycompressError(f"--method {args.method}: not a regular file; a plan is a .json file")
     if args.init == "pfa" and "prune" not in args.actions.split(","):
         raise PycompressError("--init pfa seeds pruning decisions: add prune to --actions")
     if "share" in args.actions.split(",") and args.objective != "bytes" and args.method in ("pacbo", "random"):
@@ -173,12 +175,12 @@ def run(args) -> int:
                   finetune_lr=POSITIVE, latency_runs=AT_LEAST_ONE, max_prune=FRACTION, align=AT_LEAST_ONE,
                   target_size=FRACTION, gamma=POSITIVE, samples=AT_LEAST_ONE, delta=NON_NEGATIVE,
                   epsilon=PROBABILITY, max_evals=AT_LEAST_ONE, time_limit=POSITIVE, initial=Range(0),
-                  seed=Range(0, 2**63 - 1), threads=Range(0, 1024))
+                  seed=NON_NEGATIVE, threads=Range(0, 1024))
     paths = _output_paths(args)
     inputs = {**model_inputs("model", args.model), **data_inputs("--data", args.data),
               **({"--labels": args.labels} if args.labels else {}),
               **({"--method": args.method} if args.method.endswith(".json") else {}),
-              **{f"--seed-plan {p}": p for p in args.seed_plan}}
+              **{"--seed-plan" + (f" ({i + 1})" if i else ""): p for i, p in enumerate(args.seed_plan)}}
     if args.resume:
         inputs[f"--resume {CONFIG_NAME}"] = paths["run"] / CONFIG_NAME
     outputs = {"-o": args.output, "--plan": paths["plan"], "--trace": paths["trace"]}
@@ -210,6 +212,7 @@ def _run(args) -> int:
         if not config_path.is_file():
             raise PycompressError(f"{run_dir}: not a compress run folder ({CONFIG_NAME} is missing)")
         config = _read_config(config_path)
+        _check_state_file(run_dir / "state.json")
         if config.get("model_sha256") != model_hash:
             raise PycompressError(f"{model_path}: this is not the model the run in {run_dir} was searching")
     else:
@@ -382,6 +385,32 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _check_state_file(path: Path) -> None:
+    """The saved search, refused cleanly when damaged (the planner then reads it knowing its shape)."""
+    if not path.exists():
+        return  # the planner says there is nothing to resume
+    if not path.is_file():
+        raise PycompressError(f"{path}: not a regular file")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PycompressError(f"{path}: not a valid search state ({type(exc).__name__})") from None
+    types = {"format": str, "version": int, "d": int, "settings": dict, "status": str, "observations": list,
+             "pending": list, "rng": dict, "history": list, "elapsed": (int, float)}
+    if not isinstance(state, dict):
+        raise PycompressError(f"{path}: not a valid search state (expected a JSON object)")
+    for key, kind in types.items():
+        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
+            raise PycompressError(f"{path}: '{key}' has the wrong type ({type(state[key]).__name__})")
+    for i, obs in enumerate(state.get("observations", [])):
+        if not isinstance(obs, dict) or not isinstance(obs.get("theta"), list) \
+                or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in obs["theta"]):
+            raise PycompressError(f"{path}: observation {i} is damaged")
+    for i, item in enumerate(state.get("pending", [])):
+        if not isinstance(item, dict) or not isinstance(item.get("theta"), list):
+            raise PycompressError(f"{path}: pending point {i} is damaged")
+
+
 def _search(args, config, model, data, estimator, log, save_config, run_dir):
     """PAC-BO or random search: (compressed model, applied plan, summary, trace, objective)."""
     from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
@@ -512,6 +541,9 @@ def _one_shot(args, config, model, data, log):
                            threads=args.threads)
     else:
         plan_in = Plan.load(config["method"]).without_results()
+        from pycompress.rewrites.compose import check_plan_composes
+
+        check_plan_composes(model, plan_in, where=config["method"])
     compressed = model.clone()
     plan = apply_plan(compressed, plan_in)
     summary = {"method": config["method"], "decisions": {d.site: d.params for d in plan.decisions},

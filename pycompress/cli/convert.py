@@ -39,8 +39,11 @@ def run(args) -> int:
         else args.source.rpartition(":")[0]
     with output_policy({"-o": args.output}, {"source": source_file}, lock=[args.output]):
         model, kind = load_module_source(args.source)
-        report = export_to_onnx(model, shapes, args.output, exporter=args.exporter, opset=args.opset,
-                                dynamic_batch=not args.static_batch, tolerance=args.tolerance)
+        try:
+            report = export_to_onnx(model, shapes, args.output, exporter=args.exporter, opset=args.opset,
+                                    dynamic_batch=not args.static_batch, tolerance=args.tolerance)
+        except PycompressError as exc:  # name the source the failing module came from
+            raise PycompressError(f"{args.source}: {exc}") from None
     if args.json:
         emit_json({**asdict(report), "source": args.source, "kind": kind})
     else:

@@ -194,7 +194,7 @@ def load_data(spec: str, model: ir.Model, *, labels: str | None = None,
             raise PycompressError(f"{where}: labels must be a 1-D integer array, got shape "
                                   f"{label_array.shape} dtype {label_array.dtype}")
         if len(label_array) != len(cal):
-            raise PycompressError(f"{spec}: {len(label_array)} labels for {len(cal)} samples")
+            raise PycompressError(f"{where}: {len(label_array)} labels for {len(cal)} samples of {spec}")
     return cal
 
 

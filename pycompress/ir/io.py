@@ -78,6 +78,9 @@ def check_external_data(proto: onnx.ModelProto, model_path: Path) -> int:
         if expected is not None and "length" in info and length != expected:
             raise PycompressError(f"{where}: external data length {length} does not match its shape and type "
                                   f"({expected} bytes)")
+        if expected is not None and offset + expected > size:
+            raise PycompressError(f"{where}: external data needs {expected} bytes from offset {offset}, "
+                                  f"'{location}' holds {size}; refused")
         total += length
     return total
 
@@ -141,7 +144,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = 
         raise PycompressError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from exc
     if not proto.graph.node and not proto.graph.output:
         raise PycompressError(f"{path}: not a valid ONNX model (empty graph)")
+    check_tensor_io(proto, where=str(path))
     external = check_external_data(proto, path)
+    check_opsets(proto, where=str(path))
     if check:
         try:
             # By path: works for models above the 2 GB protobuf limit too.
@@ -149,6 +154,16 @@ def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = 
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PycompressError(f"{path}: ONNX checker failed: {first}") from exc
+    if check and infer_shapes and proto.ByteSize() < PROTO_LIMIT_BYTES:
+        # Strict inference: the pass below runs non-strict (an op onnx cannot
+        # infer must not fail the load) and so would let a model whose shapes
+        # or types contradict each other (it cannot run) through as valid.
+        try:
+            onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first.replace("[ShapeInferenceError] Inference error(s): ", "")
+            raise PycompressError(f"{path}: shape inference failed: {first}") from None
     del proto
     try:
         model = ir.load(path)
@@ -163,6 +178,30 @@ def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = 
     model.meta["pycompress.source_path"] = str(path.resolve())
     model.meta["pycompress.external_bytes"] = external
     return model
+
+
+def check_tensor_io(proto: onnx.ModelProto, *, where: str = "model") -> None:
+    """Refuse graph inputs/outputs that are not tensors (scikit-learn's ZipMap: a sequence of maps).
+
+    onnx_ir cannot represent map types, and every measurement compares tensors.
+    """
+    for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        for value in values:
+            which = value.type.WhichOneof("value")
+            if which not in (None, "tensor_type"):
+                hint = (" (scikit-learn's ZipMap: convert with options={'zipmap': False} to get a probability "
+                        "tensor)" if which in ("sequence_type", "map_type") else "")
+                raise PycompressError(f"{where}: graph {kind} '{value.name}' is a {which.replace('_type', '')}, "
+                                      f"not a tensor; pycompress compresses tensor models{hint}")
+
+
+def check_opsets(proto: onnx.ModelProto, *, where: str = "model") -> None:
+    """Refuse a default-domain opset newer than this onnx knows (nothing could check or run it)."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= newest:
+            raise PycompressError(f"{where}: opset {opset.version} is not supported (this onnx knows opsets "
+                                  f"1..{newest})")
 
 
 def check_finite_weights(model: ir.Model, *, where: str = "model") -> None:

@@ -32,7 +32,10 @@ def _weight_only(decision: LayerDecision) -> LayerDecision:
 
 def check_plan_composes(model: ir.Model, plan: Plan, *, where: str = "plan") -> None:
     """Raise PycompressError naming the plan and site when the plan as a whole would not apply."""
-    validate_plan(model, plan)
+    try:
+        validate_plan(model, plan)
+    except PycompressError as exc:
+        raise PycompressError(f"{where}: {exc}") from None
     by_site: dict[str, str] = {}
     for d in plan.decisions:
         if d.site in by_site and by_site[d.site] != d.action:
