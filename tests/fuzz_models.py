@@ -41,16 +41,18 @@ def write_data(path: Path, n: int = 64, seed: int = 0) -> Path:
 
 
 def conv_proto(seed: int = 0) -> onnx.ModelProto:
-    """x[N,3,8,8] -> Conv(3->4, 3x3) -> Relu -> GlobalAveragePool -> Flatten: takes image folders."""
+    """x[N,3,8,8] -> Conv(3->16) -> Relu -> Conv(16->4) -> GlobalAveragePool -> Flatten: takes image folders."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.2
-    b = np.zeros(4, np.float32)
+    w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.2
+    b = np.zeros(16, np.float32)
+    w2 = rng.standard_normal((4, 16, 3, 3)).astype(np.float32) * 0.1
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="pool"),
+             helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="pool"),
              helper.make_node("Flatten", ["g"], ["y"], name="flat")]
     graph = helper.make_graph(
         nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(w2, "w2")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
