@@ -36,7 +36,7 @@ class ConversionReport:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         raise PycompressError(f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
     if not dims or any(d <= 0 for d in dims):
@@ -53,9 +53,12 @@ def load_module_source(source: str):
         if not path.is_file():
             raise PycompressError(f"{source}: no such file")
         try:
-            return torch.export.load(str(path)), "exported program"
+            with _quiet_logging():  # torch logs a traceback of its own before raising
+                return torch.export.load(str(path)), "exported program"
         except Exception as exc:
-            raise PycompressError(f"{source}: not a loadable torch.export archive ({type(exc).__name__}: {exc})") from exc
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise PycompressError(f"{source}: not a loadable torch.export archive ({type(exc).__name__}: "
+                                  f"{first})") from None
     if source.endswith((".pt", ".pth", ".pkl", ".ckpt")):
         raise PycompressError(
             f"{source}: pickled checkpoints are not loaded (unpickling runs arbitrary code); "
@@ -71,8 +74,12 @@ def load_module_source(source: str):
     if spec is None or spec.loader is None:
         raise PycompressError(f"{file_part}: cannot be imported as a Python file")
     module = importlib.util.module_from_spec(spec)
+    # The user's code runs in this process: a sys.exit() (or any SystemExit) in
+    # it must not end pycompress with its exit code, as if the export had worked.
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:
+        raise PycompressError(f"{file_part}: importing it called sys.exit({exc.code!r}); refused") from None
     except Exception as exc:
         raise PycompressError(f"{file_part}: importing it failed: {type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attr, None)
@@ -80,11 +87,44 @@ def load_module_source(source: str):
         raise PycompressError(f"{file_part}: has no attribute '{attr}'")
     try:
         built = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    except SystemExit as exc:
+        raise PycompressError(f"{source}: calling it called sys.exit({exc.code!r}); refused") from None
     except Exception as exc:
         raise PycompressError(f"{source}: calling it failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(built, torch.nn.Module):
         raise PycompressError(f"{source}: returned {type(built).__name__}, expected a torch.nn.Module")
     return built, "module"
+
+
+class _quiet_logging:
+    """Silence every logger for a block (a failed load must read as one line, not a logged traceback)."""
+
+    def __enter__(self):
+        import logging
+
+        self.previous = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.disable(self.previous)
+
+
+def _first_output(value, where: str) -> np.ndarray:
+    """The module's first output as an array; anything else is refused (not passed off as a result)."""
+    import torch
+
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise PycompressError(f"{where}: the module returned {type(value).__name__}, expected a tensor "
+                              "(or a tuple of tensors)")
+    array = value.detach().cpu().numpy()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise PycompressError(f"{where}: the module's output holds NaN/Inf on random inputs; cannot verify "
+                              "the export")
+    return array
 
 
 def export_to_onnx(
@@ -103,9 +143,15 @@ def export_to_onnx(
     ``tolerance`` bounds max|torch - ort| / max(1, max|torch|); above it the
     export is rejected and nothing is written.
     """
+    import math
+
     import onnxruntime as ort
     import torch
 
+    if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+        raise PycompressError(f"--tolerance {tolerance}: must be a finite number >= 0")
+    if not 7 <= int(opset) <= 25:
+        raise PycompressError(f"--opset {opset}: must be in 7..25")
     output = Path(output)
     is_program = isinstance(model, torch.export.ExportedProgram)
     if is_program:
@@ -147,23 +193,37 @@ def export_to_onnx(
             raise PycompressError(f"torch.onnx export failed: {type(exc).__name__}: {first}") from exc
         seconds = time.perf_counter() - start
 
-        with torch.no_grad():
-            expected = model.module()(*args) if is_program else model(*args)
-        if isinstance(expected, (tuple, list)):
-            expected = expected[0]
-        expected = expected.detach().numpy()
-        session = ort.InferenceSession(str(tmp_path), providers=["CPUExecutionProvider"])
-        feeds = {inp.name: a.numpy() for inp, a in zip(session.get_inputs(), args)}
-        got = session.run(None, feeds)[0]
-        if got.shape != expected.shape:
-            raise PycompressError(f"exported model's output shape {got.shape} differs from torch's {expected.shape}")
-        report = ConversionReport(
-            output=str(output), exporter=exporter, seconds=seconds,
-            max_abs_diff=float(np.max(np.abs(got - expected))) if got.size else 0.0,
-            max_abs_output=float(np.max(np.abs(expected))) if expected.size else 0.0,
-            tolerance=tolerance,
-        )
-        if report.relative_diff > tolerance:
+        # Compared on the traced inputs and on a second draw: a forward written
+        # with numpy (or any Python-side value) is traced as a constant that
+        # matches on the first inputs only.
+        gen2 = torch.Generator().manual_seed(seed + 1)
+        draws = [args, tuple(torch.randn(*a.shape, generator=gen2).to(a.dtype) if a.is_floating_point() else a
+                             for a in args)]
+        try:
+            session = ort.InferenceSession(str(tmp_path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PycompressError(f"{output}: onnxruntime cannot load the exported model: {first}") from None
+        max_diff = max_out = 0.0
+        for draw in draws:
+            with torch.no_grad():
+                expected = _first_output(model.module()(*draw) if is_program else model(*draw), "torch")
+            feeds = {inp.name: a.numpy() for inp, a in zip(session.get_inputs(), draw)}
+            try:
+                got = session.run(None, feeds)[0]
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise PycompressError(f"{output}: onnxruntime cannot run the exported model: {first}") from None
+            if not isinstance(got, np.ndarray) or got.shape != expected.shape:
+                raise PycompressError(f"exported model's output shape {getattr(got, 'shape', None)} differs "
+                                      f"from torch's {expected.shape}")
+            if got.size:
+                diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
+                max_diff = max(max_diff, diff if math.isfinite(diff) else math.inf)
+                max_out = max(max_out, float(np.max(np.abs(expected))))
+        report = ConversionReport(output=str(output), exporter=exporter, seconds=seconds, max_abs_diff=max_diff,
+                                  max_abs_output=max_out, tolerance=tolerance)
+        if not report.relative_diff <= tolerance:
             raise PycompressError(
                 f"exported model differs from torch: max |diff| = {report.max_abs_diff:.3g} "
                 f"(relative {report.relative_diff:.3g} > tolerance {tolerance:g}); nothing written"

@@ -23,6 +23,13 @@ from pycompress.errors import PycompressError
 PLAN_VERSION = 1
 _PLAN_KEYS = {"version", "model", "decisions", "meta"}
 _DECISION_KEYS = {"site", "action", "params", "note", "result"}
+# A plan lists one decision per layer: megabytes at most.
+_MAX_PLAN_BYTES = 256 << 20
+
+
+def _refuse_constant(name: str):
+    """NaN / Infinity are not JSON numbers: a plan with them is refused, not half-applied."""
+    raise ValueError(f"{name} is not a valid number in a plan")
 
 
 @dataclass
@@ -110,17 +117,29 @@ class Plan:
     @classmethod
     def from_json(cls, text: str, where: str = "plan") -> "Plan":
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise PycompressError(f"{where}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        except RecursionError:
+            raise PycompressError(f"{where}: not a plan (JSON nested too deeply)") from None
+        except ValueError as exc:
+            raise PycompressError(f"{where}: {exc}") from None
         return cls.from_dict(data, where)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise PycompressError(f"{path}: no such plan file")
-        return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+        if not path.is_file():  # a folder, or a FIFO that would block the read
+            raise PycompressError(f"{path}: not a regular file; a plan is a .json file")
+        if path.stat().st_size > _MAX_PLAN_BYTES:
+            raise PycompressError(f"{path}: {path.stat().st_size:,} bytes is too large for a plan")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PycompressError(f"{path}: not a plan (not UTF-8 text)") from None
+        return cls.from_json(text, str(path))
 
     def save(self, path: str | os.PathLike) -> Path:
         # Local import keeps plan.py importable without onnx (it is a pure contract).

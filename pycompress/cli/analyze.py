@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from pycompress.analysis import COST_MEASURES, analyze, plan_from_analysis, site_cost_model
-from pycompress.cli.common import emit_json, human, print_table
+from pycompress.cli.common import (AT_LEAST_ONE, Range, check_numbers, data_inputs, emit_json, human, model_inputs,
+                                   output_policy, print_table)
 from pycompress.data import load_data
 from pycompress.decisions.pfa import DEFAULT_TAUS, recipe_energy, recipe_kl
 from pycompress.errors import PycompressError
@@ -68,6 +69,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    check_numbers(args, energy=Range(0, 1), target_size=Range(0, 1, low_open=True), min_keep=AT_LEAST_ONE,
+                  batch_size=AT_LEAST_ONE, threads=Range(0, 1024))
+    inputs = {**model_inputs("model", args.model), **data_inputs("--data", args.data)}
+    with output_policy({}, inputs, folders={"-o": args.output}, lock=[args.output]):
+        return _run(args)
+
+
+def _run(args) -> int:
     taus = _taus(args.taus)
     if args.energy is not None and not 0.0 <= args.energy <= 1.0:
         raise PycompressError(f"--energy must be in [0, 1], got {args.energy}")

@@ -20,13 +20,15 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from pycompress.cli.common import emit_json, human, print_table
+from pycompress.cli.common import (AT_LEAST_ONE, NON_NEGATIVE, check_numbers, data_inputs, emit_json, human, model_inputs,
+                                   output_policy, print_table)
 from pycompress.data import Calibration, load_data
 from pycompress.errors import PycompressError
 from pycompress.fidelity import collect_activations, run_model
 from pycompress.ir import load_model, model_cost, save_model
 from pycompress.plan import Plan
 from pycompress.rewrites import ApplyContext, apply_plan
+from pycompress.rewrites.compose import check_plan_composes
 
 
 def add_parser(sub) -> None:
@@ -137,16 +139,25 @@ def output_difference(reference: ir.Model, model: ir.Model, inputs: dict[str, np
 
 
 def run(args) -> int:
-    if args.samples < 1 or args.batch_size < 1:
-        raise PycompressError("--samples and --batch-size must be positive")
-    model_path, output = Path(args.model), Path(args.output)
+    check_numbers(args, samples=AT_LEAST_ONE, batch_size=AT_LEAST_ONE, seed=NON_NEGATIVE)
+    output = Path(args.output)
     if results_path(output).resolve() == Path(args.plan).resolve():
         raise PycompressError(f"{args.plan}: the results would overwrite the input plan "
                               f"({results_path(output).name} is written next to -o); choose another output name")
+    inputs = {**model_inputs("model", args.model), "plan": args.plan, **data_inputs("--data", args.data),
+              **data_inputs("--eval-data", args.eval_data)}
+    with output_policy({"-o": output, "plan results": results_path(output)}, inputs, lock=[output]):
+        return _run(args)
+
+
+def _run(args) -> int:
+    model_path, output = Path(args.model), Path(args.output)
     model = load_model(model_path)
     plan = Plan.load(args.plan)
     if not plan.decisions:
         raise PycompressError(f"{args.plan}: the plan has no decisions")
+    # The whole plan, before the data is read or anything is fitted.
+    check_plan_composes(model, plan, where=str(args.plan))
     if args.data is None:
         for decision in plan.decisions:
             if decision.params.get("data_aware") is True:

@@ -6,7 +6,8 @@ import sys
 
 from pycompress.bench import bench_models
 from pycompress.bench.report import markdown, plot, table_rows
-from pycompress.cli.common import emit_json, print_table
+from pycompress.cli.common import (AT_LEAST_ONE, NON_NEGATIVE, Range, check_numbers, data_inputs, emit_json,
+                                   model_inputs, output_policy, print_table)
 from pycompress.errors import PycompressError
 
 
@@ -29,7 +30,28 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    check_numbers(args, threads=Range(0, 1024), batch=AT_LEAST_ONE, warmup=NON_NEGATIVE, iters=AT_LEAST_ONE,
+                  samples=NON_NEGATIVE)
+    inputs = data_inputs("--data", args.data)
+    for i, model in enumerate(args.models):
+        inputs.update(model_inputs(f"model {model}" if i else "model", model))
+    with output_policy({"--markdown": args.markdown, "--plot": args.plot}, inputs,
+                       lock=[p for p in (args.markdown, args.plot) if p]):
+        return _run(args)
+
+
+def _run(args) -> int:
+    from pathlib import Path
+
     from tqdm import tqdm
+
+    from pycompress.ir import load_model
+
+    # Every model validated up front: a damaged file is one clear error naming it, not a failure mid-table.
+    for model in args.models:
+        path = Path(model)
+        if path.suffix == ".onnx" or not path.is_file():
+            load_model(path, simplify=False)
 
     data = None
     if args.data:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from pycompress.cli.common import emit_json
+from pycompress.errors import PycompressError
+
+from pycompress.cli.common import emit_json, output_policy
 from pycompress.convert import export_to_onnx, load_module_source, parse_shape
 
 
@@ -26,9 +28,22 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     shapes = [parse_shape(s) for s in args.input_shape]
-    model, kind = load_module_source(args.source)
-    report = export_to_onnx(model, shapes, args.output, exporter=args.exporter, opset=args.opset,
-                            dynamic_batch=not args.static_batch, tolerance=args.tolerance)
+    # Checked before the user's code runs (importing it may take long or fail).
+    import math
+
+    if not math.isfinite(args.tolerance) or args.tolerance < 0:
+        raise PycompressError(f"--tolerance {args.tolerance}: must be a finite number >= 0")
+    if not 7 <= args.opset <= 25:
+        raise PycompressError(f"--opset {args.opset}: must be in 7..25")
+    source_file = args.source if args.source.endswith(".pt2") or ":" not in args.source \
+        else args.source.rpartition(":")[0]
+    with output_policy({"-o": args.output}, {"source": source_file}, lock=[args.output]):
+        model, kind = load_module_source(args.source)
+        try:
+            report = export_to_onnx(model, shapes, args.output, exporter=args.exporter, opset=args.opset,
+                                    dynamic_batch=not args.static_batch, tolerance=args.tolerance)
+        except PycompressError as exc:  # name the source the failing module came from
+            raise PycompressError(f"{args.source}: {exc}") from None
     if args.json:
         emit_json({**asdict(report), "source": args.source, "kind": kind})
     else:

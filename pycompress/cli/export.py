@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from pycompress.cli.common import emit_json, human, print_table
+from pycompress.cli.common import (AT_LEAST_ONE, check_numbers, data_inputs, emit_json, human, model_inputs,
+                                   output_policy, print_table)
 from pycompress.errors import PycompressError
 from pycompress.export import FORMATS, export_model
 
@@ -27,10 +28,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if args.samples < 1 or args.calibration_samples < 1:
-        raise PycompressError("--samples and --calibration-samples must be >= 1")
+    check_numbers(args, samples=AT_LEAST_ONE, calibration_samples=AT_LEAST_ONE)
     if args.dynamic and args.to != "int8":
         raise PycompressError("--dynamic applies to --to int8 only")
+    with output_policy({"-o": args.output}, {**model_inputs("model", args.model), **data_inputs("--data", args.data)},
+                       lock=[args.output]):
+        return _run(args)
+
+
+def _run(args) -> int:
     calibration = check_inputs = None
     if args.data:
         from pycompress.data import load_data

@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # argparse's own usage errors (exit code 2)
         return int(exc.code or 0) if isinstance(exc.code, int) else 2
+    except OSError as exc:  # a file the user named: unreadable, a folder, a full disk, ...
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pycompress: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("pycompress: error: out of memory (the input is too large for this machine)", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug: still one line unless --debug
         if debug:
             traceback.print_exc()

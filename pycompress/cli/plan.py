@@ -15,11 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pycompress.cli.common import emit_json, human, print_table
+from pycompress.cli.common import emit_json, human, model_inputs, output_policy, print_table
 from pycompress.errors import PycompressError
 from pycompress.ir import load_model
 from pycompress.plan import Plan
-from pycompress.rewrites import REGISTRY, get_rewrite
+from pycompress.rewrites import REGISTRY, ApplyContext, get_rewrite
+from pycompress.rewrites.compose import _weight_only, check_plan_composes
 
 
 def add_parser(sub) -> None:
@@ -53,6 +54,11 @@ def parse_actions(text: str) -> list[str]:
 
 
 def _check_options(args) -> None:
+    import math
+
+    for flag, value in (("--energy", args.energy), ("--keep", args.keep)):
+        if not math.isfinite(value):
+            raise PycompressError(f"{flag} {value}: must be a finite number")
     if not 0.0 < args.energy <= 1.0:
         raise PycompressError(f"--energy {args.energy}: must be in (0, 1]")
     if not 0.0 < args.keep <= 1.0:
@@ -66,23 +72,54 @@ def _check_options(args) -> None:
 def run(args) -> int:
     actions = parse_actions(args.actions)
     _check_options(args)
+    with output_policy({"-o": args.output}, model_inputs("model", args.model), lock=[args.output] if args.output else []):
+        return _run(args, actions)
+
+
+def _run(args, actions: list[str]) -> int:
     model = load_model(args.model)
     options: dict[str, Any] = {"energy": args.energy, "keep": args.keep, "bits": args.bits,
                                "align": args.align, "data_aware": args.data_aware}
     plan = Plan(model=str(args.model), meta={"created_by": "pycompress plan", "actions": actions,
                                              "options": options})
     rows: list[dict[str, Any]] = []
-    for action in actions:
+    # Actions are planned in the order apply runs them, each on the model as the
+    # earlier ones leave it (an svd rank for the pruned layer, not the original),
+    # and one action per layer: the plan written is one `apply` accepts.
+    ordered = sorted(actions, key=lambda a: get_rewrite(a).order)
+    working, decided = model, {}
+    for i, action in enumerate(ordered):
         rewrite = get_rewrite(action)
-        for site in rewrite.sites(model):
-            decision = rewrite.starting_decision(model, site, **options) if site.ok else None
+        original = {site.name for site in rewrite.sites(model)}
+        chosen = []
+        here = rewrite.sites(working)
+        for name in sorted(original - {site.name for site in here}):
+            if name in decided:  # replaced by an earlier action
+                rows.append({"action": action, "site": name, "ok": True, "reason": "", "info": {},
+                             "decision": None, "note": f"left to {decided[name]} (one action per layer)"})
+        for site in here:
+            if site.name not in original:
+                continue  # a node an earlier action created: not a site of the model the plan names
+            ok = site.ok and site.name not in decided
+            decision = rewrite.starting_decision(working, site, **options) if ok else None
             if decision is not None:
                 plan.add(decision)
-            note = site.reason if not site.ok else (decision.note if decision else site.info.get("plan_note", ""))
+                chosen.append(decision)
+                decided[site.name] = action
+            if site.ok and site.name in decided and decided[site.name] != action:
+                note = f"left to {decided[site.name]} (one action per layer)"
+            else:
+                note = site.reason if not site.ok else (decision.note if decision else site.info.get("plan_note", ""))
             rows.append({"action": action, "site": site.name, "ok": site.ok, "reason": site.reason,
                          "info": {k: v for k, v in site.info.items() if k != "plan_note"},
                          "decision": decision.params if decision else None,
                          "note": note or ("left as is" if site.ok else "")})
+        if chosen and i < len(ordered) - 1:
+            working = working.clone() if working is model else working
+            for decision in chosen:
+                rewrite.apply(working, _weight_only(decision), ApplyContext(options={"data_aware": False}))
+    # The guarantee: never write a plan `apply` would refuse.
+    check_plan_composes(model, plan, where=str(args.output or "plan"))
     if args.output:
         plan.save(args.output)
     applicable = sum(r["ok"] for r in rows)

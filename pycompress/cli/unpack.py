@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pycompress.cli.common import emit_json
+from pycompress.cli.common import emit_json, output_policy
 from pycompress.export.packed import unpack_file
 
 
@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    path, size = unpack_file(args.packed, args.output)
+    with output_policy({"-o": args.output}, {"packed": args.packed}, lock=[args.output]):
+        path, size = unpack_file(args.packed, args.output)
     if args.json:
         emit_json({"packed": str(args.packed), "output": str(path), "bytes": size, "sha256_verified": True})
     else:

@@ -223,6 +223,11 @@ class _Resolved:
         return x.transpose(2, 0, 1) if self.layout == "nchw" else x
 
 
+# An image above this is refused before decoding (a calibration photo never needs it;
+# a decompression bomb would fill the memory).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
 def image_folder(folder: Path, input_shape: Sequence[int | None], dtype: np.dtype, preprocess: Preprocess,
                  where: str) -> LazySamples:
     """Every image file under ``folder`` (recursively, sorted by path), preprocessed lazily."""
@@ -232,13 +237,22 @@ def image_folder(folder: Path, input_shape: Sequence[int | None], dtype: np.dtyp
     spec = preprocess.resolve(input_shape, where)
 
     def make(i: int) -> np.ndarray:
+        import warnings
+
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(files[i]) as image:
-                image.load()
-                return spec.finish(image)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            with warnings.catch_warnings():
+                # PIL only warns between its limit and twice it: refused here, as an error.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(files[i]) as image:
+                    if image.size[0] * image.size[1] > MAX_IMAGE_PIXELS:
+                        raise PycompressError(f"{files[i]}: {image.size[0]}x{image.size[1]} pixels is above the "
+                                              f"limit of {MAX_IMAGE_PIXELS:,} pixels per image; refused")
+                    image.load()
+                    return spec.finish(image)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning, EOFError, SyntaxError) as exc:
             raise PycompressError(f"{files[i]}: cannot read the image ({type(exc).__name__}: {exc})") from None
 
     # Fail now, not in the middle of a long pass, if the first file is unreadable.

@@ -150,10 +150,12 @@ def load_data(spec: str, model: ir.Model, *, labels: str | None = None,
         path = Path(spec)
         if not path.exists():
             raise PycompressError(f"{spec}: no such data file or folder")
+        _check_regular_file(path, spec)
         if explicit_preprocess:
             raise PycompressError(f"{spec}: --preprocess applies to image folders and builtin:skimage, "
                                   "not to arrays (they are fed as they are)")
         try:
+            _check_array_file_size(path, spec)
             if path.suffix == ".npz":
                 with np.load(path, allow_pickle=False) as npz:
                     arrays = {k: npz[k] for k in npz.files}
@@ -169,12 +171,90 @@ def load_data(spec: str, model: ir.Model, *, labels: str | None = None,
         except Exception as exc:  # pickled object arrays are refused by allow_pickle=False
             raise PycompressError(f"{spec}: cannot read data ({type(exc).__name__}: {exc})") from exc
     if labels is not None:
+        if not Path(labels).exists():
+            raise PycompressError(f"{labels}: no such labels file")
+        _check_regular_file(Path(labels), labels)
+        _check_array_file_size(Path(labels), labels)
         try:
             label_array = np.load(labels, allow_pickle=False)
         except Exception as exc:
             raise PycompressError(f"{labels}: cannot read labels ({type(exc).__name__})") from exc
+        if not isinstance(label_array, np.ndarray):
+            raise PycompressError(f"{labels}: expected one .npy array of labels")
+    for name, array in arrays.items():
+        _check_samples(array, spec if name == "__single__" else f"{spec}: array '{name}'")
     inputs = _check_against_model(arrays, model, spec)
+    counts = {name: len(array) for name, array in inputs.items()}
+    if len(set(counts.values())) > 1:
+        raise PycompressError(f"{spec}: the inputs hold different numbers of samples {counts}")
     cal = Calibration(inputs, label_array, spec)
-    if label_array is not None and len(label_array) != len(cal):
-        raise PycompressError(f"{spec}: {len(label_array)} labels for {len(cal)} samples")
+    if label_array is not None:
+        where = labels or f"{spec}: labels"
+        if label_array.ndim != 1 or label_array.dtype.kind not in "iu":
+            raise PycompressError(f"{where}: labels must be a 1-D integer array, got shape "
+                                  f"{label_array.shape} dtype {label_array.dtype}")
+        if len(label_array) != len(cal):
+            raise PycompressError(f"{where}: {len(label_array)} labels for {len(cal)} samples of {spec}")
     return cal
+
+
+def _check_regular_file(path: Path, where: str) -> None:
+    """A FIFO or device would block the read forever (or never end): only regular files are data."""
+    if not path.is_file():
+        raise PycompressError(f"{where}: not a regular file (a FIFO, device or socket); refused")
+
+
+def _memory_bytes() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def _check_array_file_size(path: Path, where: str) -> None:
+    """Refuse an array file whose arrays would not fit in memory (read from the headers, nothing loaded)."""
+    import zipfile
+
+    limit = _memory_bytes() // 2
+    sizes: list[tuple[str, int]] = []
+    try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as archive:
+                sizes = [(info.filename, info.file_size) for info in archive.infolist()]
+        elif path.suffix == ".npy":
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(fh))
+                count = 1
+                for d in shape:
+                    count *= int(d)
+                sizes = [(path.name, count * dtype.itemsize)]
+                expected_end = fh.tell() + count * dtype.itemsize
+            if dtype.kind != "O" and path.stat().st_size < expected_end:
+                raise PycompressError(f"{where}: truncated .npy file (its header promises {count} values)")
+    except PycompressError:
+        raise
+    except Exception as exc:
+        raise PycompressError(f"{where}: cannot read data ({type(exc).__name__}: {exc})") from None
+    total = sum(size for _, size in sizes)
+    if total > limit:
+        raise PycompressError(f"{where}: its arrays need {total / 2**30:.1f} GiB, more than half of this "
+                              f"machine's memory ({limit * 2 / 2**30:.1f} GiB); pass fewer samples")
+
+
+def _check_samples(array, where: str) -> None:
+    """Samples a model can be fed: at least one, along a first axis, with finite values."""
+    if isinstance(array, LazySamples):
+        return
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise PycompressError(f"{where}: expected a numeric array, got dtype {getattr(array, 'dtype', None)}")
+    if array.ndim == 0:
+        raise PycompressError(f"{where}: a scalar; expected samples along the first axis")
+    if len(array) == 0:
+        raise PycompressError(f"{where}: holds no samples (the first axis is empty)")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise PycompressError(f"{where}: holds {bad} NaN/Inf value(s); calibration data must be finite")

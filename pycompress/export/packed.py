@@ -248,8 +248,10 @@ def _read_header(data: bytes, where: str) -> tuple[dict, int]:
         raise _fail(where, "corrupted header (checksum mismatch)")
     try:
         header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError):
         raise _fail(where, "corrupted header (not JSON)") from None
+    except RecursionError:  # a crafted header nested thousands deep (its CRC can be forged)
+        raise _fail(where, "corrupted header (nested too deeply)") from None
     if not isinstance(header, dict) or header.get("format") != "pycompress-packed":
         raise _fail(where, "corrupted header (unknown format)")
     return header, end
@@ -258,7 +260,10 @@ def _read_header(data: bytes, where: str) -> tuple[dict, int]:
 def unpack_bytes(data: bytes, *, where: str = "packed file") -> bytes:
     """The original ONNX bytes; PycompressError if the container is damaged in any way."""
     header, pos = _read_header(data, where)
-    total = _int(header.get("onnx_bytes"), where, "onnx_bytes")
+    # Bounded by what the file can hold: Huffman codes take >= 1 bit per symbol
+    # and a zero-run pair stands for at most 256 symbols, so a restored model is
+    # never more than 2048x the container; a larger claim would only allocate.
+    total = _int(header.get("onnx_bytes"), where, "onnx_bytes", 0, 2048 * len(data))
     digest = header.get("onnx_sha256")
     sections_meta, streams = header.get("sections"), header.get("streams")
     if not isinstance(digest, str) or not isinstance(sections_meta, list) or not sections_meta \
@@ -309,7 +314,7 @@ def _decode_stream(entry, sections: list[bytes], where: str) -> bytes:
     if not isinstance(entry, dict):
         raise _fail(where, "corrupted header (stream entry)")
     name = entry.get("tensor")
-    count = _int(entry.get("count"), where, f"stream '{name}' count")
+    count = _int(entry.get("count"), where, f"stream '{name}' count", 0, sum(8 * 256 * len(s) for s in sections))
     refs = entry.get("sections")
     coding = entry.get("coding")
     wanted = {"huffman": 1, "zero-runs": 2}.get(coding)
@@ -318,10 +323,12 @@ def _decode_stream(entry, sections: list[bytes], where: str) -> bytes:
     parts = [sections[_int(r, where, f"stream '{name}' section", 1, len(sections) - 1)] for r in refs]
     try:
         if coding == "huffman":
+            if count > 8 * len(parts[0]):
+                raise ValueError(f"count {count} is more than its section's {8 * len(parts[0])} bits")
             symbols = _decode_section(parts[0], count)
         else:
             zero = _int(entry.get("zero"), where, f"stream '{name}' zero symbol", 0, 255)
-            pairs = _int(entry.get("pairs"), where, f"stream '{name}' pairs")
+            pairs = _int(entry.get("pairs"), where, f"stream '{name}' pairs", 0, 8 * len(parts[0]))
             runs, values = _decode_section(parts[0], pairs), _decode_section(parts[1], pairs)
             symbols = from_zero_runs(runs, values, zero, count)
     except ValueError as exc:

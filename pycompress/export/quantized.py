@@ -31,6 +31,38 @@ def _fail(source: Path, what: str, exc: Exception) -> PycompressError:
     return PycompressError(f"{source}: {what} failed: {first}")
 
 
+class _scratch_cwd:
+    """Run a block inside a fresh temporary working folder, removed afterwards.
+
+    onnxruntime's quantization tools write ``<uuid>.data`` and
+    ``sym_shape_infer_temp.onnx`` into the *current* folder and leave them there
+    when they fail; run in a scratch folder, nothing of theirs is left behind.
+    Paths given to them must be absolute (see ``_absolute``).
+    """
+
+    def __init__(self, near: Path):
+        self.near = near
+
+    def __enter__(self):
+        import os
+
+        self.tmp = tempfile.TemporaryDirectory(dir=self.near if self.near.is_dir() else None,
+                                               prefix=".pycompress-scratch-")
+        self.previous = os.getcwd()
+        os.chdir(self.tmp.name)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        os.chdir(self.previous)
+        self.tmp.cleanup()
+
+
+def _absolute(path: Path) -> Path:
+    return Path(path).resolve()
+
+
 def calibration_batch_size(model: ir.Model, default: int = 16) -> int:
     sizes = {v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape)
              and isinstance(v.shape[0], int)}
@@ -59,10 +91,11 @@ def to_int8_static(source: Path, output: Path, calibration: Mapping[str, np.ndar
         def get_next(self):
             return next(self._batches, None)
 
+    source, output = _absolute(source), _absolute(output)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".pycompress-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:
-            with quiet():
+            with quiet(), _scratch_cwd(output.parent):
                 quant_pre_process(str(source), str(prepared))
                 quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -78,8 +111,9 @@ def to_int8_dynamic(source: Path, output: Path) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     load_model(source, simplify=False)  # validates the input with a clear error
+    source, output = _absolute(source), _absolute(output)
     try:
-        with quiet():
+        with quiet(), _scratch_cwd(output.parent):
             quantize_dynamic(str(source), str(output), per_channel=True, weight_type=QuantType.QInt8)
     except Exception as exc:
         raise _fail(source, "onnxruntime dynamic quantization", exc) from exc
@@ -137,8 +171,9 @@ def to_int4(source: Path, output: Path, block_size: int = 32) -> dict[str, Any]:
         raise PycompressError(f"{source}: no MatMul/Gemm layer with a constant 2-D weight: int4 weight-only "
                               "quantization (onnxruntime MatMulNBits) covers fully-connected layers only")
     weights = sum(int(constant_array(n.inputs[1]).size) for n in candidates)
+    output = _absolute(output)
     try:
-        with quiet():
+        with quiet(), _scratch_cwd(output.parent):
             quantizer = MatMulNBitsQuantizer(ir.to_proto(model), bits=4, block_size=block_size, is_symmetric=True)
             quantizer.process()
             quantizer.model.save_model_to_file(str(output), use_external_data_format=False)

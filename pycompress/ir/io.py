@@ -65,8 +65,62 @@ def check_external_data(proto: onnx.ModelProto, model_path: Path) -> int:
             )
         if not target.is_file():
             raise PycompressError(f"{where}: external data file {location!r} not found next to the model")
-        total += int(info.get("length", target.stat().st_size))
+        size = target.stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info.get("length", size - offset))
+        except ValueError:
+            raise PycompressError(f"{where}: external data offset/length are not integers") from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise PycompressError(f"{where}: external data offset {offset} + length {length} lies beyond the "
+                                  f"end of {location!r} ({size} bytes); refused")
+        expected = _expected_bytes(tensor)
+        if expected is not None and "length" in info and length != expected:
+            raise PycompressError(f"{where}: external data length {length} does not match its shape and type "
+                                  f"({expected} bytes)")
+        if expected is not None and offset + expected > size:
+            raise PycompressError(f"{where}: external data needs {expected} bytes from offset {offset}, "
+                                  f"'{location}' holds {size}; refused")
+        total += length
     return total
+
+
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor of this shape and fixed-size type holds (None: strings, sub-byte types)."""
+    import numpy as np
+
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except Exception:
+        return None
+    if dtype.kind in "OUS" or tensor.data_type in _SUB_BYTE_TYPES:
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    return count * dtype.itemsize
+
+
+_SUB_BYTE_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """The model file and the external data files it reads (the files an output must never replace)."""
+    path = Path(path)
+    files = [path]
+    if not path.is_file():
+        return files
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return files  # load_model reports the bad file
+    folder = path.parent
+    for tensor in _iter_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if location and not os.path.isabs(location) and (folder / location) not in files:
+                files.append(folder / location)
+    return files
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = True,
@@ -90,7 +144,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = 
         raise PycompressError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from exc
     if not proto.graph.node and not proto.graph.output:
         raise PycompressError(f"{path}: not a valid ONNX model (empty graph)")
+    check_tensor_io(proto, where=str(path))
     external = check_external_data(proto, path)
+    check_opsets(proto, where=str(path))
     if check:
         try:
             # By path: works for models above the 2 GB protobuf limit too.
@@ -98,8 +154,20 @@ def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = 
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PycompressError(f"{path}: ONNX checker failed: {first}") from exc
+    if check and infer_shapes and proto.ByteSize() < PROTO_LIMIT_BYTES:
+        # Strict inference: the pass below runs non-strict (an op onnx cannot
+        # infer must not fail the load) and so would let a model whose shapes
+        # or types contradict each other (it cannot run) through as valid.
+        error = _strict_inference_error(proto)
+        if error:
+            raise PycompressError(f"{path}: shape inference failed: {error}")
     del proto
-    model = ir.load(path)
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # onnx_ir's SerdeError on types or data it cannot represent
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PycompressError(f"{path}: cannot read the model ({type(exc).__name__}: {first})") from None
+    check_finite_weights(model, where=str(path))
     if simplify:
         simplify_model(model, where=str(path))
     if infer_shapes:
@@ -107,6 +175,66 @@ def load_model(path: str | os.PathLike, *, check: bool = True, simplify: bool = 
     model.meta["pycompress.source_path"] = str(path.resolve())
     model.meta["pycompress.external_bytes"] = external
     return model
+
+
+def _strict_inference_error(proto: onnx.ModelProto) -> str | None:
+    """The first error of strict ONNX shape/type inference, or None.
+
+    A declared output/value_info shape that disagrees with the inferred one is
+    only an annotation (onnxruntime warns and runs): not an error here.
+    """
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        errors = [line for line in lines if not line.endswith("Inference error(s):")
+                  and "existing shape differ" not in line and "Can't merge shape info" not in line]
+        if errors or not lines:
+            first = (errors or [type(exc).__name__])[0]
+            return first.replace("[ShapeInferenceError] Inference error(s): ", "")
+    return None
+
+
+def check_tensor_io(proto: onnx.ModelProto, *, where: str = "model") -> None:
+    """Refuse graph inputs/outputs that are not tensors (scikit-learn's ZipMap: a sequence of maps).
+
+    onnx_ir cannot represent map types, and every measurement compares tensors.
+    """
+    for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        for value in values:
+            which = value.type.WhichOneof("value")
+            if which not in (None, "tensor_type"):
+                hint = (" (scikit-learn's ZipMap: convert with options={'zipmap': False} to get a probability "
+                        "tensor)" if which in ("sequence_type", "map_type") else "")
+                raise PycompressError(f"{where}: graph {kind} '{value.name}' is a {which.replace('_type', '')}, "
+                                      f"not a tensor; pycompress compresses tensor models{hint}")
+
+
+def check_opsets(proto: onnx.ModelProto, *, where: str = "model") -> None:
+    """Refuse a default-domain opset newer than this onnx knows (nothing could check or run it)."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= newest:
+            raise PycompressError(f"{where}: opset {opset.version} is not supported (this onnx knows opsets "
+                                  f"1..{newest})")
+
+
+def check_finite_weights(model: ir.Model, *, where: str = "model") -> None:
+    """Refuse a float initializer holding NaN or Inf (it would poison every SVD, fit and measurement)."""
+    import numpy as np
+
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or value.dtype is None or not value.dtype.is_floating_point():
+            continue
+        try:
+            array = tensor.numpy()
+        except Exception as exc:
+            raise PycompressError(f"{where}: initializer '{name}' cannot be read ({type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise PycompressError(f"{where}: initializer '{name}' holds {bad} NaN/Inf value(s); refused")
 
 
 def simplify_model(model: ir.Model, *, where: str = "model") -> None:
@@ -134,10 +262,61 @@ def simplify_model(model: ir.Model, *, where: str = "model") -> None:
     except Exception as exc:  # a failed optimization must not lose the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PycompressError(f"{where}: constant folding failed: {first} (retry with simplify off)") from exc
+    _materialize_constant_of_shape(model)
+
+
+# The largest ConstantOfShape output turned into an initializer (elements).
+MAX_MATERIALIZED_ELEMENTS = 1 << 28
+
+
+def _materialize_constant_of_shape(model: ir.Model) -> None:
+    """Turn what onnxscript leaves unfolded (outputs above its size limit) into initializers.
+
+    Model-zoo graphs build some weights as ``ConstantOfShape`` outputs: left as
+    nodes they count as 0 parameters and no rewrite sees them as weights.
+    """
+    import numpy as np
+
+    for node in list(model.graph):
+        if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+            continue
+        shape_value = node.inputs[0] if node.inputs else None
+        shape = None if shape_value is None or shape_value.const_value is None else shape_value.const_value.numpy()
+        if shape is None or shape.ndim != 1 or (shape < 0).any() or int(np.prod(shape)) > MAX_MATERIALIZED_ELEMENTS:
+            continue
+        fill = node.attributes.get("value")
+        fill_array = fill.as_tensor().numpy().reshape(-1)[:1] if fill is not None else np.zeros(1, np.float32)
+        array = np.full(tuple(int(d) for d in shape), fill_array[0], dtype=fill_array.dtype)
+        output = node.outputs[0]
+        name = output.name
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+        output.replace_all_uses_with(value)
+        if output in model.graph.outputs:
+            model.graph.outputs[list(model.graph.outputs).index(output)] = value
+        model.graph.remove(node, safe=True)
+        output.name = None
+        value.name = name
+        model.graph.register_initializer(value)
 
 
 def infer_model_shapes(model: ir.Model, *, where: str = "model") -> None:
     """Run ONNX shape inference on the model in place (data propagation on)."""
+    import logging
+
+    # onnx_ir logs a failed inference (with its traceback) and keeps going with
+    # the model unchanged: a type-mismatched model would load as if valid. The
+    # failure is caught from its log record instead and refused.
+    failures: list[logging.LogRecord] = []
+
+    class _Catch(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            failures.append(record)
+            return False
+
+    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    catch = _Catch()
+    logger.addFilter(catch)
     try:
         # strict_mode off: an op onnx cannot infer leaves its outputs unknown
         # rather than failing the whole load.
@@ -145,6 +324,13 @@ def infer_model_shapes(model: ir.Model, *, where: str = "model") -> None:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PycompressError(f"{where}: shape inference failed: {first}") from exc
+    finally:
+        logger.removeFilter(catch)
+    for record in failures:
+        if record.levelno >= logging.WARNING and record.exc_info:
+            exc = record.exc_info[1]
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PycompressError(f"{where}: shape inference failed: {first}")
 
 
 def model_nbytes(model: ir.Model) -> int:
