@@ -8,10 +8,10 @@ import socket
 
 import numpy as np
 import pytest
-
 import zoo
 from agent_helpers import TOKEN, running_agent, stop
 from conftest import export
+
 from pycompress.agent.client import DeviceClient
 from pycompress.bench.remote import RemoteLatencyProbe
 from pycompress.cli.main import main

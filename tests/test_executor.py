@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-
 import zoo
 from conftest import export
+
 from pycompress.cli.main import main
-from pycompress.executor import ThreadExecutor, parse_executor
 from pycompress.errors import PycompressError
+from pycompress.executor import ThreadExecutor, parse_executor
 
 
 @pytest.fixture(scope="module")

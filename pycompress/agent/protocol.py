@@ -21,7 +21,8 @@ import io
 import json
 import socket
 import struct
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def _read_exact(sock: socket.socket, n: int, what: str, *, at_start: bool = Fals
     while len(chunks) < n:
         try:
             chunk = sock.recv(min(n - len(chunks), 1 << 20))
-        except socket.timeout:
+        except TimeoutError:
             raise ProtocolError(f"timed out reading the {what}") from None
         if not chunk:
             if at_start and not chunks:

@@ -37,8 +37,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -191,7 +192,7 @@ class Agent:
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         try:
             session = ort.InferenceSession(model, options, providers=providers)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RequestError(f"onnxruntime cannot load the model: {first}", "load_failed") from None
         if provider not in session.get_providers():
@@ -246,7 +247,7 @@ class Agent:
                     session.run(None, feeds)
                     seconds[i] = time.perf_counter() - start
                 outputs = self._outputs(session, names, data, output_batch) if data else None
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise RequestError(f"onnxruntime failed to run the model: {first}", "run_failed") from None
         reply = {"ok": True, "latency_ms": _percentiles(seconds), "seconds": seconds.tolist(),
@@ -265,7 +266,7 @@ class Agent:
 
 
 class _Handler(socketserver.BaseRequestHandler):
-    server: "AgentServer"
+    server: AgentServer
 
     def handle(self) -> None:
         agent = self.server.agent
@@ -310,7 +311,7 @@ class _Handler(socketserver.BaseRequestHandler):
             reply, out = agent.handle(header, blobs)
         except RequestError as exc:
             reply, out = {"ok": False, "error": str(exc), "code": exc.code}, {}
-        except Exception as exc:  # the agent must survive anything one request does
+        except Exception as exc:  # noqa: BLE001 - the agent must survive anything one request does
             reply, out = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}",
                           "code": "internal"}, {}
         agent.served += 1

@@ -12,15 +12,31 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from pycompress.agent.client import DeviceClient, DeviceError, DeviceUnavailable, token_from_env
-from pycompress.bench.measure import ModelBench, _unique_names, file_bytes, model_accounting
-from pycompress.bench.runtime import batches, open_session, random_inputs, resolve_provider, static_batch
+from pycompress.agent.client import (
+    DeviceClient,
+    DeviceError,
+    DeviceUnavailable,
+    token_from_env,
+)
+from pycompress.bench.measure import (
+    ModelBench,
+    _unique_names,
+    file_bytes,
+    model_accounting,
+)
+from pycompress.bench.runtime import (
+    batches,
+    open_session,
+    random_inputs,
+    resolve_provider,
+    static_batch,
+)
 from pycompress.errors import PycompressError
 from pycompress.fidelity.compare import compare_outputs
 from pycompress.fidelity.latency import Timing, latency_ratio, trimmed_timing

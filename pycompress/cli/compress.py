@@ -343,9 +343,8 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
     """PAC-BO or random search: (compressed model, applied plan, summary, trace, objective)."""
     from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
     from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, select_gamma
-    from pycompress.plan import Plan
-
     from pycompress.executor import parse_executor
+    from pycompress.plan import Plan
 
     parse_executor(args.executor)
     if args.device and config.get("objective") != "latency":
