@@ -43,6 +43,7 @@ class DeviceRun:
     seconds: np.ndarray                 # every timed run
     outputs: list[np.ndarray] | None    # every model output on the data, when asked
     providers: list[str]
+    agent_seconds: float = 0.0          # the agent's time on the request (session, runs, outputs)
 
 
 def token_from_env() -> str:
@@ -120,7 +121,8 @@ class DeviceClient:
     def run(self, model: bytes, feeds: Mapping[str, np.ndarray], *, data: Mapping[str, np.ndarray] | None = None,
             provider: str = "CPUExecutionProvider", threads: int = 0, optimization: str = "all",
             warmup: int = 10, runs: int = 100, output_batch: int = 32) -> DeviceRun:
-        """Time ``model`` on ``feeds`` (and its outputs on ``data``); the model is sent only if the agent lacks it."""
+        """Time ``model`` on ``feeds`` (and its outputs on ``data``); the model is sent only if the agent lacks it
+        (asked by hash: the agent keeps models between connections)."""
         digest = model_bytes_sha256(model)
         header = {"op": "run", "sha256": digest, "provider": provider, "threads": int(threads or 0),
                   "optimization": optimization, "warmup": int(warmup), "runs": int(runs),
@@ -129,7 +131,9 @@ class DeviceClient:
         blobs.update({f"data/{k}": encode_array(v) for k, v in (data or {}).items()})
         for attempt in range(2):
             if digest not in self._sent:
-                self.put_model(model)
+                if attempt or not self.request({"op": "has_model", "sha256": digest})[0]["cached"]:
+                    self.put_model(model)
+                self._sent.add(digest)
             try:
                 reply, out = self.request(header, blobs)
                 break
@@ -142,4 +146,4 @@ class DeviceClient:
             arrays = arrays_with_prefix(out, "output")
             outputs = [arrays[str(i)] for i in range(len(arrays))]
         return DeviceRun(reply["latency_ms"], np.asarray(reply["seconds"], np.float64), outputs,
-                         list(reply.get("providers", [])))
+                         list(reply.get("providers", [])), float(reply.get("agent_seconds", 0.0)))

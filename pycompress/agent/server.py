@@ -5,7 +5,8 @@ or ``{"ok": false, "error": "...", "code": "..."}``:
 
 - ``describe``: CPU model, cores, OS, onnxruntime version and providers;
 - ``put_model``: blob ``model`` with ``sha256``; kept in a cache by hash
-  (least recently used dropped beyond ``max_cache_bytes``);
+  (least recently used dropped beyond ``max_cache_bytes``); ``has_model``:
+  whether ``sha256`` is cached (a host sends a model only when it is not);
 - ``run``: the cached model ``sha256`` (code ``unknown_model`` when it is not
   cached: the host then sends it), session options (``provider``,
   ``threads``, ``optimization``), the timed batch as blobs ``feed/NAME`` (or
@@ -140,11 +141,14 @@ class Agent:
         if op == "describe":
             return {"ok": True, "device": describe_device(), "served": self.served,
                     "cached_models": len(self._models)}, {}
+        if op == "has_model":
+            with self._models_lock:
+                return {"ok": True, "cached": header.get("sha256") in self._models}, {}
         if op == "put_model":
             return self._put_model(header, blobs), {}
         if op == "run":
             return self._run(header, blobs)
-        raise RequestError(f"unknown op {op!r} (describe, put_model, run)")
+        raise RequestError(f"unknown op {op!r} (describe, has_model, put_model, run)")
 
     def _put_model(self, header: Mapping[str, Any], blobs: Mapping[str, bytes]) -> dict[str, Any]:
         data = blobs.get("model")
@@ -218,6 +222,7 @@ class Agent:
         return out
 
     def _run(self, header: Mapping[str, Any], blobs: Mapping[str, bytes]) -> tuple[dict[str, Any], dict]:
+        started = time.perf_counter()
         model = self._model(header.get("sha256"))
         warmup, runs = header.get("warmup", 10), header.get("runs", 100)
         output_batch = header.get("output_batch", 32)
@@ -253,6 +258,7 @@ class Agent:
         reply = {"ok": True, "latency_ms": _percentiles(seconds), "seconds": seconds.tolist(),
                  "providers": session.get_providers()}
         out_blobs = {} if outputs is None else {f"output/{i}": encode_array(o) for i, o in enumerate(outputs)}
+        reply["agent_seconds"] = time.perf_counter() - started   # the host's wall time minus this: the transport
         return reply, out_blobs
 
     @staticmethod

@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx_ir as ir
@@ -54,9 +55,10 @@ def parse_devices(text: str) -> list[str]:
     return devices
 
 
-def model_file_bytes(path: Path) -> bytes:
-    """The bytes to send: the file itself, or (external data next to it) the model with its data inlined."""
-    if path.suffix == ".onnx" and file_bytes(path) != path.stat().st_size:
+def model_file_bytes(path: Path, total_bytes: int) -> bytes:
+    """The bytes to send: the file itself, or (``total_bytes``, with the external data next to it, more
+    than the file) the model with its data inlined."""
+    if path.suffix == ".onnx" and total_bytes != path.stat().st_size:
         import onnx
 
         return onnx.load(str(path)).SerializeToString()
@@ -101,10 +103,28 @@ def bench_models_on_device(paths: Sequence[str | os.PathLike], device: str, *, p
     return results, description
 
 
+class _GraphInputs:
+    """The model's inputs as ``session.get_inputs()`` lists them, read from the ONNX file: feeds for the
+    device are made as a local bench makes them, without building a session here."""
+
+    def __init__(self, path: Path):
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        weights = {t.name for t in graph.initializer}
+        self._inputs = [SimpleNamespace(
+            name=v.name, type=f"tensor({onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()})",
+            shape=[d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                   for d in v.type.tensor_type.shape.dim]) for v in graph.input if v.name not in weights]
+
+    def get_inputs(self) -> list[SimpleNamespace]:
+        return self._inputs
+
+
 def _measure_on_device(client: DeviceClient, row: ModelBench, path: Path, provider: str, threads: int | None,
                        batch: int, warmup: int, iters: int, data: Mapping[str, np.ndarray] | None):
-    # The feeds are made on the host, with the same session metadata and seed as a local bench.
-    local = open_session(path, "cpu")
+    # The feeds are made on the host, from the same input metadata and seed as a local bench.
+    local = _GraphInputs(path) if path.suffix == ".onnx" else open_session(path, "cpu")
     fixed = static_batch(local)
     if fixed is not None and fixed != batch:
         row.error = f"{path}: the model's batch is fixed at {fixed}; run with --batch {fixed}"
@@ -119,7 +139,7 @@ def _measure_on_device(client: DeviceClient, row: ModelBench, path: Path, provid
         feeds = random_inputs(local, batch)
     feeds = {n: feeds[n] for n in names}
     try:
-        run = client.run(model_file_bytes(path), feeds, data={n: data[n] for n in names} if data else None,
+        run = client.run(model_file_bytes(path, row.file_bytes), feeds, data={n: data[n] for n in names} if data else None,
                          provider=provider, threads=int(threads or 0), warmup=warmup, runs=iters,
                          output_batch=fixed or max(batch, 32))
     except DeviceError as exc:
