@@ -93,14 +93,24 @@ class ObjectiveRecipe:
 _BUILT: dict[str, Any] = {}
 
 
-def evaluate_recipe(recipe: ObjectiveRecipe, gamma: float, theta: np.ndarray, index: int):
-    """One evaluation on a worker: ``objective(theta, index)`` of the recipe's objective at ``gamma``."""
+def built_objective(recipe: ObjectiveRecipe):
+    """The recipe's objective on this worker, built on first use."""
     objective = _BUILT.get(recipe.key)
     if objective is None:
         _BUILT.clear()     # one search at a time per worker: drop an earlier search's model and data
         objective = _BUILT[recipe.key] = recipe.build()
+    return objective
+
+
+def evaluate_recipe(recipe: ObjectiveRecipe, gamma: float, theta: np.ndarray, index: int):
+    """One evaluation on a worker: ``objective(theta, index)`` of the recipe's objective at ``gamma``."""
+    objective = built_objective(recipe)
     objective.gamma = float(gamma)
     return objective(np.asarray(theta, np.float64), int(index))
+
+
+def _warm_up(recipe: ObjectiveRecipe) -> None:
+    built_objective(recipe)
 
 
 class RayExecutor:
@@ -126,6 +136,10 @@ class RayExecutor:
         self.workers = int(workers or ray.cluster_resources().get("CPU", 1))
         self._recipe = ray.put(recipe)
         self._task = ray.remote(num_cpus=1, max_retries=2)(evaluate_recipe)
+        # Start the workers and build their objectives now, while the host prepares the search
+        # (not waited for: the first evaluations queue behind these).
+        warm = ray.remote(num_cpus=1)(_warm_up)
+        self._warming = [warm.remote(self._recipe) for _ in range(self.workers)]
 
     def map(self, objective, jobs: Sequence[Job]) -> Iterator[Any]:
         refs = [self._task.remote(self._recipe, objective.gamma, np.asarray(theta), int(index))
