@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     p.add_argument("--plot", metavar="PATH", help="also write a PNG: size vs latency and size vs fidelity")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--device", metavar="HOST:PORT",
+                   help="run on the device where `pycompress agent` listens (token in $PYCOMPRESS_AGENT_TOKEN; "
+                        "docs/devices.md) instead of this machine")
     p.set_defaults(func=run)
 
 
@@ -63,9 +66,18 @@ def _run(args) -> int:
         calibration = load_data(args.data, load_model(args.models[0], simplify=False))
         data = {k: v[:args.samples] if args.samples > 0 else v for k, v in calibration.inputs.items()}
     bar = tqdm(total=len(args.models), desc="bench", unit="model", file=sys.stderr, disable=None)
+    device = None
     try:
-        results = bench_models(args.models, provider=args.provider, threads=args.threads, batch=args.batch,
-                               warmup=args.warmup, iters=args.iters, data=data, progress=lambda _: bar.update(1))
+        if args.device:
+            from pycompress.bench.remote import bench_models_on_device
+
+            results, device = bench_models_on_device(
+                args.models, args.device, provider=args.provider, threads=args.threads, batch=args.batch,
+                warmup=args.warmup, iters=args.iters, data=data, progress=lambda _: bar.update(1))
+        else:
+            results = bench_models(args.models, provider=args.provider, threads=args.threads, batch=args.batch,
+                                   warmup=args.warmup, iters=args.iters, data=data,
+                                   progress=lambda _: bar.update(1))
     finally:
         bar.close()
     if args.markdown:
@@ -77,12 +89,16 @@ def _run(args) -> int:
     if args.json:
         emit_json({"provider": results[0].provider, "threads": args.threads, "batch": args.batch,
                    "warmup": args.warmup, "iters": args.iters, "data": args.data,
+                   **({"device": {"address": args.device, **device}} if device else {}),
                    "models": [r.to_dict() for r in results]})
         return 0 if any(r.latency_ms for r in results) else 2
     headers, rows = table_rows(results)
     print_table(headers, rows)
     print(f"\nprovider {results[0].provider}, threads {args.threads or 'default'}, batch {args.batch}, "
           f"{args.iters} timed runs after {args.warmup} warm-up")
+    if device:
+        print(f"device {args.device}: {device['cpu']}, {device['cores']} cores, {device['system']}, "
+              f"onnxruntime {device['onnxruntime']}")
     for r in results:
         if r.error:
             print(f"not measured: {r.error}")

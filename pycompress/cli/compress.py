@@ -23,7 +23,7 @@ from pycompress.errors import PycompressError
 # Settings that define a search: a resumed run takes them from its run folder.
 _SEARCH_KEYS = ("method", "actions", "granularity", "objective", "max_prune", "align", "gamma", "target_size",
                 "loss", "use_labels", "labels", "outputs", "samples", "delta", "relative_delta", "epsilon", "seed",
-                "initial", "seed_plans", "data", "init", "energy")
+                "initial", "seed_plans", "data", "init", "energy", "points_per_fit")
 CONFIG_NAME = "compress.json"
 
 
@@ -106,6 +106,15 @@ def add_parser(sub) -> None:
     p.add_argument("--plan", default=None, help="where to write the plan (default OUT.plan.json)")
     p.add_argument("--trace", default=None, help="where to write the trace (default OUT.trace.json)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for evaluations")
+    p.add_argument("--device", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="--objective latency: time candidates on these devices' agents (`pycompress agent`, token "
+                        "in $PYCOMPRESS_AGENT_TOKEN; docs/devices.md); several devices share the evaluations")
+    p.add_argument("--executor", default="local", metavar="local|ray[:ADDRESS]",
+                   help="where evaluations run: local (default; one thread per --device) or Ray tasks on a "
+                        "local Ray (ray) or a cluster (ray:ADDRESS); needs pycompress[ray]")
+    p.add_argument("--points-per-fit", type=int, default=None, metavar="N",
+                   help="points PAC-BO proposes per GP fit (default: the executor's workers; 1 locally). The "
+                        "same value gives the same result on any executor")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -156,7 +165,7 @@ def _config_from_args(args) -> dict[str, Any]:
         "samples": args.samples, "delta": args.delta, "relative_delta": args.relative_delta,
         "epsilon": args.epsilon, "seed": args.seed, "initial": args.initial,
         "seed_plans": [str(Path(p).resolve()) for p in args.seed_plan], "data": args.data,
-        "init": args.init, "energy": args.energy,
+        "init": args.init, "energy": args.energy, "points_per_fit": args.points_per_fit,
     }
 
 
@@ -415,8 +424,14 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
     """PAC-BO or random search: (compressed model, applied plan, summary, trace, objective)."""
     from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
     from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, select_gamma
+    from pycompress.executor import parse_executor
     from pycompress.plan import Plan
 
+    parse_executor(args.executor)
+    if args.device and config.get("objective") != "latency":
+        raise PycompressError("--device times candidates on a device: it needs --objective latency")
+    if args.points_per_fit is not None and args.points_per_fit < 1:
+        raise PycompressError(f"--points-per-fit must be at least 1, got {args.points_per_fit}")
     space, skipped = build_search_space(model, config["actions"], config.get("granularity", "layer"),
                                         max_prune=config.get("max_prune", 1.0), align=config.get("align", 1))
     _log_skipped(skipped, log)
@@ -429,8 +444,15 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         from pycompress.fidelity.latency import LatencyProbe
 
         log("timing the original model (the latency baseline)")
-        latency = LatencyProbe(model, {k: v[:1] for k, v in data.inputs.items()}, runs=args.latency_runs,
-                               threads=args.threads)
+        feeds = {k: v[:1] for k, v in data.inputs.items()}
+        if args.device:
+            from pycompress.bench.remote import RemoteLatencyProbe, parse_devices
+
+            log(f"timing on {args.device}")
+            latency = RemoteLatencyProbe(model, feeds, parse_devices(args.device), runs=args.latency_runs,
+                                         threads=args.threads)
+        else:
+            latency = LatencyProbe(model, feeds, runs=args.latency_runs, threads=args.threads)
         log(f"original latency {latency.baseline.mean * 1e3:.3f} ms +- {latency.baseline.std_error * 1e3:.2g} "
             "(batch 1)")
     objective = CompressionObjective(model, space, estimator,
@@ -445,9 +467,12 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         log(f"searching {space.d} decisions: " + ", ".join(f"{d.site} ({d.action} {d.param} <= {d.high})"
                                                           for d in space.dimensions))
 
+    executor = _executor(args, config, model, data, objective, log)
+    if config.get("points_per_fit") is None:
+        config["points_per_fit"] = getattr(executor, "workers", 1)
     settings = PACBOSettings(delta=config["delta"], relative_delta=config["relative_delta"],
                              epsilon=config["epsilon"], initial=config["initial"], max_evals=args.max_evals,
-                             time_limit=args.time_limit, seed=config["seed"])
+                             time_limit=args.time_limit, seed=config["seed"], batch_size=config["points_per_fit"])
     # A seed plan (e.g. PFA's) may decide sites this search leaves out: those decisions are dropped.
     seeds = [space.encode(Plan.load(p), strict=False) for p in config["seed_plans"]]
     if config.get("init") == "pfa" and not args.resume:
@@ -469,7 +494,7 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
 
     kind = PACBO if config["method"] == "pacbo" else RandomSearch
     planner = kind(space.d, objective, settings, run_dir=run_dir, seeds=seeds, snap=space.snap,
-                   progress=progress)
+                   progress=progress, executor=executor)
     if args.resume:
         planner.load()
     if config["gamma"] is None:
@@ -494,6 +519,9 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         print(f"pycompress: search interrupted after {len(planner.observations)} evaluations; continue with "
               f"--resume {run_dir}", file=sys.stderr)
         raise
+    finally:
+        if hasattr(executor, "shutdown"):
+            executor.shutdown()
     log(result.summary())
 
     compressed, plan = objective.compress(result.theta)
@@ -514,6 +542,28 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         summary["groups"] = {name: [space.dimensions[i].site for i in idx]
                              for name, idx in zip(space.coordinate_names(), space.members) if len(idx) > 1}
     return compressed, plan, summary, _trace(config, space, result, summary), objective
+
+
+def _executor(args, config, model, data, objective, log):
+    """The executor of ``--executor`` / ``--device`` (None: in process, one after the other)."""
+    from pycompress.executor import ObjectiveRecipe, RayExecutor, ThreadExecutor, parse_executor
+
+    kind, address = parse_executor(args.executor)
+    if kind == "ray":
+        import onnx_ir as ir
+
+        recipe = ObjectiveRecipe(
+            ir.to_proto(model).SerializeToString(), data.inputs, data.labels if config["use_labels"] else None,
+            {"loss": config["loss"], "samples": config["samples"], "outputs": config["outputs"],
+             "seed": config["seed"], "threads": args.threads},
+            {"actions": config["actions"], "granularity": config.get("granularity", "layer"),
+             "max_prune": config.get("max_prune", 1.0), "align": config.get("align", 1)},
+            objective.objective, dict(objective.context.options), objective.latency)
+        executor = RayExecutor(recipe, address)
+        log(f"evaluations run as Ray tasks on {executor.workers} workers" + (f" ({address})" if address else ""))
+        return executor
+    devices = len(getattr(objective.latency, "devices", ()))
+    return ThreadExecutor(devices) if devices > 1 else None
 
 
 def _log_skipped(notes: list[str], log, shown: int = 3) -> None:

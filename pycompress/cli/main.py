@@ -17,7 +17,7 @@ from pycompress import __version__
 from pycompress.errors import PycompressError
 
 # The one list of subcommands (module names under pycompress.cli).
-SUBCOMMANDS = ["convert", "info", "plan", "apply", "analyze", "compress", "demo", "export", "unpack", "bench"]
+SUBCOMMANDS = ["convert", "info", "plan", "apply", "analyze", "compress", "demo", "export", "unpack", "bench", "agent"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ them, and cached; the compressed model runs in onnxruntime.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -133,6 +134,7 @@ class FidelityEstimator:
         # Teacher outputs per sample, filled the first time a sample is drawn.
         self._cache: dict[str, np.ndarray] = {}
         self._cached = np.zeros(self.pool, dtype=bool)
+        self._lock = threading.Lock()
 
     def subsample(self, index: int) -> np.ndarray:
         """Pool indices of evaluation ``index`` (m distinct samples, seeded by (seed, index))."""
@@ -141,6 +143,11 @@ class FidelityEstimator:
 
     def teacher_outputs(self, idx: np.ndarray) -> list[np.ndarray]:
         """Teacher outputs on pool samples ``idx``; each sample is run through the teacher once."""
+        with self._lock:   # evaluations may run in threads (several devices): fill the cache once
+            self._fill_teacher_cache(idx)
+        return [self._cache[name][idx] for name in self.outputs]
+
+    def _fill_teacher_cache(self, idx: np.ndarray) -> None:
         missing = idx[~self._cached[idx]]
         if missing.size:
             for start in range(0, missing.size, self.batch_size):
@@ -151,7 +158,6 @@ class FidelityEstimator:
                         self._cache[name] = np.empty((self.pool,) + value.shape[1:], value.dtype)
                     self._cache[name][part] = value
             self._cached[missing] = True
-        return [self._cache[name][idx] for name in self.outputs]
 
     def evaluate(self, model: ir.Model, index: int) -> Estimate:
         """The estimate of ``model``'s fidelity on the subsample of evaluation ``index``."""

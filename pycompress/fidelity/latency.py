@@ -48,8 +48,14 @@ def time_model(model: ir.Model, feeds: Mapping[str, np.ndarray], *, runs: int, w
         start = time.perf_counter()
         session.run(None, dict(feeds))
         seconds[i] = time.perf_counter() - start
-    kept = np.sort(seconds)[: max(2, int(math.ceil(runs * (1.0 - trim))))]
-    return Timing(float(kept.mean()), float(kept.std(ddof=1) / math.sqrt(len(kept))), runs)
+    return trimmed_timing(seconds, trim)
+
+
+def trimmed_timing(seconds: np.ndarray, trim: float = 0.25) -> Timing:
+    """The trimmed mean of run times and its standard error (also for times measured on a device)."""
+    seconds = np.asarray(seconds, np.float64)
+    kept = np.sort(seconds)[: max(2, int(math.ceil(len(seconds) * (1.0 - trim))))]
+    return Timing(float(kept.mean()), float(kept.std(ddof=1) / math.sqrt(len(kept))), len(seconds))
 
 
 class LatencyProbe:
@@ -66,8 +72,11 @@ class LatencyProbe:
 
     def ratio(self, model: ir.Model) -> tuple[float, float]:
         """``(R, var R)`` of ``model`` against the original."""
-        timing = time_model(model, self.feeds, runs=self.runs, threads=self.threads)
-        base = self.baseline
-        r = timing.mean / base.mean
-        var = r * r * ((timing.std_error / timing.mean) ** 2 + (base.std_error / base.mean) ** 2)
-        return r, var
+        return latency_ratio(time_model(model, self.feeds, runs=self.runs, threads=self.threads), self.baseline)
+
+
+def latency_ratio(timing: Timing, base: Timing) -> tuple[float, float]:
+    """``(R, var R)`` of a timing against the baseline's (delta method, module docstring)."""
+    r = timing.mean / base.mean
+    var = r * r * ((timing.std_error / timing.mean) ** 2 + (base.std_error / base.mean) ** 2)
+    return r, var

@@ -1,0 +1,5 @@
+import sys
+
+from pycompress.agent.command import main
+
+sys.exit(main())
