@@ -215,8 +215,9 @@ class RemoteLatencyProbe:
                 failures.append(str(exc))
             finally:
                 self._free.put(client)
-        raise PycompressError("no device could time the candidate (" + "; ".join(failures) + "); the search so "
-                              "far is saved: start the agent(s) again and continue with --resume RUN_DIR")
+        raise PycompressError("no device could time the model (" + "; ".join(failures) + "); finished "
+                              "evaluations are saved in the run folder: start the agent(s) again and continue "
+                              "with --resume RUN_DIR")
 
     def _baseline(self, client: DeviceClient) -> None:
         run = client.run(self.original, self.feeds, threads=self.threads, warmup=self.warmup,
