@@ -240,3 +240,16 @@ def test_bench_on_device_of_a_model_with_external_data(mlp, roomy_agent, tmp_pat
     first, second = out["models"]
     assert second["error"] is None and second["params"] == first["params"]
     assert second["fidelity"]["mean_sq_error"] == 0.0
+
+
+def test_bench_on_device_with_a_provider_it_lacks(mlp, roomy_agent, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has TensorRT")
+    monkeypatch.setenv("PYCOMPRESS_AGENT_TOKEN", TOKEN)
+    capsys.readouterr()
+    assert main(["bench", str(mlp[0]), "--device", roomy_agent[0], "--provider", "tensorrt", "--iters", "3",
+                 "--json"]) == 2
+    row = json.loads(capsys.readouterr().out)["models"][0]
+    assert row["latency_ms"] is None and "TensorrtExecutionProvider could not be loaded on the device" in row["error"]

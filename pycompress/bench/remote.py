@@ -180,10 +180,10 @@ class RemoteLatencyProbe:
         # The first device that answers times the original now: a bad address or token fails at once.
         self._timed(self.original, self.baseline_runs, baseline=True)
 
-    def _init_runtime(self) -> None:
+    def _init_runtime(self, start: int = 0) -> None:
         self._free: queue.Queue[DeviceClient] = queue.Queue()
-        for address in self.devices:
-            self._free.put(DeviceClient(address, self.token))
+        for i in range(len(self.devices)):
+            self._free.put(DeviceClient(self.devices[(start + i) % len(self.devices)], self.token))
         self._lock = threading.Lock()
 
     # Picklable (Ray workers): connections and locks are made anew where it lands.
@@ -192,7 +192,8 @@ class RemoteLatencyProbe:
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
-        self._init_runtime()
+        # Worker processes (Ray) each start with a different device, not all with the first.
+        self._init_runtime(start=os.getpid())
 
     @property
     def baseline(self) -> Timing:
