@@ -65,7 +65,7 @@ def add_parser(sub) -> None:
     p.add_argument("--objective", default="size", choices=("size", "bytes", "macs", "latency"),
                    help="what R in J = gamma * Q + 1/R measures: parameters (default), packed bytes (shared "
                         "weights at their index bits: needed by --actions share), MACs, or the onnxruntime "
-                        "latency on this machine (timed per candidate; its noise enters the GP)")
+                        "latency on this machine or on --device (timed per candidate; its noise enters the GP)")
     p.add_argument("--latency-runs", type=int, default=10,
                    help="--objective latency: timed runs per candidate at batch 1 (default 10)")
     p.add_argument("--max-prune", type=float, default=1.0,
