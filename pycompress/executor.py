@@ -144,17 +144,22 @@ class RayExecutor:
     def map(self, objective, jobs: Sequence[Job]) -> Iterator[Any]:
         refs = [self._task.remote(self._recipe, objective.gamma, np.asarray(theta), int(index))
                 for theta, index in jobs]
+        done = 0
         try:
             for ref in refs:
                 try:
-                    yield self._ray.get(ref)
+                    result = self._ray.get(ref)
                 except self._ray.exceptions.RayTaskError as exc:
                     # The user's error (a device that went away, ...) as it would read locally.
                     if isinstance(exc.cause, PycompressError):
                         raise PycompressError(str(exc.cause)) from None
                     raise
+                done += 1
+                yield result
         finally:
-            for ref in refs:
+            # Stopped early (an error, an interrupt): drop the tasks not read. Only those: cancelling
+            # a finished task trips an internal check in Ray 2.60.
+            for ref in refs[done + 1:]:
                 self._ray.cancel(ref)
 
     def shutdown(self) -> None:

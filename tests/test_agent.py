@@ -186,6 +186,11 @@ def test_bad_requests_keep_the_connection(agent):
                          data={"x": np.ones((5, 64), np.float32)}, output_batch=2)
         assert run.outputs[0].shape == (5, 10)
         assert client.request({"op": "describe"})[0]["served"] == served + 2   # run + describe: no put_model
+        # Another connection finds the model by its hash: has_model + run, nothing sent again.
+        other = DeviceClient(address, TOKEN)
+        other.run(_tiny_model(), {"x": np.ones((1, 64), np.float32)}, runs=3)
+        other.close()
+        assert client.request({"op": "describe"})[0]["served"] == served + 5
     finally:
         client.close()
 
@@ -218,3 +223,33 @@ print(json.dumps({{"heavy": heavy, "ort": "onnxruntime" in sys.modules, "runs": 
 def test_agent_command_line_errors(capsys):
     assert main(["agent", "--port", "70000"]) == 2
     assert "--port 70000" in capsys.readouterr().err
+
+
+def test_bench_on_device_of_a_model_with_external_data(mlp, roomy_agent, tmp_path, capsys, monkeypatch):
+    """Weights in a file next to the model: sent inlined, the device runs the same model."""
+    import onnx
+
+    original, _, data = mlp
+    external = tmp_path / "ext.onnx"
+    onnx.save_model(onnx.load(str(original)), str(external), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="ext.bin", size_threshold=0)
+    assert external.stat().st_size < 10_000
+    monkeypatch.setenv("PYCOMPRESS_AGENT_TOKEN", TOKEN)
+    out = _bench_json(capsys, str(original), str(external), "--data", str(data), "--device", roomy_agent[0],
+                      "--iters", "5")
+    first, second = out["models"]
+    assert second["error"] is None and second["params"] == first["params"]
+    assert second["fidelity"]["mean_sq_error"] == 0.0
+
+
+def test_bench_on_device_with_a_provider_it_lacks(mlp, roomy_agent, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has TensorRT")
+    monkeypatch.setenv("PYCOMPRESS_AGENT_TOKEN", TOKEN)
+    capsys.readouterr()
+    assert main(["bench", str(mlp[0]), "--device", roomy_agent[0], "--provider", "tensorrt", "--iters", "3",
+                 "--json"]) == 2
+    row = json.loads(capsys.readouterr().out)["models"][0]
+    assert row["latency_ms"] is None and "TensorrtExecutionProvider could not be loaded on the device" in row["error"]

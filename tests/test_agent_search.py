@@ -112,3 +112,25 @@ def test_two_devices_share_the_work_and_cover_for_each_other(mlp, tmp_path, monk
     assert config["points_per_fit"] == 2
     # The second device timed its share, and the candidates the killed one could not.
     assert served["served"] >= 3
+
+
+def test_ray_workers_time_on_the_device(mlp, tmp_path):
+    """--executor ray with --device: the probe travels to the workers and they time on the agent."""
+    pytest.importorskip("ray")
+    import ray
+
+    model, data = mlp
+    with running_agent() as (address, _):
+        client = DeviceClient(address, TOKEN)
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            assert _compress(model, data, tmp_path / "ray.onnx", address, "--executor", "ray") == 0
+        finally:
+            ray.shutdown()
+        served = client.request({"op": "describe"})[0]["served"]
+        client.close()
+    trace = json.loads((tmp_path / "ray.trace.json").read_text())
+    assert len(trace["search"]["trace"]) == 5
+    assert all(t["ratio"] > 0 for t in trace["search"]["trace"])
+    # baseline + 5 candidates + the final model, each a has_model + run (workers send the model once each)
+    assert served >= 2 * 7

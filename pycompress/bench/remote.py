@@ -180,10 +180,10 @@ class RemoteLatencyProbe:
         # The first device that answers times the original now: a bad address or token fails at once.
         self._timed(self.original, self.baseline_runs, baseline=True)
 
-    def _init_runtime(self) -> None:
+    def _init_runtime(self, start: int = 0) -> None:
         self._free: queue.Queue[DeviceClient] = queue.Queue()
-        for address in self.devices:
-            self._free.put(DeviceClient(address, self.token))
+        for i in range(len(self.devices)):
+            self._free.put(DeviceClient(self.devices[(start + i) % len(self.devices)], self.token))
         self._lock = threading.Lock()
 
     # Picklable (Ray workers): connections and locks are made anew where it lands.
@@ -192,7 +192,8 @@ class RemoteLatencyProbe:
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
-        self._init_runtime()
+        # Worker processes (Ray) each start with a different device, not all with the first.
+        self._init_runtime(start=os.getpid())
 
     @property
     def baseline(self) -> Timing:
@@ -215,8 +216,9 @@ class RemoteLatencyProbe:
                 failures.append(str(exc))
             finally:
                 self._free.put(client)
-        raise PycompressError("no device could time the candidate (" + "; ".join(failures) + "); the search so "
-                              "far is saved: start the agent(s) again and continue with --resume RUN_DIR")
+        raise PycompressError("no device could time the model (" + "; ".join(failures) + "); finished "
+                              "evaluations are saved in the run folder: start the agent(s) again and continue "
+                              "with --resume RUN_DIR")
 
     def _baseline(self, client: DeviceClient) -> None:
         run = client.run(self.original, self.feeds, threads=self.threads, warmup=self.warmup,

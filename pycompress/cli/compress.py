@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
     p.add_argument("--objective", default="size", choices=("size", "bytes", "macs", "latency"),
                    help="what R in J = gamma * Q + 1/R measures: parameters (default), packed bytes (shared "
                         "weights at their index bits: needed by --actions share), MACs, or the onnxruntime "
-                        "latency on this machine (timed per candidate; its noise enters the GP)")
+                        "latency on this machine or on --device (timed per candidate; its noise enters the GP)")
     p.add_argument("--latency-runs", type=int, default=10,
                    help="--objective latency: timed runs per candidate at batch 1 (default 10)")
     p.add_argument("--max-prune", type=float, default=1.0,
@@ -432,6 +432,11 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         raise PycompressError("--device times candidates on a device: it needs --objective latency")
     if args.points_per_fit is not None and args.points_per_fit < 1:
         raise PycompressError(f"--points-per-fit must be at least 1, got {args.points_per_fit}")
+    if args.resume and config.get("points_per_fit") is None:
+        config["points_per_fit"] = 1           # runs saved before the option searched one point per fit
+    if args.resume and args.points_per_fit not in (None, config["points_per_fit"]):
+        raise PycompressError(f"--points-per-fit: the run in {args.resume} proposes {config.get('points_per_fit')} "
+                              "points per fit; a resumed search keeps it")
     space, skipped = build_search_space(model, config["actions"], config.get("granularity", "layer"),
                                         max_prune=config.get("max_prune", 1.0), align=config.get("align", 1))
     _log_skipped(skipped, log)
