@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-import pycompress.kernels as kernels
+from pycompress import kernels
 from pycompress.kernels import reference
 
 pytestmark = pytest.mark.gpu

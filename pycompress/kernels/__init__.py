@@ -106,7 +106,7 @@ if cuda is None:
 else:
     _always_gpu = _forced == "cuda"
 
-    def CovarianceAccumulator(dim: int):  # noqa: N802 - stands in for the class
+    def CovarianceAccumulator(dim: int):
         """A streaming covariance accumulator: on the GPU from ``CUDA_MIN_DIM`` columns, else on the CPU."""
         if _always_gpu or dim >= CUDA_MIN_DIM:
             return cuda.CovarianceAccumulator(dim)
@@ -121,6 +121,21 @@ else:
         return fn(candidates, train_x, lengthscales, outputscale, mean_constant, chol, beta, incumbent, delta,
                   var_floor, threads)
 
-__all__ = ["BACKEND", "CUDA_ERROR", "CUDA_MIN_ACQUISITION_WORK", "CUDA_MIN_DIM", "CovarianceAccumulator",
-           "IMPORT_ERROR", "PFA_TIE_RTOL", "cuda", "gp_acquisition", "huffman_code_lengths", "huffman_decode",
-           "huffman_encode", "kmeans1d", "l1max_removal_order", "native", "reference"]
+__all__ = [
+    "BACKEND",
+    "CUDA_ERROR",
+    "CUDA_MIN_ACQUISITION_WORK",
+    "CUDA_MIN_DIM",
+    "IMPORT_ERROR",
+    "PFA_TIE_RTOL",
+    "CovarianceAccumulator",
+    "cuda",
+    "gp_acquisition",
+    "huffman_code_lengths",
+    "huffman_decode",
+    "huffman_encode",
+    "kmeans1d",
+    "l1max_removal_order",
+    "native",
+    "reference",
+]
