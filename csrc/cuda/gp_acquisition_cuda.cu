@@ -61,7 +61,7 @@ __global__ void tri_dots_scores(const double* __restrict__ kv, int64_t ldk, int6
         double acc[kTile];
 #pragma unroll
         for (int t = 0; t < kTile; ++t) acc[t] = 0.0;
-        const int64_t kmax = min(n, i0 + kTile);
+        const int64_t kmax = n < i0 + kTile ? n : i0 + kTile;
         for (int64_t k = 0; k < kmax; ++k) {
             const double x = kv[k * ldk + j];
 #pragma unroll
