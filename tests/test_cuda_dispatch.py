@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +15,13 @@ PROBE = "import pycompress.kernels as k; print(k.BACKEND, k.cuda is not None)"
 
 
 def backend_with(value: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYCOMPRESS_KERNELS=value)
-    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120, check=False)
+    # The same pycompress as this process (installed or checkout), whatever
+    # the working directory would put first on sys.path.
+    home = str(Path(kernels.__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYCOMPRESS_KERNELS=value, PYTHONPATH=path)
+    return subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=Path(home).anchor, capture_output=True,
+                          text=True, timeout=120, check=False)
 
 
 def test_cpu_and_reference_are_forced():
