@@ -67,7 +67,8 @@ def main() -> int:
 
     print(f"pycompress from {os.path.dirname(pycompress.__file__)}; kernels backend: {BACKEND}")
     if BACKEND == "reference":
-        print(f"refusing to time the numpy fallback as the kernel ({IMPORT_ERROR})", file=sys.stderr)
+        print(f"refusing to time the numpy fallback as the kernel ({IMPORT_ERROR or 'PYCOMPRESS_KERNELS=reference'})",
+              file=sys.stderr)
         return 2
     d, delta = 16, 0.05
     sizes_n = args.n or ((50, 200) if args.quick else (50, 100, 200, 500))

@@ -52,7 +52,8 @@ def main() -> int:
 
     print(f"pycompress from {os.path.dirname(pycompress.__file__)}; kernels backend: {kernels.BACKEND}")
     if kernels.BACKEND == "reference":
-        print(f"refusing to time the numpy fallback as the kernel ({kernels.IMPORT_ERROR})", file=sys.stderr)
+        print(f"refusing to time the numpy fallback as the kernel ({kernels.IMPORT_ERROR or 'PYCOMPRESS_KERNELS=reference'})",
+              file=sys.stderr)
         return 2
     rows = args.rows or [DEFAULT_ROWS.get(d, max(2048, int(4e9 / d / d))) for d in args.dims]
     if len(rows) != len(args.dims):
