@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-import pycompress.kernels as kernels
+from pycompress import kernels
 from pycompress.kernels import reference
 
 
@@ -93,7 +93,7 @@ def test_bad_blocks_are_rejected():
     with pytest.raises(ValueError):
         acc.update(np.zeros((3, 5)))
     with pytest.raises(ValueError):
-        acc.cov  # fewer than 2 rows
+        _ = acc.cov  # fewer than 2 rows
     with pytest.raises(ValueError):
         acc.merge(kernels.CovarianceAccumulator(3))
 
@@ -182,7 +182,7 @@ def test_non_finite_after_a_merged_fold_makes_the_accumulator_refuse(monkeypatch
     with pytest.raises(ValueError, match="NaN or infinity"):
         acc.update(x)
     with pytest.raises(ValueError, match="unusable"):
-        acc.cov
+        _ = acc.cov
     with pytest.raises(ValueError, match="unusable"):
         acc.update(x[:10])
 

@@ -26,7 +26,6 @@ import time
 import numpy as np
 
 
-
 def best_of(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -68,7 +67,8 @@ def main() -> int:
 
     print(f"pycompress from {os.path.dirname(pycompress.__file__)}; kernels backend: {BACKEND}")
     if BACKEND == "reference":
-        print(f"refusing to time the numpy fallback as the kernel ({IMPORT_ERROR})", file=sys.stderr)
+        print(f"refusing to time the numpy fallback as the kernel ({IMPORT_ERROR or 'PYCOMPRESS_KERNELS=reference'})",
+              file=sys.stderr)
         return 2
     d, delta = 16, 0.05
     sizes_n = args.n or ((50, 200) if args.quick else (50, 100, 200, 500))
@@ -126,6 +126,72 @@ def main() -> int:
     for n, m, t_k, t_g, sp, bound, rel, t_seq, _ in rows:
         print(f"| {n} | {m:,} | {t_k * 1e3:.1f} | {t_g * 1e3:.0f} | {sp:.0f}x | {bound * 1e3:.1f} | {rel:.2f} "
               f"| {t_seq * 1e3:.1f} |")
+    return 0
+
+
+def bench_cuda(sizes_n, sizes_m, d, delta) -> int:
+    """The CUDA kernel (host candidates, as the optimizer has them) against torch.cuda doing the same work."""
+    import torch
+
+    from pycompress import kernels
+    from pycompress.kernels import reference
+
+    if kernels.cuda is None or not torch.cuda.is_available():
+        print(f"no CUDA kernels or no GPU: {kernels.CUDA_ERROR or 'torch.cuda.is_available() is False'}",
+              file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    print(f"device {torch.cuda.get_device_name()}; target: M = 65,536 at n = 100 in <= 5 ms")
+
+    def timed(fn, repeats=5):
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    for n in sizes_n:
+        rng = np.random.default_rng(n)
+        x = rng.random((n, d))
+        ls = rng.uniform(0.3, 2.0, d)
+        s, mean = 1.2, 0.1
+        chol = np.linalg.cholesky(reference.matern52(x, x, ls, s) + 1e-3 * np.eye(n))
+        beta = np.linalg.solve(chol, rng.normal(size=n) - mean)
+        inc = x[0]
+        t_x, t_l, t_b = (torch.as_tensor(a, device=dev) for a in (x / ls, chol, beta))
+        t_inc = torch.as_tensor(inc / ls, device=dev)[None, :]
+        t_ls = torch.as_tensor(ls, device=dev)
+
+        def matern(r):
+            a = 5 ** 0.5 * r
+            return s * (1 + a + a * a / 3) * torch.exp(-a)
+
+        for m in sizes_m:
+            cands = rng.random((m, d))
+
+            def kernel():
+                return kernels.cuda.gp_acquisition(cands, x, ls, s, mean, chol, beta, inc, delta)
+
+            def torch_same_work():
+                c = torch.as_tensor(cands, device=dev) / t_ls
+                v = torch.linalg.solve_triangular(t_l, matern(torch.cdist(t_x, c)), upper=False)
+                w = torch.linalg.solve_triangular(t_l, matern(torch.cdist(t_x, t_inc)), upper=False)[:, 0]
+                mu = mean + v.T @ t_b
+                var = s - (v * v).sum(0)
+                cov = matern(torch.cdist(c, t_inc))[:, 0] - v.T @ w
+                mu_hat, var_hat = mean + w @ t_b, s - w @ w
+                z = (mu - mu_hat - delta) / torch.sqrt(torch.clamp(var + var_hat - 2 * cov, min=1e-12))
+                return z.cpu()
+
+            t_k, t_t = timed(kernel), timed(torch_same_work)
+            z_k, z_t = kernel()[0], torch_same_work().numpy()
+            agree = float(np.max(np.abs(z_k - z_t) / np.maximum(1.0, np.abs(z_t))))
+            print(f"n={n:4d} M={m:6d}  CUDA kernel {t_k * 1e3:7.2f} ms  torch.cuda {t_t * 1e3:7.2f} ms  "
+                  f"ratio {t_t / t_k:5.2f}  max rel |dz| {agree:.1e}", flush=True)
     return 0
 
 

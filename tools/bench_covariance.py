@@ -48,11 +48,12 @@ def main() -> int:
     if args.checkout:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import pycompress
-    import pycompress.kernels as kernels
+    from pycompress import kernels
 
     print(f"pycompress from {os.path.dirname(pycompress.__file__)}; kernels backend: {kernels.BACKEND}")
     if kernels.BACKEND == "reference":
-        print(f"refusing to time the numpy fallback as the kernel ({kernels.IMPORT_ERROR})", file=sys.stderr)
+        print(f"refusing to time the numpy fallback as the kernel ({kernels.IMPORT_ERROR or 'PYCOMPRESS_KERNELS=reference'})",
+              file=sys.stderr)
         return 2
     rows = args.rows or [DEFAULT_ROWS.get(d, max(2048, int(4e9 / d / d))) for d in args.dims]
     if len(rows) != len(args.dims):
@@ -90,7 +91,7 @@ def main() -> int:
 def bench_cuda(args, rows, kernels) -> int:
     import torch
 
-    if kernels.CUDA_ERROR is not None or not torch.cuda.is_available():
+    if kernels.cuda is None or not torch.cuda.is_available():
         print(f"no CUDA kernels or no GPU: {kernels.CUDA_ERROR or 'torch.cuda.is_available() is False'}",
               file=sys.stderr)
         return 2
@@ -102,7 +103,7 @@ def bench_cuda(args, rows, kernels) -> int:
         x = (1000.0 + 0.01 * torch.randn((n, d), generator=gen, device=dev)).float()
 
         def run_kernel():
-            acc = kernels.CudaCovarianceAccumulator(d)
+            acc = kernels.cuda.CovarianceAccumulator(d)
             for s in range(0, n, args.block):
                 acc.update(x[s:s + args.block])
             acc.synchronize()

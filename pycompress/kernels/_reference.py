@@ -37,7 +37,7 @@ class CovarianceAccumulator:
         centred = x - mu
         self._merge(x.shape[0], mu, centred.T @ centred)
 
-    def merge(self, other: "CovarianceAccumulator") -> None:
+    def merge(self, other: CovarianceAccumulator) -> None:
         if other.dim != self.dim:
             raise ValueError("cannot merge accumulators of different dimension")
         self._merge(other.count, other._mean, other._m2)
