@@ -38,7 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchenv  # noqa: E402  (tools/ is on sys.path: this script's folder)
+
+CHECKOUT = "--checkout" in sys.argv  # measure this source tree, not the installed package
+if CHECKOUT:
+    sys.argv.remove("--checkout")
+    benchenv.use_checkout()
 
 from pycompress import kernels  # noqa: E402
 from pycompress.data import load_data  # noqa: E402
@@ -122,6 +127,8 @@ def main() -> int:
     if args.worker is not None:
         print(json.dumps(run(Path(args.model), args.worker, args.batch_size, args.threads)))
         return 0
+    if benchenv.describe(require_compiled=True):
+        return 2
     counts = [int(v) for v in args.samples.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +137,7 @@ def main() -> int:
               f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; onnxruntime threads {args.threads or 'default'}")
         results = []
         for n in counts:
-            cmd = [sys.executable, __file__, "--worker", str(n), "--model", str(path),
+            cmd = [sys.executable, __file__, *(["--checkout"] if CHECKOUT else []), "--worker", str(n), "--model", str(path),
                    "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))

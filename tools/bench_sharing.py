@@ -28,7 +28,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import benchenv  # noqa: E402  (tools/ is on sys.path: this script's folder)
+
+if "--checkout" in sys.argv:
+    sys.argv.remove("--checkout")
+    benchenv.use_checkout()
 sys.path.insert(0, str(ROOT / "tests"))
 
 import zoo  # noqa: E402
@@ -83,6 +87,8 @@ def main() -> int:
     parser.add_argument("--bits", default="4,5,6,7,8")
     parser.add_argument("--json", help="write the rows as JSON here")
     args = parser.parse_args()
+    if benchenv.describe(require_compiled=True):
+        return 2
 
     crops = zoo.skimage_crops(args.crops, seed=1)
     int8_calibration = zoo.skimage_crops(max(args.calibration, args.int8_calibration), seed=5)
