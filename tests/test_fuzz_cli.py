@@ -491,6 +491,8 @@ OUTPUT_CASES = {
         ("o-folder", lambda d: (d / "sub").mkdir(), ["--to", "fp16", "-o", "sub"], "sub"),
         ("o-missing-folder", None, ["--to", "fp16", "-o", "nowhere/x.onnx"], "nowhere"),
         ("o-fifo", lambda d: os.mkfifo(d / "f.onnx"), ["--to", "fp16", "-o", "f.onnx"], "f.onnx"),
+        ("ort-config-onto-data", lambda d: (d / "x.required_operators.config").write_bytes(b"data"),
+         ["--to", "ort", "--data", "x.required_operators.config", "-o", "x.ort"], "operator config"),
     ],
     "unpack": [
         ("o-packed", None, ["-o", "p.pcz"], "p.pcz"),
