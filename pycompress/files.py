@@ -94,10 +94,15 @@ class OutputPolicy:
             name = f"{label} {path}"
             if not str(path) or str(path).endswith(os.sep) and not is_folder:
                 raise _error(f"{name}: not a file name")
+            # A large model is saved with its weights in ``NAME.data`` beside it.
+            sidecar = path.with_name(path.name + ".data") if path.suffix == ".onnx" else None
             for in_label, source in self.inputs.items():
                 if _same_file(path, source):
                     raise _error(f"{name}: refusing to overwrite the input {in_label} {source}; choose another "
                                  "output path")
+                if sidecar is not None and _same_file(sidecar, source):
+                    raise _error(f"{name}: its external data file {sidecar.name} would overwrite the input "
+                                 f"{in_label} {source}; choose another output path")
             if path.is_symlink() and not path.exists():
                 raise _error(f"{name}: a dangling symbolic link; refused")
             if not is_folder and path.is_dir():

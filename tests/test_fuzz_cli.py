@@ -530,6 +530,8 @@ for cmd_id, items in OUTPUT_CASES.items():
             return OUTPUT_BASE[cmd_id] + extra
         case(f"output-{cmd_id}-{out_id}", names, make)
 
+case("output-apply-sidecar-onto-external-data", "a.onnx.data", lambda d: (
+    _external("a.onnx.data")(d), ["apply", "bad.onnx", "plan.json", "-o", "a.onnx"])[1])
 case("output-apply-results-onto-plan", "out.plan.json", lambda d: (
     (d / "out.plan.json").write_text(json.dumps(PLAN)), ["apply", "m.onnx", "out.plan.json", "-o", "out.onnx"])[1])
 

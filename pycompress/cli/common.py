@@ -102,7 +102,8 @@ def model_inputs(label: str, path: Any) -> dict[str, Any]:
     from pycompress.ir.io import input_files
 
     files = input_files(path)
-    return {label: files[0], **{f"{label}'s external data {f.name}": f for f in files[1:]}}
+    return {label: files[0], **{f"{label}'s external data" + (f" ({i + 1})" if i else ""): f
+                                for i, f in enumerate(files[1:])}}
 
 
 def data_inputs(label: str, spec: Any) -> dict[str, Any]:
