@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -48,7 +49,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 # holds no search state worth resuming).
 
 def _error(message: str) -> Exception:
-    from pycompress.errors import PycompressError  # standard-library-only module: no import cycle
+    from pycompress.errors import (
+        PycompressError,  # standard-library-only module: no import cycle
+    )
 
     return PycompressError(message)
 
@@ -124,7 +127,7 @@ class OutputPolicy:
                                  "its own path")
             seen.append((label, path))
 
-    def __enter__(self) -> "OutputPolicy":
+    def __enter__(self) -> OutputPolicy:  # noqa: PYI034 (typing.Self needs 3.11; 3.10 is supported)
         import fcntl
 
         for path in [*self.outputs.values(), *self.folders.values()]:
