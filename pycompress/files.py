@@ -1,8 +1,11 @@
-"""Atomic file writes (temp file in the same folder + rename), for every layer.
+"""Writing files safely, for every layer: atomic writes and the output-path policy.
 
-A reader never sees a half-written file, and a crash leaves the old file in
-place. No dependency beyond the standard library, so the planners
-(``decisions``) can save their state without importing the ONNX layer.
+Atomic writes (temp file in the same folder + rename): a reader never sees a
+half-written file, and a crash leaves the old file in place. ``OutputPolicy``:
+what every command checks about its outputs before any work, the lock per
+output, and the clean-up of a failed run (see its comment below). No
+dependency beyond the standard library, so the planners (``decisions``) can
+save their state without importing the ONNX layer.
 """
 
 from __future__ import annotations
