@@ -96,6 +96,32 @@ def load_module_source(source: str):
     return built, "module"
 
 
+class user_code:
+    """Run the user's module code so that it cannot end pycompress.
+
+    ``sys.exit()`` anywhere in it (import, factory, forward during the export)
+    and ``os._exit()`` become an error naming ``where`` instead of ending the
+    process with the user's exit code as if the export had worked.
+    """
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __enter__(self):
+        def refuse_exit(code=0):
+            raise PycompressError(f"{self.where}: the module called os._exit({code!r}); refused")
+
+        self.saved_exit = os._exit
+        os._exit = refuse_exit
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        os._exit = self.saved_exit
+        if kind is not None and issubclass(kind, SystemExit):
+            raise PycompressError(f"{self.where}: the module called sys.exit({exc.code!r}); refused") from None
+        return False
+
+
 class _quiet_logging:
     """Silence every logger for a block (a failed load must read as one line, not a logged traceback)."""
 

@@ -1,16 +1,20 @@
-"""Atomic file writes (temp file in the same folder + rename), for every layer.
+"""Writing files safely, for every layer: atomic writes and the output-path policy.
 
-A reader never sees a half-written file, and a crash leaves the old file in
-place. No dependency beyond the standard library, so the planners
-(``decisions``) can save their state without importing the ONNX layer.
+Atomic writes (temp file in the same folder + rename): a reader never sees a
+half-written file, and a crash leaves the old file in place. ``OutputPolicy``:
+what every command checks about its outputs before any work, the lock per
+output, and the clean-up of a failed run (see its comment below). No
+dependency beyond the standard library, so the planners (``decisions``) can
+save their state without importing the ONNX layer.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -48,7 +52,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 # holds no search state worth resuming).
 
 def _error(message: str) -> Exception:
-    from pycompress.errors import PycompressError  # standard-library-only module: no import cycle
+    from pycompress.errors import (
+        PycompressError,  # standard-library-only module: no import cycle
+    )
 
     return PycompressError(message)
 
@@ -94,10 +100,15 @@ class OutputPolicy:
             name = f"{label} {path}"
             if not str(path) or str(path).endswith(os.sep) and not is_folder:
                 raise _error(f"{name}: not a file name")
+            # A large model is saved with its weights in ``NAME.data`` beside it.
+            sidecar = path.with_name(path.name + ".data") if path.suffix == ".onnx" else None
             for in_label, source in self.inputs.items():
                 if _same_file(path, source):
                     raise _error(f"{name}: refusing to overwrite the input {in_label} {source}; choose another "
                                  "output path")
+                if sidecar is not None and _same_file(sidecar, source):
+                    raise _error(f"{name}: its external data file {sidecar.name} would overwrite the input "
+                                 f"{in_label} {source}; choose another output path")
             if path.is_symlink() and not path.exists():
                 raise _error(f"{name}: a dangling symbolic link; refused")
             if not is_folder and path.is_dir():
@@ -119,7 +130,7 @@ class OutputPolicy:
                                  "its own path")
             seen.append((label, path))
 
-    def __enter__(self) -> "OutputPolicy":
+    def __enter__(self) -> OutputPolicy:  # noqa: PYI034 (typing.Self needs 3.11; 3.10 is supported)
         import fcntl
 
         for path in [*self.outputs.values(), *self.folders.values()]:

@@ -85,12 +85,12 @@ def test_analyze_after_activation_uses_the_relu_outputs(cnn_path, tmp_path, caps
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--energy", "1.5"], "--energy must be in [0, 1]"),
-    (["--target-size", "0"], "--target-size must be in (0, 1]"),
+    (["--energy", "1.5"], "--energy 1.5: must be in [0, 1]"),
+    (["--target-size", "0"], "--target-size 0.0: must be in (0, 1]"),
     (["--target-size", "0.0001"], "out of reach"),
     (["--taus", "0.9,x"], "--taus"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--min-keep", "0"], "--min-keep must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--min-keep", "0"], "--min-keep 0: must be >= 1"),
 ])
 def test_analyze_errors_are_one_line(cnn_path, tmp_path, capsys, argv, message):
     code, out, err = run_cli(capsys, "analyze", cnn_path, "--data", "builtin:digits", "-o", tmp_path,

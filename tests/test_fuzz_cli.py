@@ -61,6 +61,15 @@ class DictForward(torch.nn.Module):
     def forward(self, x):
         return {"y": x}
 
+class ExitForward(torch.nn.Module):
+    def forward(self, x):
+        sys.exit(0)
+
+class HardExit(torch.nn.Module):
+    def forward(self, x):
+        import os
+        os._exit(0)
+
 class NanForward(torch.nn.Module):
     def forward(self, x):
         return x * float("nan")
@@ -74,6 +83,11 @@ def returns_int(): return 3
 def numpy_forward(): return NumpyForward()
 def dict_forward(): return DictForward()
 def nan_forward(): return NanForward()
+def exit_forward(): return ExitForward()
+def hard_exit(): return HardExit()
+def hard_exit_factory():
+    import os
+    os._exit(0)
 '''
 
 
@@ -491,6 +505,8 @@ OUTPUT_CASES = {
         ("o-folder", lambda d: (d / "sub").mkdir(), ["--to", "fp16", "-o", "sub"], "sub"),
         ("o-missing-folder", None, ["--to", "fp16", "-o", "nowhere/x.onnx"], "nowhere"),
         ("o-fifo", lambda d: os.mkfifo(d / "f.onnx"), ["--to", "fp16", "-o", "f.onnx"], "f.onnx"),
+        ("ort-config-onto-data", lambda d: (d / "x.required_operators.config").write_bytes(b"data"),
+         ["--to", "ort", "--data", "x.required_operators.config", "-o", "x.ort"], "operator config"),
     ],
     "unpack": [
         ("o-packed", None, ["-o", "p.pcz"], "p.pcz"),
@@ -528,6 +544,8 @@ for cmd_id, items in OUTPUT_CASES.items():
             return OUTPUT_BASE[cmd_id] + extra
         case(f"output-{cmd_id}-{out_id}", names, make)
 
+case("output-apply-sidecar-onto-external-data", "a.onnx.data", lambda d: (
+    _external("a.onnx.data")(d), ["apply", "bad.onnx", "plan.json", "-o", "a.onnx"])[1])
 case("output-apply-results-onto-plan", "out.plan.json", lambda d: (
     (d / "out.plan.json").write_text(json.dumps(PLAN)), ["apply", "m.onnx", "out.plan.json", "-o", "out.onnx"])[1])
 
@@ -693,6 +711,9 @@ CONVERT_CASES = {
     "numpy-forward": ("fac.py:numpy_forward", "differs"),
     "dict-forward": ("fac.py:dict_forward", "dict"),
     "nan-forward": ("fac.py:nan_forward", "NaN"),
+    "exit-in-forward": ("fac.py:exit_forward", "sys.exit"),
+    "os-exit-in-forward": ("fac.py:hard_exit", "os._exit"),
+    "os-exit-in-factory": ("fac.py:hard_exit_factory", "os._exit"),
     "missing-attr": ("fac.py:nothing", "fac.py"),
     "missing-file": ("nofile.py:f", "nofile.py"),
     "no-colon": ("fac.py", "fac.py"),
@@ -815,7 +836,7 @@ def test_the_generator_covers_every_category_with_400_cases():
 # -- a few through a real process: exit status, stderr, no hang -------------------------------
 
 SUBPROCESS_CASES = ["model-nan-weight-compress", "data-fifo-bench", "output-plan-o-model", "pcz-header-nested",
-                    "convert-sys-exit-0", "number-compress--gamma=nan"]
+                    "convert-sys-exit-0", "convert-os-exit-in-forward", "number-compress--gamma=nan"]
 
 
 @pytest.mark.parametrize("case_id", SUBPROCESS_CASES)

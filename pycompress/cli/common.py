@@ -57,9 +57,7 @@ class Range:
     def __contains__(self, value: float) -> bool:
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            return False
-        return True
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
     def __str__(self) -> str:
         if self.high is None:
@@ -102,7 +100,8 @@ def model_inputs(label: str, path: Any) -> dict[str, Any]:
     from pycompress.ir.io import input_files
 
     files = input_files(path)
-    return {label: files[0], **{f"{label}'s external data {f.name}": f for f in files[1:]}}
+    return {label: files[0], **{f"{label}'s external data" + (f" ({i + 1})" if i else ""): f
+                                for i, f in enumerate(files[1:])}}
 
 
 def data_inputs(label: str, spec: Any) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from pycompress.cli.common import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range, data_inputs,
-                                   emit_json, human, model_inputs, output_policy, print_table, check_numbers)
+from pycompress.cli.common import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range, check_numbers,
+                                   data_inputs, emit_json, human, model_inputs, output_policy, print_table)
+from pycompress.cli.run_folder import check_state_file, output_paths, read_run_config
 from pycompress.errors import PycompressError
 
 # Settings that define a search: a resumed run takes them from its run folder.
@@ -169,15 +170,6 @@ def _config_from_args(args) -> dict[str, Any]:
     }
 
 
-def _output_paths(args) -> dict[str, Path]:
-    """Every path this run may write (the defaults sit beside -o)."""
-    output = Path(args.output)
-    return {"plan": Path(args.plan) if args.plan else output.with_name(output.stem + ".plan.json"),
-            "trace": Path(args.trace) if args.trace else output.with_name(output.stem + ".trace.json"),
-            "report": Path(args.report_dir) if args.report_dir else output.with_name(output.stem + ".report"),
-            "run": Path(args.resume or args.run_dir or output.with_name(output.stem + ".run"))}
-
-
 def run(args) -> int:
     # Every check before any work: numbers, then the output-path policy (see pycompress.files).
     check_numbers(args, energy=FRACTION, recover_samples=AT_LEAST_ONE, finetune_epochs=AT_LEAST_ONE,
@@ -185,7 +177,7 @@ def run(args) -> int:
                   target_size=FRACTION, gamma=POSITIVE, samples=AT_LEAST_ONE, delta=NON_NEGATIVE,
                   epsilon=PROBABILITY, max_evals=AT_LEAST_ONE, time_limit=POSITIVE, initial=Range(0),
                   seed=NON_NEGATIVE, threads=Range(0, 1024))
-    paths = _output_paths(args)
+    paths = output_paths(args)
     inputs = {**model_inputs("model", args.model), **data_inputs("--data", args.data),
               **({"--labels": args.labels} if args.labels else {}),
               **({"--method": args.method} if args.method.endswith(".json") else {}),
@@ -220,8 +212,8 @@ def _run(args) -> int:
         config_path = run_dir / CONFIG_NAME
         if not config_path.is_file():
             raise PycompressError(f"{run_dir}: not a compress run folder ({CONFIG_NAME} is missing)")
-        config = _read_config(config_path)
-        _check_state_file(run_dir / "state.json")
+        config = read_run_config(config_path)
+        check_state_file(run_dir / "state.json")
         if config.get("model_sha256") != model_hash:
             raise PycompressError(f"{model_path}: this is not the model the run in {run_dir} was searching")
     else:
@@ -311,7 +303,7 @@ def _run(args) -> int:
     stages.append({"name": "verify", "seconds": time.monotonic() - t_stage})
     plan.model = str(model_path)
     plan.meta = _finite({"planner": config["method"], **{k: v for k, v in summary.items() if k != "decisions"}})
-    out_paths = _output_paths(args)
+    out_paths = output_paths(args)
     plan_path, trace_path, report_dir = out_paths["plan"], out_paths["trace"], out_paths["report"]
     save_model(compressed, output)
     plan.save(plan_path)
@@ -373,51 +365,6 @@ def _run(args) -> int:
               f"{extra}")
         print(f"wrote {output}, {plan_path}{', ' + str(trace_path) if trace else ''}; report: {paths['md']}")
     return 0
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """A run folder's compress.json, refused cleanly when it is not what compress wrote."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PycompressError(f"{path}: not a valid run configuration ({type(exc).__name__})") from None
-    if not isinstance(config, dict):
-        raise PycompressError(f"{path}: not a valid run configuration (expected a JSON object)")
-    missing = [k for k in ("method", "actions", "data", "seed", "model_sha256") if k not in config]
-    if missing:
-        raise PycompressError(f"{path}: not a valid run configuration (missing {', '.join(missing)})")
-    types = {"method": str, "actions": list, "objective": str, "loss": str, "samples": int, "seed": int,
-             "delta": (int, float), "epsilon": (int, float), "data": str, "model_sha256": str}
-    for key, kind in types.items():
-        if key in config and not isinstance(config[key], kind) or isinstance(config.get(key), bool):
-            raise PycompressError(f"{path}: '{key}' has the wrong type ({type(config.get(key)).__name__})")
-    return config
-
-
-def _check_state_file(path: Path) -> None:
-    """The saved search, refused cleanly when damaged (the planner then reads it knowing its shape)."""
-    if not path.exists():
-        return  # the planner says there is nothing to resume
-    if not path.is_file():
-        raise PycompressError(f"{path}: not a regular file")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PycompressError(f"{path}: not a valid search state ({type(exc).__name__})") from None
-    types = {"format": str, "version": int, "d": int, "settings": dict, "status": str, "observations": list,
-             "pending": list, "rng": dict, "history": list, "elapsed": (int, float)}
-    if not isinstance(state, dict):
-        raise PycompressError(f"{path}: not a valid search state (expected a JSON object)")
-    for key, kind in types.items():
-        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
-            raise PycompressError(f"{path}: '{key}' has the wrong type ({type(state[key]).__name__})")
-    for i, obs in enumerate(state.get("observations", [])):
-        if not isinstance(obs, dict) or not isinstance(obs.get("theta"), list) \
-                or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in obs["theta"]):
-            raise PycompressError(f"{path}: observation {i} is damaged")
-    for i, item in enumerate(state.get("pending", [])):
-        if not isinstance(item, dict) or not isinstance(item.get("theta"), list):
-            raise PycompressError(f"{path}: pending point {i} is damaged")
 
 
 def _search(args, config, model, data, estimator, log, save_config, run_dir):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from pycompress.errors import PycompressError
-
 from pycompress.cli.common import emit_json, output_policy
-from pycompress.convert import export_to_onnx, load_module_source, parse_shape
+from pycompress.convert import (
+    export_to_onnx,
+    load_module_source,
+    parse_shape,
+    user_code,
+)
+from pycompress.errors import PycompressError
 
 
 def add_parser(sub) -> None:
@@ -38,10 +42,12 @@ def run(args) -> int:
     source_file = args.source if args.source.endswith(".pt2") or ":" not in args.source \
         else args.source.rpartition(":")[0]
     with output_policy({"-o": args.output}, {"source": source_file}, lock=[args.output]):
-        model, kind = load_module_source(args.source)
+        with user_code(args.source):
+            model, kind = load_module_source(args.source)
         try:
-            report = export_to_onnx(model, shapes, args.output, exporter=args.exporter, opset=args.opset,
-                                    dynamic_batch=not args.static_batch, tolerance=args.tolerance)
+            with user_code(args.source):
+                report = export_to_onnx(model, shapes, args.output, exporter=args.exporter, opset=args.opset,
+                                        dynamic_batch=not args.static_batch, tolerance=args.tolerance)
         except PycompressError as exc:  # name the source the failing module came from
             raise PycompressError(f"{args.source}: {exc}") from None
     if args.json:

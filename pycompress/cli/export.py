@@ -31,7 +31,14 @@ def run(args) -> int:
     check_numbers(args, samples=AT_LEAST_ONE, calibration_samples=AT_LEAST_ONE)
     if args.dynamic and args.to != "int8":
         raise PycompressError("--dynamic applies to --to int8 only")
-    with output_policy({"-o": args.output}, {**model_inputs("model", args.model), **data_inputs("--data", args.data)},
+    outputs = {"-o": args.output}
+    if args.to == "ort":  # the operator config written beside the .ort
+        from pathlib import Path
+
+        from pycompress.export.ort_format import config_path
+
+        outputs["operator config"] = config_path(Path(args.output))
+    with output_policy(outputs, {**model_inputs("model", args.model), **data_inputs("--data", args.data)},
                        lock=[args.output]):
         return _run(args)
 
