@@ -43,14 +43,34 @@ from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 
 # Quality from the fidelity loss: Q is maximized.
-QUALITY = {"norm": ("-function norm", -1.0, 0.0), "error": ("accuracy", -1.0, 1.0),
-           "cross_entropy": ("-cross entropy", -1.0, 0.0)}
+QUALITY = {"norm": ("-relative function norm", -1.0, 0.0), "error": ("accuracy", -1.0, 1.0),
+           "cross_entropy": ("-cross entropy / log(classes)", -1.0, 0.0)}
 
 
-def quality_of(estimate: Estimate, loss: str) -> tuple[float, float]:
-    """(Q, var Q) from a loss estimate: Q = sign * L + offset."""
+def quality_of(estimate: Estimate, loss: str, scale: float = 1.0) -> tuple[float, float]:
+    """(Q, var Q) from a loss estimate: Q = sign * L / scale + offset."""
     _, sign, offset = QUALITY[loss]
-    return sign * estimate.mean + offset, estimate.variance
+    return sign * estimate.mean / scale + offset, estimate.variance / scale ** 2
+
+
+def quality_scale(estimator: FidelityEstimator) -> float:
+    """The unit of the loss that makes Q scale-free (one delta, one gamma mean the same on every model).
+
+    ``norm``: the teacher's mean output energy ``E ||f*(x)||^2`` on the pool,
+    so ``-Q`` is the relative squared error (0 = exact, 1 = as far as outputs
+    of zero); ``cross_entropy``: ``log(classes)``, a uniform guess's loss;
+    ``error``: 1 (accuracy is already a fraction).
+    """
+    if estimator.loss == "norm":
+        energy = estimator.output_energy()
+        if not energy > 0:
+            raise PycompressError("the model's outputs are all zero on the calibration data: the function norm "
+                                  "cannot be made relative (use --labels)")
+        return energy
+    if estimator.loss == "cross_entropy":
+        classes = int(np.prod(estimator.teacher_outputs(np.arange(1))[0].shape[1:]))
+        return math.log(max(classes, 2))
+    return 1.0
 
 
 OBJECTIVES = ("size", "bytes", "macs", "latency")
@@ -239,6 +259,7 @@ class CompressionObjective:
         self.gamma = float(gamma)
         self.context = context or ApplyContext()
         self.loss = estimator.loss
+        self.quality_scale = quality_scale(estimator)
         self.objective = objective
         self.latency = latency
         self.counted = COUNTED[objective]
@@ -335,15 +356,23 @@ class CompressionObjective:
         """Counted cost ratio of the compressed sites (parameters, or MACs for "macs" and "latency")."""
         return (self._counted(compressed) - (self.cost_total - self.cost_sites)) / self.cost_sites
 
-    def measure(self, theta: Sequence[float], index: int) -> Measurement:
-        """Q and R at ``theta`` on the subsample of evaluation ``index`` (cached)."""
-        key = (int(index), tuple(float(v) for v in np.asarray(theta).ravel()))
+    def measure(self, theta: Sequence[float], index: int, target_sd: float | None = None) -> Measurement:
+        """Q and R at ``theta`` on the subsample of evaluation ``index`` (cached).
+
+        ``target_sd``: the standard error wanted for ``J`` (``gamma * se(Q)``);
+        the subsample grows along its order until it is reached or the pool is
+        used up (``FidelityEstimator.evaluate``).
+        """
+        key = (int(index), tuple(float(v) for v in np.asarray(theta).ravel()), target_sd)
         if key in self._cache:
             return self._cache[key]
         t0 = time.perf_counter()
         model, plan = self._apply(self.space.decisions(theta))
-        estimate = self.estimator.evaluate(model, index)
-        quality, quality_var = quality_of(estimate, self.loss)
+        target_se = None
+        if target_sd is not None and self.gamma > 0:
+            target_se = target_sd / self.gamma * self.quality_scale
+        estimate = self.estimator.evaluate(model, index, target_se=target_se)
+        quality, quality_var = quality_of(estimate, self.loss, self.quality_scale)
         if self.objective == "latency":
             ratio, ratio_var = self.latency.ratio(model)
         else:
@@ -354,12 +383,14 @@ class CompressionObjective:
         self._cache[key] = m
         return m
 
-    def __call__(self, theta: np.ndarray, index: int) -> tuple[float, float, dict[str, Any]]:
-        m = self.measure(theta, index)
+    def __call__(self, theta: np.ndarray, index: int,
+                 target_sd: float | None = None) -> tuple[float, float, dict[str, Any]]:
+        m = self.measure(theta, index, target_sd)
         value, variance = m.objective(self.gamma)
         extras = {"ratio": m.ratio, "ratio_std_error": math.sqrt(m.ratio_var), "quality": m.quality,
-                  "fidelity": m.estimate.mean,
-                  "fidelity_std_error": m.estimate.std_error, **m.estimate.extras, "eval_seconds": m.seconds}
+                  "quality_var": m.quality_var, "fidelity": m.estimate.mean,
+                  "fidelity_std_error": m.estimate.std_error, "samples": m.estimate.samples,
+                  **m.estimate.extras, "eval_seconds": m.seconds}
         return value, variance, extras
 
 
