@@ -24,6 +24,11 @@ _SEARCH_KEYS = ("method", "actions", "granularity", "objective", "max_prune", "a
                 "loss", "use_labels", "labels", "outputs", "samples", "delta", "relative_delta", "epsilon", "seed",
                 "initial", "seed_plans", "data", "init", "energy")
 CONFIG_NAME = "compress.json"
+# Points the acquisition picks are evaluated until se(J) <= this * delta (docs/pacbo.md, "Noise").
+NOISE_TARGET = 0.25
+# --target-size is a constraint: the search (its initial design excepted), the incumbent and the
+# certificate are restricted to points whose ratio is within this of the target (docs/pacbo.md).
+TARGET_BAND = 0.04
 
 
 def add_parser(sub) -> None:
@@ -91,7 +96,8 @@ def add_parser(sub) -> None:
     p.add_argument("--delta", type=float, default=0.05, help="tolerated gap to the optimum of J (default 0.05)")
     p.add_argument("--relative-delta", action="store_true", help="delta is a fraction of |J(incumbent)|")
     p.add_argument("--epsilon", type=float, default=0.005, help="certificate failure probability (default 0.005)")
-    p.add_argument("--max-evals", type=int, default=100, help="evaluation budget (default 100)")
+    p.add_argument("--max-evals", type=int, default=None,
+                   help="evaluation budget (default 100; with --resume: the saved one, raise it to extend)")
     p.add_argument("--time-limit", type=float, default=None, help="wall-time budget in seconds")
     p.add_argument("--initial", type=int, default=None, help="Sobol points of the initial design")
     p.add_argument("--seed", type=int, default=0, help="seed of the search and the subsamples (default 0)")
@@ -333,8 +339,7 @@ def run(args) -> int:
 def _search(args, config, model, data, estimator, log, save_config, run_dir):
     """PAC-BO or random search: (compressed model, applied plan, summary, trace, objective)."""
     from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
-    from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, select_gamma
-    from pycompress.plan import Plan
+    from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, objective_from_extras
 
     space, skipped = build_search_space(model, config["actions"], config.get("granularity", "layer"),
                                         max_prune=config.get("max_prune", 1.0), align=config.get("align", 1))
@@ -364,48 +369,59 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         log(f"searching {space.d} decisions: " + ", ".join(f"{d.site} ({d.action} {d.param} <= {d.high})"
                                                           for d in space.dimensions))
 
+    # The budget: a resumed run keeps the saved one unless raised (a finished search is not silently extended).
+    config["max_evals"] = args.max_evals if args.max_evals is not None else config.get("max_evals") or 100
+    config["time_limit"] = args.time_limit if args.time_limit is not None else config.get("time_limit")
+    config.setdefault("noise_target", NOISE_TARGET)
     settings = PACBOSettings(delta=config["delta"], relative_delta=config["relative_delta"],
-                             epsilon=config["epsilon"], initial=config["initial"], max_evals=args.max_evals,
-                             time_limit=args.time_limit, seed=config["seed"])
-    # A seed plan (e.g. PFA's) may decide sites this search leaves out: those decisions are dropped.
-    seeds = [space.encode(Plan.load(p), strict=False) for p in config["seed_plans"]]
-    if config.get("init") == "pfa" and not args.resume:
-        from pycompress.analysis import pfa_plan
-
-        log("PFA seed plan: " + (f"PFA-En tau={config['energy']}" if config.get("energy") is not None else "PFA-KL"))
-        seeds.append(space.encode(pfa_plan(model, data, energy=config.get("energy"), progress=not args.quiet,
-                                           threads=args.threads), strict=False))
+                             epsilon=config["epsilon"], initial=config["initial"], max_evals=config["max_evals"],
+                             time_limit=config["time_limit"], seed=config["seed"],
+                             noise_target=config["noise_target"] if config["method"] == "pacbo" else None)
 
     def progress(step, obs) -> None:
         ratio = obs.extras.get("ratio", float("nan"))
         line = (f"eval {len(planner.observations):3d}  J={obs.value:.5g} +- {math.sqrt(obs.variance):.2g}  "
-                f"ratio={ratio:.3f}  L={obs.extras.get('fidelity', float('nan')):.4g}")
+                f"ratio={ratio:.3f}  L={obs.extras.get('fidelity', float('nan')):.4g}  "
+                f"m={obs.extras.get('samples', 0)}")
         if step is not None:
             line += f"  | incumbent J={step.incumbent_value:.5g}"
             if math.isfinite(step.z_max):
                 line += f"  z_max={step.z_max:.3f}  P={step.probability:.4f}"
         log(line)
 
+    target_mode = config["gamma"] is None or config.get("gamma_from_target", False)
+    feasible = None
+    if target_mode and objective.objective != "latency":
+        feasible, why = _target_domain(objective, config["target_size"])
+        if why:
+            log(f"note: {why}")
     kind = PACBO if config["method"] == "pacbo" else RandomSearch
-    planner = kind(space.d, objective, settings, run_dir=run_dir, seeds=seeds, snap=space.snap,
-                   progress=progress)
-    if args.resume:
+    planner = kind(space.d, objective, settings, run_dir=run_dir, snap=space.snap, progress=progress,
+                   feasible=feasible)
+    resumed = bool(args.resume) and planner.state_path.is_file()
+    if resumed:
         planner.load()
-    if config["gamma"] is None:
-        # Gamma for the target size, from the initial design (those evaluations are reused by the search).
-        points = planner.initial_design()
-        offset = len(planner.observations)
-        log(f"choosing gamma for target size {config['target_size']:g} on {len(points)} initial points")
-        measurements = [objective.measure(p, offset + i) for i, p in enumerate(points)]
-        choice = select_gamma(objective, np.asarray(points), measurements, config["target_size"],
-                              rng=np.random.default_rng([config["seed"], 1]))
-        for note in choice.notes:
-            log(f"note: {note}")
-        config["gamma"] = choice.gamma
-        config["gamma_predicted_ratio"] = choice.predicted_ratio
-        log(f"gamma = {choice.gamma:.6g} (predicted ratio {choice.predicted_ratio:.3f})")
-    objective.gamma = float(config["gamma"])
-    save_config()
+    else:
+        # A kill before the first state was saved resumes from scratch: same seed, same design.
+        seeds = _seed_points(args, config, space, model, data, log)
+        if feasible is not None:
+            seeds.insert(0, _target_point(objective, config["target_size"]))
+        planner.seeds = [planner._point(p) for p in seeds]
+    if target_mode and "gamma" not in planner.meta:
+        # Gamma for the target size, from the initial design: evaluated (and saved) by the planner like
+        # any evaluation, so a kill here resumes without redoing it; the search reuses them.
+        log(f"choosing gamma for target size {config['target_size']:g} on the initial design")
+        stop = planner.evaluate_design()
+        if len(planner.observations) < 2:
+            raise PycompressError(f"the budget ({stop}) ran out before 2 points of the initial design were "
+                                  "evaluated; raise --max-evals / --time-limit")
+        planner.meta["gamma_choice"] = _choose_gamma(planner, config, log)
+        planner.meta["gamma"] = planner.meta["gamma_choice"]["gamma"]
+    gamma = float(planner.meta["gamma"] if target_mode else config["gamma"])
+    objective.gamma = gamma
+    # Every observation's J at this gamma, from its saved quality and ratio (the same arithmetic in an
+    # uninterrupted and a resumed run); saved with the gamma choice in one write.
+    planner.reweigh(lambda o: objective_from_extras(gamma, o.extras))
 
     try:
         result = planner.run()
@@ -414,6 +430,11 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
               f"--resume {run_dir}", file=sys.stderr)
         raise
     log(result.summary())
+    if target_mode:
+        config["gamma"] = gamma
+        config["gamma_from_target"] = True
+        config["gamma_predicted_ratio"] = planner.meta["gamma_choice"]["predicted_ratio"]
+    save_config()
 
     compressed, plan = objective.compress(result.theta)
     summary = {
@@ -425,6 +446,12 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         "J": result.value, "evaluations": result.evaluations, "search_seconds": result.seconds,
         "decisions": describe_point(space, result.theta),
     }
+    if target_mode:
+        summary["target_band"] = None if feasible is None else TARGET_BAND
+        note = _target_note(config, result, summary["ratio"], objective.counted.replace("_", " "))
+        if note:
+            summary["target_note"] = note
+            log(f"note: {note}")
     if latency is not None:
         summary["latency_ratio"], var = latency.ratio(compressed)
         summary["latency_ratio_std_error"] = math.sqrt(var)
@@ -433,6 +460,80 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         summary["groups"] = {name: [space.dimensions[i].site for i in idx]
                              for name, idx in zip(space.coordinate_names(), space.members) if len(idx) > 1}
     return compressed, plan, summary, _trace(config, space, result, summary), objective
+
+
+def _seed_points(args, config, space, model, data, log) -> list:
+    """The seed points of the initial design: --seed-plan plans, then PFA's (--init pfa)."""
+    from pycompress.plan import Plan
+
+    # A seed plan (e.g. PFA's) may decide sites this search leaves out: those decisions are dropped.
+    seeds = [space.encode(Plan.load(p), strict=False) for p in config["seed_plans"]]
+    if config.get("init") == "pfa":
+        from pycompress.analysis import pfa_plan
+
+        log("PFA seed plan: " + (f"PFA-En tau={config['energy']}" if config.get("energy") is not None else "PFA-KL"))
+        seeds.append(space.encode(pfa_plan(model, data, energy=config.get("energy"), progress=not args.quiet,
+                                           threads=args.threads), strict=False))
+    return seeds
+
+
+def _choose_gamma(planner, config, log) -> dict[str, Any]:
+    """Gamma for the target size from the evaluations so far (``gamma_from_observations``)."""
+    from pycompress.pipeline import gamma_from_observations
+
+    choice = gamma_from_observations([o.extras["quality"] for o in planner.observations],
+                                     [o.extras["ratio"] for o in planner.observations], config["target_size"])
+    for note in choice.notes:
+        log(f"note: {note}")
+    log(f"gamma = {choice.gamma:.6g} (the measured trade-off's slope at the target, from "
+        f"{len(planner.observations)} evaluations)")
+    return {"gamma": choice.gamma, "predicted_ratio": choice.predicted_ratio, "reachable": choice.reachable,
+            "notes": choice.notes}
+
+
+def _target_point(objective, target: float) -> np.ndarray:
+    """The point with every coordinate at one fraction u whose ratio is the target (bisection on u):
+    a first point inside the target's band for the initial design."""
+    d = objective.space.d
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if objective.predicted_ratio(objective.space.snap(np.full(d, mid)))[0] < target:
+            lo = mid
+        else:
+            hi = mid
+    return objective.space.snap(np.full(d, hi))
+
+
+def _target_domain(objective, target: float):
+    """(feasible, note): the points whose ratio is within TARGET_BAND of the target, or (None, why)
+    when no point the search can reach is there."""
+    space = objective.space
+    low = objective.predicted_ratio(space.snap(np.zeros(space.d)))[0]
+    high = objective.predicted_ratio(space.snap(np.ones(space.d)))[0]
+    if target < low - TARGET_BAND:
+        return None, (f"target {target:g} cannot be reached: the searched actions keep at least {low:.3f} "
+                      f"of the {objective.counted.replace('_', ' ')} (every site at its smallest value)")
+    if target > high + TARGET_BAND:
+        return None, (f"target {target:g} cannot be reached: the searched sites keep at most {high:.3f} "
+                      f"of the {objective.counted.replace('_', ' ')}")
+
+    def feasible(points: np.ndarray) -> np.ndarray:
+        return np.abs(objective.predicted_ratio(np.atleast_2d(points)) - target) <= TARGET_BAND
+
+    return feasible, None
+
+
+def _target_note(config, result, ratio: float, counted: str) -> str | None:
+    """A plain sentence when the result misses --target-size by more than 0.05, saying why."""
+    target = config.get("target_size")
+    if target is None or abs(ratio - target) <= 0.05:
+        return None
+    why = ({"max_evals": "the evaluation budget ran out first (raise --max-evals)",
+            "time_limit": "the time limit ran out first (raise --time-limit)"}.get(result.stop_reason)
+           or "no gamma puts the optimum of J = gamma Q + 1/R there: the fidelity changes steeply around that "
+              "ratio, so the best trade-off jumps past it (choose --gamma, or another target)")
+    return f"target {target:g} not reached: the result keeps {ratio:.3f} of the {counted}; {why}"
 
 
 def _log_skipped(notes: list[str], log, shown: int = 3) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -178,12 +178,14 @@ class FidelityEstimator:
             self._energy = float(np.mean(function_norm_losses(teacher, [np.zeros_like(t) for t in teacher])))
         return self._energy
 
-    def evaluate(self, model: ir.Model, index: int, target_se: float | None = None) -> Estimate:
+    def evaluate(self, model: ir.Model, index: int,
+                 target_se: float | Callable[[float], float] | None = None) -> Estimate:
         """The estimate of ``model``'s fidelity on the subsample of evaluation ``index``.
 
         ``target_se``: draw further samples of the same order (as many as the
         current variance says are needed, at most the pool) until the
-        standard error of the loss is at most this.
+        standard error of the loss is at most this (or this function of the
+        current mean loss, for a target relative to the loss).
         """
         order = self.order(index)
         session = make_session(model, threads=self.threads)
@@ -191,11 +193,13 @@ class FidelityEstimator:
         idx = np.sort(order[:m])
         losses, student = self._losses(session, idx)
         while target_se is not None and m < self.pool:
-            if self._mean_var(losses)[1] <= target_se ** 2:
+            mean, var = self._mean_var(losses)
+            t = float(target_se(mean) if callable(target_se) else target_se)
+            if var <= t * t:
                 break
             s2 = float(np.var(losses, ddof=1))
             # 1/m' = 1/N + t^2 / s^2 (the finite-population variance at m' is t^2); 10% margin.
-            need = self.pool if s2 <= 0 else math.ceil(1.1 / (1.0 / self.pool + target_se ** 2 / s2))
+            need = self.pool if s2 <= 0 else math.ceil(1.1 / (1.0 / self.pool + t * t / s2))
             grown = min(self.pool, max(need, m + max(2, m // 4)))
             more = np.sort(order[m:grown])
             more_losses, more_student = self._losses(session, more)

@@ -36,10 +36,13 @@ from pycompress.kernels._reference import matern52
 # lower lengthscale bound keeps the GP from explaining each point alone.
 LENGTHSCALE_BOUNDS = (0.01, 20.0)
 OUTPUTSCALE_BOUNDS = (0.01, 100.0)
-# gpytorch's FixedNoiseGaussianLikelihood floors float64 noise at 1e-6
-# (settings.min_fixed_noise); apply the same floor here, explicitly, so that
-# the fitted and the predicting model agree and gpytorch never warns.
-NOISE_FLOOR = 1e-6
+# Noise variances (standardized units) are floored here, explicitly, so that the
+# fitted and the predicting model agree. Not gpytorch's 1e-6: with exact
+# observations (an estimate on the whole pool) and a wide spread of J (std(y)
+# hundreds of times delta) a floor of 1e-6 std^2 is a noise of 0.1% of std(y),
+# far above delta, and no certificate could ever be reached. Cholesky adds
+# jitter only if it must (``_cholesky``).
+NOISE_FLOOR = 1e-10
 
 
 @dataclass
@@ -195,6 +198,19 @@ def fit_hyperparameters(x: np.ndarray, y_s: np.ndarray, noise_s: np.ndarray, *, 
     return Hyperparameters(float(v[0]), float(math.exp(v[1])), [float(math.exp(t)) for t in v[2:]]), -best[0]
 
 
+def _cholesky_noise(k: np.ndarray, noise_s: np.ndarray) -> np.ndarray:
+    """``noise_s``, raised (x100 per try, as jitter) until ``K + diag(noise)`` has a Cholesky factor."""
+    jitter = 0.0
+    for _ in range(8):
+        noise = np.maximum(noise_s, jitter)
+        try:
+            np.linalg.cholesky(k + np.diag(noise))
+            return noise
+        except np.linalg.LinAlgError:
+            jitter = max(jitter * 100.0, NOISE_FLOOR * 100.0)
+    return noise
+
+
 class GaussianProcess(Posterior):
     """A fitted GP over observations ``x`` (n, d), ``y`` (n,) with noise variances (n,).
 
@@ -215,6 +231,7 @@ class GaussianProcess(Posterior):
         self.noise_s = np.maximum(self.noise_var / self.y_std ** 2, NOISE_FLOOR)
         self.lengthscales = np.asarray(hyper.lengthscales, np.float64)
         k = matern52(self.x, self.x, self.lengthscales, hyper.outputscale)
+        self.noise_s = _cholesky_noise(k, self.noise_s)
         a = k + np.diag(self.noise_s)
         self.chol = np.ascontiguousarray(np.tril(cho_factor(a, lower=True)[0]))
         self.beta = solve_triangular(self.chol, self.y_s - hyper.constant, lower=True)
