@@ -396,9 +396,8 @@ class CompressionObjective:
         base = self.node_costs
         factor: dict[str, np.ndarray] = {}
         for j, dim in enumerate(self.space.dimensions):
-            decoded = [dim.decode(u) for u in thetas[:, j]]
-            untouched = np.array([v is None for v in decoded])
-            values = np.array([dim.high if v is None else v for v in decoded], np.float64)
+            values, untouched = dim.decode_many(thetas[:, j])
+            values = values.astype(np.float64)
             for name, f in self.costs[(dim.site, dim.action)].factors(values, untouched).items():
                 factor[name] = factor[name] * f if name in factor else f
         change = np.zeros(len(thetas))
@@ -452,7 +451,7 @@ class CompressionObjective:
         m = self.measure(theta, index, target_sd)
         value, variance = m.objective(self.gamma)
         extras = {"ratio": m.ratio, "ratio_var": m.ratio_var, "ratio_std_error": math.sqrt(m.ratio_var),
-                  "quality": m.quality,
+                  "quality": m.quality, "quality_scale": self.quality_scale,
                   "quality_var": m.quality_var, "fidelity": m.estimate.mean,
                   "fidelity_std_error": m.estimate.std_error, "samples": m.estimate.samples,
                   **m.estimate.extras, "eval_seconds": m.seconds}

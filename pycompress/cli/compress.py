@@ -578,7 +578,9 @@ def _trace(config: dict[str, Any], space, result, summary: dict[str, Any]) -> di
             "eval": i + 1, "theta": list(obs.theta),
             "decisions": {d.site: v for d, v in zip(space.dimensions, space.values(obs.theta))},
             "ratio": obs.extras.get("ratio"), "fidelity_mean": obs.extras.get("fidelity"),
-            "fidelity_se": obs.extras.get("fidelity_std_error"), "J": obs.value, "J_se": math.sqrt(obs.variance),
+            "fidelity_se": obs.extras.get("fidelity_std_error"), "samples": obs.extras.get("samples"),
+            "quality": obs.extras.get("quality"), "quality_scale": obs.extras.get("quality_scale"),
+            "J": obs.value, "J_se": math.sqrt(obs.variance),
             "z": obs.z,                                   # acquisition value that chose it (None: design)
             "z_max": None if step is None else step.z_max,
             "probability": None if step is None else step.probability,

@@ -100,6 +100,18 @@ class Dimension:
         levels = self.levels
         return int(levels[int(round(u * (len(levels) - 1)))])
 
+    def decode_many(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, untouched)`` at many coordinates at once (values at ``high`` where untouched)."""
+        u = np.clip(np.asarray(u, np.float64), 0.0, 1.0)
+        if self.kind == "rank":
+            values = self.rank_index(u) if self.positions is not None else np.maximum(1, np.rint(u * self.high))
+        else:
+            levels = self.levels
+            values = levels[np.rint(u * (len(levels) - 1)).astype(np.intp)]
+        values = np.asarray(values, np.int64)
+        untouched = values >= self.untouched_from if self.untouched_from is not None else np.zeros(u.shape, bool)
+        return np.where(untouched, self.high, values), untouched
+
     def decode(self, u: float) -> int | None:
         """The parameter at ``u``, or None when it would leave the layer untouched."""
         v = self.value(u)
