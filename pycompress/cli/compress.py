@@ -50,8 +50,8 @@ def add_parser(sub) -> None:
     p.add_argument("--energy", type=float, default=None, help="pfa: PFA-En energy tau instead of PFA-KL")
     p.add_argument("--no-recover", action="store_true",
                    help="skip the closed-form, teacher-guided layer-wise recovery after compressing")
-    p.add_argument("--recover-samples", type=int, default=512,
-                   help="calibration samples used by the recovery (default 512)")
+    p.add_argument("--recover-samples", type=int, default=None,
+                   help="calibration samples used by the recovery (default 512; with --resume: the saved run's)")
     p.add_argument("--finetune", action="store_true",
                    help="after recovery, fine-tune the compressed ONNX graph's weights against the original "
                         "(MSE to its outputs + cross-entropy with labels when the data has them); kept only if "
@@ -160,6 +160,8 @@ def _config_from_args(args) -> dict[str, Any]:
         "epsilon": args.epsilon, "seed": args.seed, "initial": args.initial,
         "seed_plans": [str(Path(p).resolve()) for p in args.seed_plan], "data": args.data,
         "init": args.init, "energy": args.energy,
+        "recover_samples": args.recover_samples if args.recover_samples is not None else 512,
+        "no_recover": bool(args.no_recover),
     }
 
 
@@ -233,11 +235,16 @@ def run(args) -> int:
         return estimator.evaluate_on(candidate, np.arange(min(estimator.pool, 5000)))
 
     recovery = None
-    if not args.no_recover:
+    # What happens after the search is part of the run too: a resumed run writes the same bytes.
+    if args.recover_samples is not None or "recover_samples" not in config:
+        config["recover_samples"] = args.recover_samples if args.recover_samples is not None else 512
+    config["no_recover"] = bool(args.no_recover or config.get("no_recover", False))
+    save_config()
+    if not config["no_recover"]:
         t_stage = time.monotonic()
         log("recovery: closed-form layer-wise refit against the teacher")
         before_fid = fidelity_on_pool(compressed)
-        recovery = recover(model, compressed, plan, data.inputs, samples=args.recover_samples, seed=config["seed"],
+        recovery = recover(model, compressed, plan, data.inputs, samples=config["recover_samples"], seed=config["seed"],
                            progress=log)
         recovery["fidelity_before"] = before_fid.mean
         stages.append({"name": "recover", "seconds": time.monotonic() - t_stage})
