@@ -153,6 +153,10 @@ def test_target_size_random_search_and_resume(small_mlp, tmp_path, capsys):
     assert second["evaluations"] == 15 and second["gamma"] == first["gamma"]
     trace = json.loads((tmp_path / "r.trace.json").read_text())["search"]["trace"]
     assert len(trace) == 15
+    # --resume without --max-evals keeps the saved budget: a finished search is not extended.
+    assert main(args[:2] + ["-o", str(out), "--resume", str(run_dir), "--quiet", "--json"]) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert third["evaluations"] == 15 and third["decisions"] == second["decisions"]
 
 
 def test_compress_errors(small_mlp, tmp_path, capsys):

@@ -412,6 +412,11 @@ class PACBO:
                 # The last one of a round is reported with the GP fit that follows it.
                 if self.progress and self.pending:
                     self.progress(None, self.observations[-1])
+                # The time limit is checked after each evaluation, inside a batch too (a lazy executor
+                # then runs no further job).
+                stop = self._budget_spent(started) if self.pending else None
+                if stop == "time_limit":
+                    return stop
         return None
 
     def _budget_spent(self, started: float) -> str | None:
