@@ -26,6 +26,7 @@ each gamma, the maximizer of ``gamma * mu_Q + 1/R`` over many candidates;
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import Counter
@@ -561,16 +562,16 @@ def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], ta
         hull.append((nxt, float(ties[nxt])))
         current = nxt
     ratios = 1.0 / inv_r
-    for (a, _), (b, tie) in zip(hull, hull[1:]):
+    for (a, _), (b, tie) in itertools.pairwise(hull):
         if ratios[a] <= target < ratios[b]:
             return GammaChoice(max(tie, 1e-12), target, float(ratios[b] if target - ratios[a] > ratios[b] - target
                                                                else ratios[a]), True)
     first, last = hull[0][0], hull[-1][0]
     if target < ratios[first] or len(hull) == 1:
         gamma = hull[1][1] / 2 if len(hull) > 1 else 1.0
-        return GammaChoice(gamma, target, float(ratios[first]), False,
-                           [f"no evaluated point is at or below the target {target:g} on the trade-off yet "
-                            f"(smallest {ratios[first]:.3g})"])
+        note = (f"no evaluated point is at or below the target {target:g} on the trade-off yet "
+                f"(smallest {ratios[first]:.3g})")
+        return GammaChoice(gamma, target, float(ratios[first]), False, [note])
     gamma = 2 * hull[-1][1] if hull[-1][1] > 0 else 1.0
     return GammaChoice(gamma, target, float(ratios[last]), False,
                        [f"the best evaluated quality is at ratio {ratios[last]:.3g}, below the target {target:g}"])

@@ -224,6 +224,7 @@ def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, t
     uninterrupted run. Kill instants are spread over the uninterrupted run's wall time."""
     import os
     import signal
+    import subprocess
     import time
 
     if "svd" not in rewrites.REGISTRY:
@@ -252,7 +253,7 @@ def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, t
         if attempt < 5:
             try:
                 proc.wait(timeout=float(rng.uniform(0.2, 1.0)) * wall)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1
@@ -267,3 +268,24 @@ def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, t
     ref_trace = json.loads((tmp_path / "ref.trace.json").read_text())["search"]["trace"]
     trace = json.loads((tmp_path / "killed.trace.json").read_text())["search"]["trace"]
     assert [(e["theta"], e["J"]) for e in trace] == [(e["theta"], e["J"]) for e in ref_trace]
+
+
+def test_help_and_info_import_no_heavy_module(small_mlp):
+    """`pycompress --help` / `info` start fast: torch, gpytorch, matplotlib, onnxscript are imported
+    only by the commands that use them (issue 13; loading a model folds constants with onnxscript)."""
+    import subprocess
+    import sys
+
+    path, _, _ = small_mlp
+    code = ("import sys, contextlib, io\n"
+            "from pycompress.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(sys.argv[1:])\n"
+            "heavy = sorted(m for m in ('torch', 'gpytorch', 'matplotlib', 'onnxscript') if m in sys.modules)\n"
+            "print(','.join(heavy))\n")
+    root = str(Path(__file__).parents[1])
+    for argv, allowed in ((["--help"], ""), (["compress", "--help"], ""), (["info", str(path)], "onnxscript")):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                              cwd=root, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == allowed, (argv, proc.stdout)

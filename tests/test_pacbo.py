@@ -360,7 +360,9 @@ def test_acquisition_points_carry_a_noise_target_and_the_domain_is_respected():
         seen.append(target_sd)
         return float(-(theta[0] - 0.3) ** 2), (1e-4 if target_sd is None else min(1e-4, target_sd ** 2))
 
-    feasible = lambda x: np.atleast_2d(x)[:, 0] <= 0.5   # noqa: E731
+    def feasible(x):
+        return np.atleast_2d(x)[:, 0] <= 0.5
+
     result = PACBO(1, objective, PACBOSettings(delta=0.01, initial=10, max_evals=20, noise_target=0.25,
                                                candidates=FAST), feasible=feasible).run()
     assert seen[:10] == [None] * 10                      # the design at the base sample size

@@ -119,7 +119,7 @@ def _negative_lml(vector: np.ndarray, x: np.ndarray, sq: np.ndarray, y_s: np.nda
 
     ``sq`` is (d, n, n): the squared coordinate differences, computed once per fit.
     """
-    n, d = x.shape
+    n = x.shape[0]
     constant, s = vector[0], math.exp(vector[1])
     inv_l2 = np.exp(-2.0 * vector[2:])
     r2 = np.tensordot(inv_l2, sq, axes=1)
