@@ -384,3 +384,22 @@ def test_rank_positions_decode_encode_and_snap_consistently():
     assert [space.values(p)[0] for p in snapped] == list(values)
     with pytest.raises(PycompressError, match="positions"):
         Dimension("fc", "svd", "rank", "rank", high=3, positions=(0.0, 0.7, 0.5))
+
+
+def test_no_certificate_before_the_incumbents_lattice_neighbours_are_evaluated():
+    space = SearchSpace([Dimension("a", "svd", "rank", "rank", high=9), Dimension("b", "svd", "rank", "rank", high=7)])
+
+    def objective(theta, index):
+        a, b = space.values(theta)
+        # Smooth in both ranks, then a one-step cliff at the top of a (a narrow layer's last rank).
+        return float(a / 9 - 0.1 * abs(b - 4) + (3.0 if a == 9 else 0.0)), 1e-6
+
+    result = PACBO(2, objective, PACBOSettings(delta=0.05, initial=6, max_evals=60, seed=1, candidates=FAST),
+                   snap=space.snap).run()
+    visited = {tuple(space.values(o.theta)) for o in result.observations}
+    a, b = space.values(result.theta)
+    neighbours = {(a + da, b + db) for da, db in ((1, 0), (-1, 0), (0, 1), (0, -1))
+                  if 1 <= a + da <= 9 and 1 <= b + db <= 7}
+    assert result.certified
+    assert neighbours <= visited
+    assert a == 9 and b == 4
