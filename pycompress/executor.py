@@ -33,7 +33,7 @@ import numpy as np
 
 from pycompress.errors import PycompressError
 
-Job = tuple[np.ndarray, int]
+Job = tuple  # (theta, index) or (theta, index, target_sd)
 
 
 class ThreadExecutor:
@@ -47,7 +47,7 @@ class ThreadExecutor:
     def map(self, objective, jobs: Sequence[Job]) -> Iterator[Any]:
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pycompress-eval")
         try:
-            futures = [pool.submit(objective, theta, index) for theta, index in jobs]
+            futures = [pool.submit(objective, *job) for job in jobs]
             for future in futures:
                 yield future.result()
         finally:
@@ -102,11 +102,12 @@ def built_objective(recipe: ObjectiveRecipe):
     return objective
 
 
-def evaluate_recipe(recipe: ObjectiveRecipe, gamma: float, theta: np.ndarray, index: int):
-    """One evaluation on a worker: ``objective(theta, index)`` of the recipe's objective at ``gamma``."""
+def evaluate_recipe(recipe: ObjectiveRecipe, gamma: float, theta: np.ndarray, index: int,
+                    target_sd: float | None = None):
+    """One evaluation on a worker: ``objective(theta, index, target_sd)`` of the recipe's objective at ``gamma``."""
     objective = built_objective(recipe)
     objective.gamma = float(gamma)
-    return objective(np.asarray(theta, np.float64), int(index))
+    return objective(np.asarray(theta, np.float64), int(index), target_sd)
 
 
 def _warm_up(recipe: ObjectiveRecipe) -> None:
@@ -142,8 +143,9 @@ class RayExecutor:
         self._warming = [warm.remote(self._recipe) for _ in range(self.workers)]
 
     def map(self, objective, jobs: Sequence[Job]) -> Iterator[Any]:
-        refs = [self._task.remote(self._recipe, objective.gamma, np.asarray(theta), int(index))
-                for theta, index in jobs]
+        # A job is (theta, index) or (theta, index, target_sd): the noise the planner asks for.
+        refs = [self._task.remote(self._recipe, objective.gamma, np.asarray(job[0]), int(job[1]), *job[2:])
+                for job in jobs]
         done = 0
         try:
             for ref in refs:

@@ -26,6 +26,7 @@ each gamma, the maximizer of ``gamma * mu_Q + 1/R`` over many candidates;
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import Counter
@@ -43,14 +44,59 @@ from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 
 # Quality from the fidelity loss: Q is maximized.
-QUALITY = {"norm": ("-function norm", -1.0, 0.0), "error": ("accuracy", -1.0, 1.0),
-           "cross_entropy": ("-cross entropy", -1.0, 0.0)}
+QUALITY = {"norm": "-log relative function norm", "error": "accuracy",
+           "cross_entropy": "-cross entropy / log(classes)"}
+# Relative squared errors below this count as this (float32 rounding is ~1e-12): keeps log finite.
+RELATIVE_FLOOR = 1e-8
+# The function norm enters Q through its log (see quality_of); False: -L / scale.
+LOG_QUALITY = True
 
 
-def quality_of(estimate: Estimate, loss: str) -> tuple[float, float]:
-    """(Q, var Q) from a loss estimate: Q = sign * L + offset."""
-    _, sign, offset = QUALITY[loss]
-    return sign * estimate.mean + offset, estimate.variance
+def quality_of(estimate: Estimate, loss: str, scale: float = 1.0) -> tuple[float, float]:
+    """(Q, var Q) from a loss estimate ``L`` (see ``quality_scale`` for ``scale``).
+
+    ``norm``: ``Q = -log(L / scale)``, minus the log of the relative squared
+    error; its variance by the delta method, ``var(L) / L^2``. The log makes
+    gamma and delta mean the same on every model (a multiplicative change of
+    the error is the same change of Q everywhere) and turns the error's cliffs
+    (one layer cut too far multiplies it by 5-50) into steps a stationary GP
+    can follow. ``error``: accuracy ``1 - L``. ``cross_entropy``: ``-L / scale``.
+    """
+    if loss == "norm" and LOG_QUALITY:
+        floor = RELATIVE_FLOOR * scale
+        return -math.log(estimate.mean / scale + RELATIVE_FLOOR), estimate.variance / (estimate.mean + floor) ** 2
+    if loss == "norm":
+        return -estimate.mean / scale, estimate.variance / scale ** 2
+    if loss == "error":
+        return 1.0 - estimate.mean, estimate.variance
+    return -estimate.mean / scale, estimate.variance / scale ** 2
+
+
+def quality_target(loss: str, scale: float, target_q: float):
+    """The standard error of the loss ``L`` that gives ``se(Q) = target_q`` (a function of ``L`` for the log)."""
+    if loss == "norm" and LOG_QUALITY:
+        return lambda mean: target_q * (mean + RELATIVE_FLOOR * scale)
+    return target_q * scale
+
+
+def quality_scale(estimator: FidelityEstimator) -> float:
+    """The unit of the loss that makes Q scale-free (one delta, one gamma mean the same on every model).
+
+    ``norm``: the teacher's mean output energy ``E ||f*(x)||^2`` on the pool,
+    so ``-Q`` is the relative squared error (0 = exact, 1 = as far as outputs
+    of zero); ``cross_entropy``: ``log(classes)``, a uniform guess's loss;
+    ``error``: 1 (accuracy is already a fraction).
+    """
+    if estimator.loss == "norm":
+        energy = estimator.output_energy()
+        if not energy > 0:
+            raise PycompressError("the model's outputs are all zero on the calibration data: the function norm "
+                                  "cannot be made relative (use --labels)")
+        return energy
+    if estimator.loss == "cross_entropy":
+        classes = int(np.prod(estimator.teacher_outputs(np.arange(1))[0].shape[1:]))
+        return math.log(max(classes, 2))
+    return 1.0
 
 
 OBJECTIVES = ("size", "bytes", "macs", "latency")
@@ -127,9 +173,19 @@ class Measurement:
     ratio_var: float = 0.0
 
     def objective(self, gamma: float) -> tuple[float, float]:
-        # var(1/R) by the delta method; zero for counted (exact) ratios.
-        return (gamma * self.quality + 1.0 / self.ratio,
-                gamma * gamma * self.quality_var + self.ratio_var / self.ratio ** 4)
+        return objective_value(gamma, self.quality, self.quality_var, self.ratio, self.ratio_var)
+
+
+def objective_value(gamma: float, quality: float, quality_var: float, ratio: float,
+                    ratio_var: float) -> tuple[float, float]:
+    """``(J, var J)``: ``J = gamma Q + 1/R``; var(1/R) by the delta method (zero for counted, exact ratios)."""
+    return gamma * quality + 1.0 / ratio, gamma * gamma * quality_var + ratio_var / ratio ** 4
+
+
+def objective_from_extras(gamma: float, extras: dict[str, Any]) -> tuple[float, float]:
+    """``(J, var J)`` of a saved evaluation (its extras) at another gamma."""
+    return objective_value(gamma, float(extras["quality"]), float(extras["quality_var"]), float(extras["ratio"]),
+                           float(extras["ratio_var"]))
 
 
 GRANULARITIES = ("layer", "block", "stage")
@@ -221,7 +277,36 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
                               + (f" ({notes[0]}{', ...' if len(notes) > 1 else ''})" if notes else ""))
     sizes = Counter(d.group for d in dims)
     dims = [replace(d, group=None) if sizes[d.group] == 1 else d for d in dims]   # a group of one is a layer
+    dims = [replace(d, positions=rank_positions(model, d)) for d in dims]
     return SearchSpace(dims), notes
+
+
+def rank_positions(model: ir.Model, dim: Dimension) -> tuple[float, ...] | None:
+    """Coordinates of an SVD layer's ranks ``1..r_max``: 3/4 by ``log`` of the weight energy
+    the rank discards (scaled to [0, 1]), 1/4 evenly spaced (so every rank keeps a
+    step); None (even spacing) for other dimensions. Why: ``encoding`` module doc."""
+    if dim.kind != "rank" or dim.action != "svd" or dim.group is not None or dim.high < 3:
+        return None
+    from pycompress.ir import node_by_name
+    from pycompress.rewrites import factorization as fz
+    from pycompress.rewrites.svd import matrix_layer
+
+    layer = matrix_layer(node_by_name(model, dim.site))
+    if isinstance(layer, str):
+        return None
+    # truncated_svd's decomposition is the one every evaluation reuses (cached): computed once here.
+    values = fz.truncated_svd(layer.matrix, 1)[2]
+    power = values.astype(np.float64) ** 2
+    total = float(power.sum())
+    if total <= 0:
+        return None
+    discarded = np.maximum(1.0 - np.cumsum(power)[: dim.high] / total, 1e-12)
+    even = np.arange(dim.high) / (dim.high - 1)
+    span = math.log(discarded[0] / discarded[-1])
+    warped = np.log(discarded[0] / discarded) / span if span > 1e-9 else even
+    positions = 0.75 * warped + 0.25 * even
+    positions[0], positions[-1] = 0.0, 1.0
+    return tuple(float(v) for v in positions)
 
 
 class CompressionObjective:
@@ -239,6 +324,7 @@ class CompressionObjective:
         self.gamma = float(gamma)
         self.context = context or ApplyContext()
         self.loss = estimator.loss
+        self.quality_scale = quality_scale(estimator)
         self.objective = objective
         self.latency = latency
         self.counted = COUNTED[objective]
@@ -311,9 +397,8 @@ class CompressionObjective:
         base = self.node_costs
         factor: dict[str, np.ndarray] = {}
         for j, dim in enumerate(self.space.dimensions):
-            decoded = [dim.decode(u) for u in thetas[:, j]]
-            untouched = np.array([v is None for v in decoded])
-            values = np.array([dim.high if v is None else v for v in decoded], np.float64)
+            values, untouched = dim.decode_many(thetas[:, j])
+            values = values.astype(np.float64)
             for name, f in self.costs[(dim.site, dim.action)].factors(values, untouched).items():
                 factor[name] = factor[name] * f if name in factor else f
         change = np.zeros(len(thetas))
@@ -335,15 +420,23 @@ class CompressionObjective:
         """Counted cost ratio of the compressed sites (parameters, or MACs for "macs" and "latency")."""
         return (self._counted(compressed) - (self.cost_total - self.cost_sites)) / self.cost_sites
 
-    def measure(self, theta: Sequence[float], index: int) -> Measurement:
-        """Q and R at ``theta`` on the subsample of evaluation ``index`` (cached)."""
-        key = (int(index), tuple(float(v) for v in np.asarray(theta).ravel()))
+    def measure(self, theta: Sequence[float], index: int, target_sd: float | None = None) -> Measurement:
+        """Q and R at ``theta`` on the subsample of evaluation ``index`` (cached).
+
+        ``target_sd``: the standard error wanted for ``J`` (``gamma * se(Q)``);
+        the subsample grows along its order until it is reached or the pool is
+        used up (``FidelityEstimator.evaluate``).
+        """
+        key = (int(index), tuple(float(v) for v in np.asarray(theta).ravel()), target_sd)
         if key in self._cache:
             return self._cache[key]
         t0 = time.perf_counter()
         model, plan = self._apply(self.space.decisions(theta))
-        estimate = self.estimator.evaluate(model, index)
-        quality, quality_var = quality_of(estimate, self.loss)
+        target_se = None
+        if target_sd is not None and self.gamma > 0:
+            target_se = quality_target(self.loss, self.quality_scale, target_sd / self.gamma)
+        estimate = self.estimator.evaluate(model, index, target_se=target_se)
+        quality, quality_var = quality_of(estimate, self.loss, self.quality_scale)
         if self.objective == "latency":
             ratio, ratio_var = self.latency.ratio(model)
         else:
@@ -354,12 +447,15 @@ class CompressionObjective:
         self._cache[key] = m
         return m
 
-    def __call__(self, theta: np.ndarray, index: int) -> tuple[float, float, dict[str, Any]]:
-        m = self.measure(theta, index)
+    def __call__(self, theta: np.ndarray, index: int,
+                 target_sd: float | None = None) -> tuple[float, float, dict[str, Any]]:
+        m = self.measure(theta, index, target_sd)
         value, variance = m.objective(self.gamma)
-        extras = {"ratio": m.ratio, "ratio_std_error": math.sqrt(m.ratio_var), "quality": m.quality,
-                  "fidelity": m.estimate.mean,
-                  "fidelity_std_error": m.estimate.std_error, **m.estimate.extras, "eval_seconds": m.seconds}
+        extras = {"ratio": m.ratio, "ratio_var": m.ratio_var, "ratio_std_error": math.sqrt(m.ratio_var),
+                  "quality": m.quality, "quality_scale": self.quality_scale,
+                  "quality_var": m.quality_var, "fidelity": m.estimate.mean,
+                  "fidelity_std_error": m.estimate.std_error, "samples": m.estimate.samples,
+                  **m.estimate.extras, "eval_seconds": m.seconds}
         return value, variance, extras
 
 
@@ -430,6 +526,55 @@ def select_gamma(objective: CompressionObjective, points: np.ndarray, measuremen
     notes.append(f"target {target:g} is not reached by the predicted optimum (ratios "
                  f"{ratios_at.min():.3g}..{ratios_at.max():.3g}); using the closest, {ratios_at[best]:.3g}")
     return GammaChoice(gamma, target, float(ratios_at[best]), False, notes)
+
+
+def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], target: float) -> GammaChoice:
+    """Gamma at which the best *evaluated* point of ``gamma Q + 1/R`` crosses ratio ``target``.
+
+    The maximizers of ``gamma q_i + 1/r_i`` over the evaluations, as gamma
+    grows, walk along the upper hull of the points ``(q_i, 1/r_i)`` towards
+    larger ratios and better quality. With ``a`` the hull point at or below the
+    target and ``b`` the next one above it, gamma is where they tie,
+    ``(1/r_a - 1/r_b) / (q_b - q_a)``: the slope of the measured trade-off at
+    the target, so the search at that gamma looks for the best point between
+    them. No GP: measured points only (a GP fitted to a handful of noisy
+    points extrapolates the quality badly and the gamma then misses the
+    target by a wide margin). When every hull point lies on one side of the
+    target, the nearest one's gamma range is used and the choice is marked
+    unreachable for now (the search's later rounds see more points).
+    """
+    if not 0 < target <= 1:
+        raise PycompressError(f"--target-size must be in (0, 1], got {target}")
+    q = np.asarray(quality, np.float64)
+    inv_r = 1.0 / np.asarray(ratio, np.float64)
+    # Walk the hull from gamma = 0 (the smallest ratio, best 1/R) upwards.
+    current = int(np.lexsort((-q, -inv_r))[0])
+    hull = [(current, 0.0)]
+    while True:
+        better = q > q[current] + 1e-12
+        if not better.any():
+            break
+        # The next maximizer is the one whose tie with the current comes at the smallest gamma.
+        ties = np.full(q.shape, np.inf)
+        ties[better] = (inv_r[current] - inv_r[better]) / (q[better] - q[current])
+        ties = np.maximum(ties, hull[-1][1])
+        nxt = int(np.lexsort((-q, ties))[0])
+        hull.append((nxt, float(ties[nxt])))
+        current = nxt
+    ratios = 1.0 / inv_r
+    for (a, _), (b, tie) in itertools.pairwise(hull):
+        if ratios[a] <= target < ratios[b]:
+            return GammaChoice(max(tie, 1e-12), target, float(ratios[b] if target - ratios[a] > ratios[b] - target
+                                                               else ratios[a]), True)
+    first, last = hull[0][0], hull[-1][0]
+    if target < ratios[first] or len(hull) == 1:
+        gamma = hull[1][1] / 2 if len(hull) > 1 else 1.0
+        note = (f"no evaluated point is at or below the target {target:g} on the trade-off yet "
+                f"(smallest {ratios[first]:.3g})")
+        return GammaChoice(gamma, target, float(ratios[first]), False, [note])
+    gamma = 2 * hull[-1][1] if hull[-1][1] > 0 else 1.0
+    return GammaChoice(gamma, target, float(ratios[last]), False,
+                       [f"the best evaluated quality is at ratio {ratios[last]:.3g}, below the target {target:g}"])
 
 
 def describe_point(space: SearchSpace, theta: Sequence[float]) -> str:

@@ -8,6 +8,7 @@ digits test at the end.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from pycompress.data import load_data
 from pycompress.decisions.bo import PACBO, PACBOSettings
 from pycompress.fidelity import FidelityEstimator, run_model
 from pycompress.ir import load_model
-from pycompress.pipeline import CompressionObjective, build_search_space, select_gamma
+from pycompress.pipeline import RELATIVE_FLOOR, CompressionObjective, build_search_space, select_gamma
 from pycompress.plan import Plan
 
 
@@ -77,8 +78,12 @@ def test_objective_ratio_is_exact_and_matches_the_linear_cost_model(small_mlp):
         assert m.ratio == pytest.approx(sum(after) / sum(sizes))
         assert objective.predicted_ratio(theta)[0] == pytest.approx(m.ratio)
         value, var, extras = objective(theta, i)
-        assert value == pytest.approx(0.1 * -m.estimate.mean + 1 / m.ratio)
-        assert var == pytest.approx(0.01 * m.estimate.variance)
+        # Q = -log of the relative function norm (its unit: the teacher's mean output energy).
+        scale = objective.quality_scale
+        assert scale == pytest.approx(float(np.mean(np.sum(run_model(load_model(path), {"input": np.load(data)["x"]})[0]
+                                                           .astype(np.float64) ** 2, axis=1))), rel=1e-5)
+        assert value == pytest.approx(0.1 * -np.log(m.estimate.mean / scale + RELATIVE_FLOOR) + 1 / m.ratio)
+        assert var == pytest.approx(0.01 * m.estimate.variance / (m.estimate.mean + RELATIVE_FLOOR * scale) ** 2)
         assert extras["fidelity_std_error"] == pytest.approx(np.sqrt(m.estimate.variance))
 
 
@@ -108,7 +113,8 @@ def test_compress_writes_model_plan_and_trace(small_mlp, tmp_path, capsys):
     assert summary["gamma"] == 0.05 == search["gamma"] and summary["evaluations"] == 13 == len(search["trace"])
     for i, e in enumerate(search["trace"]):
         assert e["eval"] == i + 1 and len(e["theta"]) == 3 and 0 < e["ratio"] <= 1
-        assert e["J"] == pytest.approx(0.05 * -e["fidelity_mean"] + 1 / e["ratio"])
+        assert e["J"] == pytest.approx(0.05 * e["quality"] + 1 / e["ratio"])
+        assert e["quality"] == pytest.approx(-np.log(e["fidelity_mean"] / e["quality_scale"] + RELATIVE_FLOOR))
         assert e["fidelity_se"] > 0
     assert all(e["z_max"] is not None for e in search["trace"][9:])    # after each GP fit
     assert all(e["z"] is not None for e in search["trace"][10:])       # chosen by the acquisition
@@ -147,6 +153,10 @@ def test_target_size_random_search_and_resume(small_mlp, tmp_path, capsys):
     assert second["evaluations"] == 15 and second["gamma"] == first["gamma"]
     trace = json.loads((tmp_path / "r.trace.json").read_text())["search"]["trace"]
     assert len(trace) == 15
+    # --resume without --max-evals keeps the saved budget: a finished search is not extended.
+    assert main(args[:2] + ["-o", str(out), "--resume", str(run_dir), "--quiet", "--json"]) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert third["evaluations"] == 15 and third["decisions"] == second["decisions"]
 
 
 def test_compress_errors(small_mlp, tmp_path, capsys):
@@ -177,26 +187,105 @@ def digits_mlp(tmp_path_factory):
 
 
 def test_digits_mlp_svd_certified_and_accurate(digits_mlp, tmp_path, capsys):
-    """The paper's Table 3 analogue: SVD on the 3 FC layers, knowledge-distillation fidelity.
-
-    Settings: gamma 0.3, 500-sample subsamples of the 1200 training digits,
-    delta 10% of |J(incumbent)|, epsilon 0.005 (the paper's default).
-    """
+    """The paper's Table 3 analogue with the paper's defaults (delta 0.05, epsilon 0.005, m = 50):
+    SVD on the 3 FC layers, knowledge-distillation fidelity, --target-size 0.2 and nothing else
+    (issue 13: it used to need --delta 0.5 --samples 500 and a hand-set gamma)."""
     if "svd" not in rewrites.REGISTRY:
         pytest.skip("the svd rewrite is not on this branch yet")
     path, data, (xte, yte) = digits_mlp
     out = tmp_path / "mlp_svd.onnx"
-    code = main(["compress", str(path), "--data", str(data), "--actions", "svd", "--gamma", "0.3",
-                 "--samples", "500", "--delta", "0.5", "--max-evals", "80", "--seed", "0",
-                 "-o", str(out), "--quiet", "--json"])
+    code = main(["compress", str(path), "--data", str(data), "--actions", "svd", "--target-size", "0.2",
+                 "--seed", "0", "-o", str(out), "--quiet", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["certified"] and summary["probability"] >= 0.995, summary
-    assert summary["ratio"] < 0.9
+    assert summary["delta"] == 0.05 and summary["epsilon"] == 0.005
+    assert abs(summary["ratio"] - 0.2) <= 0.05, summary
     before = run_model(load_model(path), {"input": xte})[0]
     after = run_model(load_model(out), {"input": xte})[0]
     acc_before = float(np.mean(before.argmax(1) == yte))
     acc_after = float(np.mean(after.argmax(1) == yte))
-    assert acc_after >= acc_before - 0.01, (acc_before, acc_after, summary)
+    assert acc_after >= acc_before - 0.02, (acc_before, acc_after, summary)
     plan = Plan.load(tmp_path / "mlp_svd.plan.json")
     assert {d.action for d in plan.decisions} == {"svd"} and len(plan.decisions) == 3
+
+
+def _compress_process(argv, env):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "pycompress", "compress", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, tmp_path):
+    """Issue 16: kill -9 anywhere (start-up, initial design and gamma choice, search, recovery,
+    writing), then --resume, until it finishes: the same plan and byte-identical model as one
+    uninterrupted run. Kill instants are spread over the uninterrupted run's wall time."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    if "svd" not in rewrites.REGISTRY:
+        pytest.skip("the svd rewrite is not on this branch yet")
+    path, data, _ = small_mlp
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1])]
+                                                      + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
+    common = ["--data", str(data), "--actions", "svd", "--target-size", "0.3", "--max-evals", "30",
+              "--seed", "2", "--recover-samples", "256", "--quiet"]
+
+    started = time.monotonic()
+    ref = _compress_process([str(path), *common, "-o", str(tmp_path / "ref.onnx")], env)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()
+    wall = time.monotonic() - started
+
+    out = tmp_path / "killed.onnx"
+    run_dir = tmp_path / "killed.run"
+    rng = np.random.default_rng(16)
+    kills = 0
+    for attempt in range(12):
+        if (run_dir / "compress.json").is_file():
+            argv = [str(path), "-o", str(out), "--resume", str(run_dir), "--quiet"]
+        else:   # killed before the run folder existed: a user starts again
+            argv = [str(path), *common, "-o", str(out)]
+        proc = _compress_process(argv, env)
+        if attempt < 5:
+            try:
+                proc.wait(timeout=float(rng.uniform(0.2, 1.0)) * wall)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                continue
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+        break
+    assert kills >= 3
+    assert out.read_bytes() == (tmp_path / "ref.onnx").read_bytes()
+    ref_plan = Plan.load(tmp_path / "ref.plan.json")
+    plan = Plan.load(tmp_path / "killed.plan.json")
+    assert [(d.site, d.params) for d in plan.decisions] == [(d.site, d.params) for d in ref_plan.decisions]
+    ref_trace = json.loads((tmp_path / "ref.trace.json").read_text())["search"]["trace"]
+    trace = json.loads((tmp_path / "killed.trace.json").read_text())["search"]["trace"]
+    assert [(e["theta"], e["J"]) for e in trace] == [(e["theta"], e["J"]) for e in ref_trace]
+
+
+def test_help_and_info_import_no_heavy_module(small_mlp):
+    """`pycompress --help` / `info` start fast: torch, gpytorch, matplotlib, onnxscript are imported
+    only by the commands that use them (issue 13; loading a model folds constants with onnxscript)."""
+    import subprocess
+    import sys
+
+    path, _, _ = small_mlp
+    code = ("import sys, contextlib, io\n"
+            "from pycompress.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(sys.argv[1:])\n"
+            "heavy = sorted(m for m in ('torch', 'gpytorch', 'matplotlib', 'onnxscript') if m in sys.modules)\n"
+            "print(','.join(heavy))\n")
+    root = str(Path(__file__).parents[1])
+    for argv, allowed in ((["--help"], ""), (["compress", "--help"], ""), (["info", str(path)], "onnxscript")):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                              cwd=root, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == allowed, (argv, proc.stdout)

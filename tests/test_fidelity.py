@@ -98,7 +98,8 @@ def test_function_norm_estimate_and_teacher_cache(setup):
     idx = est.subsample(0)
     losses = (((x[idx] @ w2 + b) - (x[idx] @ w + b)) ** 2).sum(1)
     assert e0.mean == pytest.approx(losses.mean(), rel=1e-4)
-    assert e0.variance == pytest.approx(losses.var(ddof=1) / 50, rel=1e-3)
+    # The estimand is the pool's mean loss: drawn without replacement, finite-population factor.
+    assert e0.variance == pytest.approx(losses.var(ddof=1) / 50 * (1 - 50 / est.pool), rel=1e-3)
     assert e0.samples == 50 and 0.0 <= e0.extras["agreement"] <= 1.0
 
     # Teacher outputs are computed once per sample: re-evaluating reuses them.
@@ -111,6 +112,28 @@ def test_function_norm_estimate_and_teacher_cache(setup):
     assert est.evaluate(teacher, 2).mean == pytest.approx(0.0, abs=1e-10)
 
 
+def test_target_se_grows_the_subsample_along_its_order_up_to_the_pool(setup):
+    w, b, x, labels = setup
+    teacher = _linear_model(w, b)
+    est = FidelityEstimator(teacher, {"x": x}, samples=20, seed=4)
+    w2 = (w + 0.3 * np.random.default_rng(3).normal(size=w.shape)).astype(np.float32)
+    student = _linear_model(w2, b)
+    base = est.evaluate(student, 7)
+    assert base.samples == 20
+    target = base.std_error / 3
+    grown = est.evaluate(student, 7, target_se=target)
+    assert 20 < grown.samples < est.pool and grown.std_error <= target
+    # The first 20 samples are those of the plain evaluation: one order per evaluation index.
+    idx = np.sort(est.order(7)[:grown.samples])
+    losses = (((x[idx] @ w2 + b) - (x[idx] @ w + b)) ** 2).sum(1)
+    assert grown.mean == pytest.approx(losses.mean(), rel=1e-4)
+    assert set(est.subsample(7)) <= set(idx)
+    # Asking for an exact estimate uses the whole pool, whose variance is 0 (the pool mean is known).
+    exact = est.evaluate(student, 7, target_se=0.0)
+    assert exact.samples == est.pool and exact.variance == 0.0
+    assert exact.mean == pytest.approx(est.evaluate_on(student, np.arange(est.pool)).mean, rel=1e-9)
+
+
 def test_error_and_cross_entropy_estimates_with_labels(setup):
     w, b, x, labels = setup
     teacher = _linear_model(w, b)
@@ -120,7 +143,8 @@ def test_error_and_cross_entropy_estimates_with_labels(setup):
     wrong = (np.argmax(x[idx] @ w + b, 1) != labels[idx]).astype(float)
     assert e.mean == pytest.approx(wrong.mean())
     p = wrong.mean()
-    assert e.variance == pytest.approx(max(wrong.var(ddof=1) / 60, (p * (1 - p) + 1 / 60) / 60))
+    assert e.variance == pytest.approx(max(wrong.var(ddof=1) / 60, (p * (1 - p) + 1 / 60) / 60)
+                                       * (1 - 60 / err.pool))
     assert e.extras["accuracy"] == pytest.approx(1 - wrong.mean())
 
     ce = FidelityEstimator(teacher, {"x": x}, labels=labels, loss="cross_entropy", samples=60, seed=3)

@@ -314,3 +314,92 @@ def test_resume_refuses_changed_settings(tmp_path):
               run_dir=tmp_path).run(resume=True)
     with pytest.raises(PycompressError, match="no PAC-BO state"):
         PACBO(1, lambda t, i: (0.0, 1.0), run_dir=tmp_path / "missing").run(resume=True)
+
+
+def test_a_finished_search_is_not_extended_on_resume_unless_its_budget_is_raised(tmp_path):
+    calls = []
+
+    def objective(theta, index):
+        calls.append(index)
+        return resume_objective(theta, index)
+
+    first = PACBO(2, objective, PACBOSettings(delta=0.1, max_evals=12, initial=10, seed=4, candidates=FAST),
+                  run_dir=tmp_path).run()
+    assert first.stop_reason == "max_evals" and len(calls) == 12
+    again = PACBO(2, objective, PACBOSettings(delta=0.1, max_evals=12, initial=10, seed=4, candidates=FAST),
+                  run_dir=tmp_path).run(resume=True)
+    # Nothing evaluated or refitted: the saved answer, exactly.
+    assert len(calls) == 12 and again.evaluations == 12
+    assert list(again.theta) == list(first.theta) and again.value == first.value
+    more = PACBO(2, objective, PACBOSettings(delta=0.1, max_evals=14, initial=10, seed=4, candidates=FAST),
+                 run_dir=tmp_path).run(resume=True)
+    # A raised budget continues (here it certifies after 13 or evaluates up to 14).
+    assert 12 < more.evaluations <= 14 and calls[12:] == list(range(12, more.evaluations))
+
+
+def test_the_design_is_evaluated_within_the_time_limit_and_saved_as_it_goes(tmp_path):
+    calls = []
+
+    def slow(theta, index):
+        calls.append(index)
+        time.sleep(0.05)
+        return float(theta[0]), 1e-4
+
+    planner = PACBO(1, slow, PACBOSettings(initial=10, time_limit=0.12, candidates=FAST), run_dir=tmp_path)
+    assert planner.evaluate_design() == "time_limit"
+    assert 1 <= len(calls) < 10
+    saved = json.loads((tmp_path / "state.json").read_text())
+    assert len(saved["observations"]) == len(calls) and len(saved["pending"]) == 10 - len(calls)
+    assert saved["design_size"] == 10
+
+
+def test_acquisition_points_carry_a_noise_target_and_the_domain_is_respected():
+    seen = []
+
+    def objective(theta, index, target_sd=None):
+        seen.append(target_sd)
+        return float(-(theta[0] - 0.3) ** 2), (1e-4 if target_sd is None else min(1e-4, target_sd ** 2))
+
+    def feasible(x):
+        return np.atleast_2d(x)[:, 0] <= 0.5
+
+    result = PACBO(1, objective, PACBOSettings(delta=0.01, initial=10, max_evals=20, noise_target=0.25,
+                                               candidates=FAST), feasible=feasible).run()
+    assert seen[:10] == [None] * 10                      # the design at the base sample size
+    assert all(sd == pytest.approx(0.25 * 0.01) for sd in seen[10:])
+    assert result.theta[0] <= 0.5
+    assert all(o.theta[0] <= 0.5 for o in result.observations[10:])
+
+
+def test_rank_positions_decode_encode_and_snap_consistently():
+    positions = tuple(np.r_[0.0, np.sort(np.random.default_rng(0).random(7)), 1.0])
+    dim = Dimension("fc", "svd", "rank", "rank", high=9, positions=positions)
+    space = SearchSpace([dim])
+    for r in range(1, 10):
+        assert dim.decode(dim.encode(r)) == r
+    u = np.random.default_rng(1).random(500)
+    values, untouched = dim.decode_many(u)
+    assert list(values) == [dim.decode(v) for v in u] and not untouched.any()
+    snapped = space.snap(u[:, None])
+    assert [space.values(p)[0] for p in snapped] == list(values)
+    with pytest.raises(PycompressError, match="positions"):
+        Dimension("fc", "svd", "rank", "rank", high=3, positions=(0.0, 0.7, 0.5))
+
+
+def test_no_certificate_before_the_incumbents_lattice_neighbours_are_evaluated():
+    space = SearchSpace([Dimension("a", "svd", "rank", "rank", high=9), Dimension("b", "svd", "rank", "rank", high=7)])
+
+    def objective(theta, index):
+        a, b = space.values(theta)
+        # Smooth in both ranks, then a one-step cliff at the top of a (a narrow layer's last rank).
+        return float(a / 9 - 0.1 * abs(b - 4) + (3.0 if a == 9 else 0.0)), 1e-6
+
+    result = PACBO(2, objective, PACBOSettings(delta=0.05, initial=6, max_evals=60, seed=1, candidates=FAST),
+                   snap=space.snap).run()
+    visited = {tuple(space.values(o.theta)) for o in result.observations}
+    a, b = space.values(result.theta)
+    neighbours = {(a + da, b + db) for da, db in ((1, 0), (-1, 0), (0, 1), (0, -1))
+                  if 1 <= a + da <= 9 and 1 <= b + db <= 7}
+    assert result.certified
+    assert neighbours <= visited
+    assert a == 9 and b == 4

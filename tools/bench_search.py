@@ -6,10 +6,13 @@ same initial design, same subsample size). Both answers are then measured the
 same way: J on the whole calibration pool (1200 digits, not a subsample), the
 size ratio of the compressed layers, and top-1 accuracy / agreement with the
 original on the 597 held-out digits. gamma is fixed for all runs (--gamma, or
-with --gamma 0 chosen once for --target-size on seed 0's initial design);
-delta is absolute unless --relative-delta.
+with --gamma 0, the default, chosen once for --target-size from seed 0's
+initial design by the CLI's rule, pipeline.gamma_from_observations); delta
+is absolute unless --relative-delta. PAC-BO evaluates the points its
+acquisition picks to se(J) <= delta / 4, as the CLI does. No target band
+here: the search is unconstrained (the CLI's --target-size restricts it).
 
-    python tools/bench_search.py [--seeds 10] [--actions svd] [--gamma 0.3] [--samples 500] [--delta 0.5]
+    python tools/bench_search.py [--seeds 10] [--actions svd] [--gamma 0] [--samples 50] [--delta 0.05]
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--actions", default="svd")
     parser.add_argument("--target-size", type=float, default=0.25)
-    parser.add_argument("--gamma", type=float, default=0.3, help="fixed gamma (<= 0: choose for --target-size)")
+    parser.add_argument("--gamma", type=float, default=0.0, help="fixed gamma (<= 0: choose for --target-size)")
     parser.add_argument("--max-evals", type=int, default=80)
-    parser.add_argument("--delta", type=float, default=0.5)
+    parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--relative-delta", action="store_true", help="delta is a fraction of |J(incumbent)|")
-    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--epsilon", type=float, default=0.005)
     parser.add_argument("--workdir", default=None, help="keep the trained model here (default: a temp folder)")
     args = parser.parse_args()
@@ -49,7 +52,7 @@ def main() -> int:
     from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
     from pycompress.fidelity import FidelityEstimator, run_model
     from pycompress.ir import load_model
-    from pycompress.pipeline import CompressionObjective, build_search_space, select_gamma
+    from pycompress.pipeline import CompressionObjective, build_search_space, gamma_from_observations, quality_of
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_search_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,7 @@ def main() -> int:
         planner = PACBO(obj0.space.d, obj0, PACBOSettings(seed=0), snap=obj0.space.snap)
         points = planner.initial_design()
         ms = [obj0.measure(p, i) for i, p in enumerate(points)]
-        gamma = select_gamma(obj0, np.asarray(points), ms, args.target_size, rng=np.random.default_rng(1)).gamma
+        gamma = gamma_from_observations([m.quality for m in ms], [m.ratio for m in ms], args.target_size).gamma
     print(f"gamma = {gamma:.6g}")
     full = np.arange(est0.pool)
 
@@ -93,14 +96,14 @@ def main() -> int:
         e = est0.evaluate_on(compressed, full)
         ratio = objective.ratio_of(compressed)
         out = run_model(compressed, {name: xte})[0]
-        return {"J": gamma * -e.mean + 1 / ratio, "ratio": ratio,
+        return {"J": gamma * quality_of(e, "norm", objective.quality_scale)[0] + 1 / ratio, "ratio": ratio,
                 "accuracy": float(np.mean(out.argmax(1) == yte)),
                 "agreement": float(np.mean(out.argmax(1) == teacher_test.argmax(1)))}
 
     rows = []
     for seed in range(args.seeds):
         settings = PACBOSettings(delta=args.delta, relative_delta=args.relative_delta, epsilon=args.epsilon,
-                                 max_evals=args.max_evals, seed=seed)
+                                 max_evals=args.max_evals, seed=seed, noise_target=0.25)
         _, objective = make_objective(seed)
         objective.gamma = gamma
         t0 = time.perf_counter()

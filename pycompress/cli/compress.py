@@ -26,6 +26,11 @@ _SEARCH_KEYS = ("method", "actions", "granularity", "objective", "max_prune", "a
                 "loss", "use_labels", "labels", "outputs", "samples", "delta", "relative_delta", "epsilon", "seed",
                 "initial", "seed_plans", "data", "init", "energy", "points_per_fit")
 CONFIG_NAME = "compress.json"
+# Points the acquisition picks are evaluated until se(J) <= this * delta (docs/pacbo.md, "Noise").
+NOISE_TARGET = 0.25
+# --target-size is a constraint: the search (its initial design excepted), the incumbent and the
+# certificate are restricted to points whose ratio is within this of the target (docs/pacbo.md).
+TARGET_BAND = 0.04
 
 
 def add_parser(sub) -> None:
@@ -47,8 +52,8 @@ def add_parser(sub) -> None:
     p.add_argument("--energy", type=float, default=None, help="pfa: PFA-En energy tau instead of PFA-KL")
     p.add_argument("--no-recover", action="store_true",
                    help="skip the closed-form, teacher-guided layer-wise recovery after compressing")
-    p.add_argument("--recover-samples", type=int, default=512,
-                   help="calibration samples used by the recovery (default 512)")
+    p.add_argument("--recover-samples", type=int, default=None,
+                   help="calibration samples used by the recovery (default 512; with --resume: the saved run's)")
     p.add_argument("--finetune", action="store_true",
                    help="after recovery, fine-tune the compressed ONNX graph's weights against the original "
                         "(MSE to its outputs + cross-entropy with labels when the data has them); kept only if "
@@ -93,7 +98,8 @@ def add_parser(sub) -> None:
     p.add_argument("--delta", type=float, default=0.05, help="tolerated gap to the optimum of J (default 0.05)")
     p.add_argument("--relative-delta", action="store_true", help="delta is a fraction of |J(incumbent)|")
     p.add_argument("--epsilon", type=float, default=0.005, help="certificate failure probability (default 0.005)")
-    p.add_argument("--max-evals", type=int, default=100, help="evaluation budget (default 100)")
+    p.add_argument("--max-evals", type=int, default=None,
+                   help="evaluation budget (default 100; with --resume: the saved one, raise it to extend)")
     p.add_argument("--time-limit", type=float, default=None, help="wall-time budget in seconds")
     p.add_argument("--initial", type=int, default=None, help="Sobol points of the initial design")
     p.add_argument("--seed", type=int, default=0, help="seed of the search and the subsamples (default 0)")
@@ -167,6 +173,8 @@ def _config_from_args(args) -> dict[str, Any]:
         "epsilon": args.epsilon, "seed": args.seed, "initial": args.initial,
         "seed_plans": [str(Path(p).resolve()) for p in args.seed_plan], "data": args.data,
         "init": args.init, "energy": args.energy, "points_per_fit": args.points_per_fit,
+        "recover_samples": args.recover_samples if args.recover_samples is not None else 512,
+        "no_recover": bool(args.no_recover),
     }
 
 
@@ -265,11 +273,16 @@ def _run(args) -> int:
         return estimator.evaluate_on(candidate, np.arange(min(estimator.pool, 5000)))
 
     recovery = None
-    if not args.no_recover:
+    # What happens after the search is part of the run too: a resumed run writes the same bytes.
+    if args.recover_samples is not None or "recover_samples" not in config:
+        config["recover_samples"] = args.recover_samples if args.recover_samples is not None else 512
+    config["no_recover"] = bool(args.no_recover or config.get("no_recover", False))
+    save_config()
+    if not config["no_recover"]:
         t_stage = time.monotonic()
         log("recovery: closed-form layer-wise refit against the teacher")
         before_fid = fidelity_on_pool(compressed)
-        recovery = recover(model, compressed, plan, data.inputs, samples=args.recover_samples, seed=config["seed"],
+        recovery = recover(model, compressed, plan, data.inputs, samples=config["recover_samples"], seed=config["seed"],
                            progress=log)
         recovery["fidelity_before"] = before_fid.mean
         stages.append({"name": "recover", "seconds": time.monotonic() - t_stage})
@@ -370,9 +383,8 @@ def _run(args) -> int:
 def _search(args, config, model, data, estimator, log, save_config, run_dir):
     """PAC-BO or random search: (compressed model, applied plan, summary, trace, objective)."""
     from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
-    from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, select_gamma
+    from pycompress.pipeline import CompressionObjective, build_search_space, describe_point, objective_from_extras
     from pycompress.executor import parse_executor
-    from pycompress.plan import Plan
 
     parse_executor(args.executor)
     if args.device and config.get("objective") != "latency":
@@ -422,48 +434,59 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
     executor = _executor(args, config, model, data, objective, log)
     if config.get("points_per_fit") is None:
         config["points_per_fit"] = getattr(executor, "workers", 1)
+    # The budget: a resumed run keeps the saved one unless raised (a finished search is not silently extended).
+    config["max_evals"] = args.max_evals if args.max_evals is not None else config.get("max_evals") or 100
+    config["time_limit"] = args.time_limit if args.time_limit is not None else config.get("time_limit")
+    config.setdefault("noise_target", NOISE_TARGET)
     settings = PACBOSettings(delta=config["delta"], relative_delta=config["relative_delta"],
-                             epsilon=config["epsilon"], initial=config["initial"], max_evals=args.max_evals,
-                             time_limit=args.time_limit, seed=config["seed"], batch_size=config["points_per_fit"])
-    # A seed plan (e.g. PFA's) may decide sites this search leaves out: those decisions are dropped.
-    seeds = [space.encode(Plan.load(p), strict=False) for p in config["seed_plans"]]
-    if config.get("init") == "pfa" and not args.resume:
-        from pycompress.analysis import pfa_plan
-
-        log("PFA seed plan: " + (f"PFA-En tau={config['energy']}" if config.get("energy") is not None else "PFA-KL"))
-        seeds.append(space.encode(pfa_plan(model, data, energy=config.get("energy"), progress=not args.quiet,
-                                           threads=args.threads), strict=False))
+                             epsilon=config["epsilon"], initial=config["initial"], max_evals=config["max_evals"],
+                             time_limit=config["time_limit"], seed=config["seed"], batch_size=config["points_per_fit"],
+                             noise_target=config["noise_target"] if config["method"] == "pacbo" else None)
 
     def progress(step, obs) -> None:
         ratio = obs.extras.get("ratio", float("nan"))
         line = (f"eval {len(planner.observations):3d}  J={obs.value:.5g} +- {math.sqrt(obs.variance):.2g}  "
-                f"ratio={ratio:.3f}  L={obs.extras.get('fidelity', float('nan')):.4g}")
+                f"ratio={ratio:.3f}  L={obs.extras.get('fidelity', float('nan')):.4g}  "
+                f"m={obs.extras.get('samples', 0)}")
         if step is not None:
             line += f"  | incumbent J={step.incumbent_value:.5g}"
             if math.isfinite(step.z_max):
                 line += f"  z_max={step.z_max:.3f}  P={step.probability:.4f}"
         log(line)
 
+    target_mode = config["gamma"] is None or config.get("gamma_from_target", False)
+    feasible = None
+    if target_mode and objective.objective != "latency":
+        feasible, why = _target_domain(objective, config["target_size"])
+        if why:
+            log(f"note: {why}")
     kind = PACBO if config["method"] == "pacbo" else RandomSearch
-    planner = kind(space.d, objective, settings, run_dir=run_dir, seeds=seeds, snap=space.snap,
-                   progress=progress, executor=executor)
-    if args.resume:
+    planner = kind(space.d, objective, settings, run_dir=run_dir, snap=space.snap, progress=progress,
+                   feasible=feasible, executor=executor)
+    resumed = bool(args.resume) and planner.state_path.is_file()
+    if resumed:
         planner.load()
-    if config["gamma"] is None:
-        # Gamma for the target size, from the initial design (those evaluations are reused by the search).
-        points = planner.initial_design()
-        offset = len(planner.observations)
-        log(f"choosing gamma for target size {config['target_size']:g} on {len(points)} initial points")
-        measurements = [objective.measure(p, offset + i) for i, p in enumerate(points)]
-        choice = select_gamma(objective, np.asarray(points), measurements, config["target_size"],
-                              rng=np.random.default_rng([config["seed"], 1]))
-        for note in choice.notes:
-            log(f"note: {note}")
-        config["gamma"] = choice.gamma
-        config["gamma_predicted_ratio"] = choice.predicted_ratio
-        log(f"gamma = {choice.gamma:.6g} (predicted ratio {choice.predicted_ratio:.3f})")
-    objective.gamma = float(config["gamma"])
-    save_config()
+    else:
+        # A kill before the first state was saved resumes from scratch: same seed, same design.
+        seeds = _seed_points(args, config, space, model, data, log)
+        if feasible is not None:
+            seeds.insert(0, _target_point(objective, config["target_size"]))
+        planner.seeds = [planner._point(p) for p in seeds]
+    if target_mode and "gamma" not in planner.meta:
+        # Gamma for the target size, from the initial design: evaluated (and saved) by the planner like
+        # any evaluation, so a kill here resumes without redoing it; the search reuses them.
+        log(f"choosing gamma for target size {config['target_size']:g} on the initial design")
+        stop = planner.evaluate_design()
+        if len(planner.observations) < 2:
+            raise PycompressError(f"the budget ({stop}) ran out before 2 points of the initial design were "
+                                  "evaluated; raise --max-evals / --time-limit")
+        planner.meta["gamma_choice"] = _choose_gamma(planner, config, log)
+        planner.meta["gamma"] = planner.meta["gamma_choice"]["gamma"]
+    gamma = float(planner.meta["gamma"] if target_mode else config["gamma"])
+    objective.gamma = gamma
+    # Every observation's J at this gamma, from its saved quality and ratio (the same arithmetic in an
+    # uninterrupted and a resumed run); saved with the gamma choice in one write.
+    planner.reweigh(lambda o: objective_from_extras(gamma, o.extras))
 
     try:
         result = planner.run()
@@ -475,6 +498,11 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         if hasattr(executor, "shutdown"):
             executor.shutdown()
     log(result.summary())
+    if target_mode:
+        config["gamma"] = gamma
+        config["gamma_from_target"] = True
+        config["gamma_predicted_ratio"] = planner.meta["gamma_choice"]["predicted_ratio"]
+    save_config()
 
     compressed, plan = objective.compress(result.theta)
     summary = {
@@ -486,6 +514,12 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         "J": result.value, "evaluations": result.evaluations, "search_seconds": result.seconds,
         "decisions": describe_point(space, result.theta),
     }
+    if target_mode:
+        summary["target_band"] = None if feasible is None else TARGET_BAND
+        note = _target_note(config, result, summary["ratio"], objective.counted.replace("_", " "))
+        if note:
+            summary["target_note"] = note
+            log(f"note: {note}")
     if latency is not None:
         summary["latency_ratio"], var = latency.ratio(compressed)
         summary["latency_ratio_std_error"] = math.sqrt(var)
@@ -516,6 +550,80 @@ def _executor(args, config, model, data, objective, log):
         return executor
     devices = len(getattr(objective.latency, "devices", ()))
     return ThreadExecutor(devices) if devices > 1 else None
+
+
+def _seed_points(args, config, space, model, data, log) -> list:
+    """The seed points of the initial design: --seed-plan plans, then PFA's (--init pfa)."""
+    from pycompress.plan import Plan
+
+    # A seed plan (e.g. PFA's) may decide sites this search leaves out: those decisions are dropped.
+    seeds = [space.encode(Plan.load(p), strict=False) for p in config["seed_plans"]]
+    if config.get("init") == "pfa":
+        from pycompress.analysis import pfa_plan
+
+        log("PFA seed plan: " + (f"PFA-En tau={config['energy']}" if config.get("energy") is not None else "PFA-KL"))
+        seeds.append(space.encode(pfa_plan(model, data, energy=config.get("energy"), progress=not args.quiet,
+                                           threads=args.threads), strict=False))
+    return seeds
+
+
+def _choose_gamma(planner, config, log) -> dict[str, Any]:
+    """Gamma for the target size from the evaluations so far (``gamma_from_observations``)."""
+    from pycompress.pipeline import gamma_from_observations
+
+    choice = gamma_from_observations([o.extras["quality"] for o in planner.observations],
+                                     [o.extras["ratio"] for o in planner.observations], config["target_size"])
+    for note in choice.notes:
+        log(f"note: {note}")
+    log(f"gamma = {choice.gamma:.6g} (the measured trade-off's slope at the target, from "
+        f"{len(planner.observations)} evaluations)")
+    return {"gamma": choice.gamma, "predicted_ratio": choice.predicted_ratio, "reachable": choice.reachable,
+            "notes": choice.notes}
+
+
+def _target_point(objective, target: float) -> np.ndarray:
+    """The point with every coordinate at one fraction u whose ratio is the target (bisection on u):
+    a first point inside the target's band for the initial design."""
+    d = objective.space.d
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if objective.predicted_ratio(objective.space.snap(np.full(d, mid)))[0] < target:
+            lo = mid
+        else:
+            hi = mid
+    return objective.space.snap(np.full(d, hi))
+
+
+def _target_domain(objective, target: float):
+    """(feasible, note): the points whose ratio is within TARGET_BAND of the target, or (None, why)
+    when no point the search can reach is there."""
+    space = objective.space
+    low = objective.predicted_ratio(space.snap(np.zeros(space.d)))[0]
+    high = objective.predicted_ratio(space.snap(np.ones(space.d)))[0]
+    if target < low - TARGET_BAND:
+        return None, (f"target {target:g} cannot be reached: the searched actions keep at least {low:.3f} "
+                      f"of the {objective.counted.replace('_', ' ')} (every site at its smallest value)")
+    if target > high + TARGET_BAND:
+        return None, (f"target {target:g} cannot be reached: the searched sites keep at most {high:.3f} "
+                      f"of the {objective.counted.replace('_', ' ')}")
+
+    def feasible(points: np.ndarray) -> np.ndarray:
+        return np.abs(objective.predicted_ratio(np.atleast_2d(points)) - target) <= TARGET_BAND
+
+    return feasible, None
+
+
+def _target_note(config, result, ratio: float, counted: str) -> str | None:
+    """A plain sentence when the result misses --target-size by more than 0.05, saying why."""
+    target = config.get("target_size")
+    if target is None or abs(ratio - target) <= 0.05:
+        return None
+    why = ({"max_evals": "the evaluation budget ran out first (raise --max-evals)",
+            "time_limit": "the time limit ran out first (raise --time-limit)"}.get(result.stop_reason)
+           or "no gamma puts the optimum of J = gamma Q + 1/R there: the fidelity changes steeply around that "
+              "ratio, so the best trade-off jumps past it (choose --gamma, or another target)")
+    return f"target {target:g} not reached: the result keeps {ratio:.3f} of the {counted}; {why}"
 
 
 def _log_skipped(notes: list[str], log, shown: int = 3) -> None:
@@ -563,7 +671,9 @@ def _trace(config: dict[str, Any], space, result, summary: dict[str, Any]) -> di
             "eval": i + 1, "theta": list(obs.theta),
             "decisions": {d.site: v for d, v in zip(space.dimensions, space.values(obs.theta))},
             "ratio": obs.extras.get("ratio"), "fidelity_mean": obs.extras.get("fidelity"),
-            "fidelity_se": obs.extras.get("fidelity_std_error"), "J": obs.value, "J_se": math.sqrt(obs.variance),
+            "fidelity_se": obs.extras.get("fidelity_std_error"), "samples": obs.extras.get("samples"),
+            "quality": obs.extras.get("quality"), "quality_scale": obs.extras.get("quality_scale"),
+            "J": obs.value, "J_se": math.sqrt(obs.variance),
             "z": obs.z,                                   # acquisition value that chose it (None: design)
             "z_max": None if step is None else step.z_max,
             "probability": None if step is None else step.probability,

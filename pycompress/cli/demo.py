@@ -25,9 +25,8 @@ import numpy as np
 
 from pycompress.cli.common import emit_json, print_table
 
-# PAC-BO settings of the demo (see docs/pacbo.md for why an absolute delta).
-DEMO_SEARCH = ["--actions", "svd", "--gamma", "0.3", "--samples", "500", "--delta", "0.5", "--max-evals", "80",
-               "--seed", "0"]
+# PAC-BO settings of the demo: the defaults (delta 0.05, epsilon 0.005, m = 50) and a target size.
+DEMO_SEARCH = ["--actions", "svd", "--target-size", "0.2", "--seed", "0"]
 
 
 # EfficientNet-Lite0: PFA seeds the search; one coordinate per stage and action keeps d small.

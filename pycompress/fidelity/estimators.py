@@ -16,6 +16,14 @@ variance. Losses:
 
 Teacher outputs are computed once per sample, when a subsample first needs
 them, and cached; the compressed model runs in onnxruntime.
+
+What is estimated is the loss on the calibration pool (N samples): the
+subsample of evaluation ``i`` is the first ``m`` of a permutation of the pool
+seeded by ``(seed, i)``, drawn without replacement, so the variance carries
+the finite-population factor ``1 - m/N`` (an estimate on the whole pool is
+exact). ``evaluate(..., target_se=t)`` grows ``m`` along that permutation until
+the standard error is at most ``t`` or the pool is used up: the search asks
+for this where a point may be the optimum (docs/pacbo.md, "Noise").
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -48,10 +56,14 @@ class Estimate:
         return math.sqrt(self.variance)
 
 
-def mean_and_variance(losses: np.ndarray, *, binary: bool = False) -> tuple[float, float]:
+def mean_and_variance(losses: np.ndarray, *, binary: bool = False,
+                      population: int | None = None) -> tuple[float, float]:
     """``(mean(l), s^2 / m)`` with ``s^2`` the ddof-1 sample variance.
 
     ``binary``: 0/1 losses get the floor ``(p (1 - p) + 1/m) / m`` (ALGORITHMS.md 3.2).
+    ``population``: the ``m`` losses are drawn without replacement from a pool
+    of this size, whose mean is the estimand: the variance is multiplied by
+    ``1 - m / population`` (0 when the whole pool was used).
     """
     losses = np.asarray(losses, np.float64).ravel()
     m = losses.size
@@ -61,6 +73,8 @@ def mean_and_variance(losses: np.ndarray, *, binary: bool = False) -> tuple[floa
     variance = float(losses.var(ddof=1)) / m
     if binary:
         variance = max(variance, (mean * (1.0 - mean) + 1.0 / m) / m)
+    if population is not None:
+        variance *= max(0.0, 1.0 - m / population)
     return mean, variance
 
 
@@ -135,11 +149,15 @@ class FidelityEstimator:
         self._cache: dict[str, np.ndarray] = {}
         self._cached = np.zeros(self.pool, dtype=bool)
         self._lock = threading.Lock()
+        self._energy: float | None = None
 
-    def subsample(self, index: int) -> np.ndarray:
-        """Pool indices of evaluation ``index`` (m distinct samples, seeded by (seed, index))."""
-        rng = np.random.default_rng([self.seed, int(index)])
-        return np.sort(rng.choice(self.pool, size=self.samples, replace=False))
+    def order(self, index: int) -> np.ndarray:
+        """The pool in the order evaluation ``index`` draws it (a permutation seeded by (seed, index))."""
+        return np.random.default_rng([self.seed, int(index)]).permutation(self.pool)
+
+    def subsample(self, index: int, samples: int | None = None) -> np.ndarray:
+        """Pool indices of evaluation ``index``: the first ``samples`` (default m) of its order, sorted."""
+        return np.sort(self.order(index)[: samples or self.samples])
 
     def teacher_outputs(self, idx: np.ndarray) -> list[np.ndarray]:
         """Teacher outputs on pool samples ``idx``; each sample is run through the teacher once."""
@@ -159,37 +177,80 @@ class FidelityEstimator:
                     self._cache[name][part] = value
             self._cached[missing] = True
 
-    def evaluate(self, model: ir.Model, index: int) -> Estimate:
-        """The estimate of ``model``'s fidelity on the subsample of evaluation ``index``."""
-        return self.evaluate_on(model, self.subsample(index))
+    def output_energy(self) -> float:
+        """``mean_j ||f*(x_j)||^2`` over the pool (the compared outputs): the unit of a scale-free norm loss."""
+        if self._energy is None:
+            teacher = self.teacher_outputs(np.arange(self.pool))
+            self._energy = float(np.mean(function_norm_losses(teacher, [np.zeros_like(t) for t in teacher])))
+        return self._energy
+
+    def evaluate(self, model: ir.Model, index: int,
+                 target_se: float | Callable[[float], float] | None = None) -> Estimate:
+        """The estimate of ``model``'s fidelity on the subsample of evaluation ``index``.
+
+        ``target_se``: draw further samples of the same order (as many as the
+        current variance says are needed, at most the pool) until the
+        standard error of the loss is at most this (or this function of the
+        current mean loss, for a target relative to the loss).
+        """
+        order = self.order(index)
+        session = make_session(model, threads=self.threads)
+        m = self.samples
+        idx = np.sort(order[:m])
+        losses, student = self._losses(session, idx)
+        while target_se is not None and m < self.pool:
+            mean, var = self._mean_var(losses)
+            t = float(target_se(mean) if callable(target_se) else target_se)
+            if var <= t * t:
+                break
+            s2 = float(np.var(losses, ddof=1))
+            # 1/m' = 1/N + t^2 / s^2 (the finite-population variance at m' is t^2); 10% margin.
+            need = self.pool if s2 <= 0 else math.ceil(1.1 / (1.0 / self.pool + t * t / s2))
+            grown = min(self.pool, max(need, m + max(2, m // 4)))
+            more = np.sort(order[m:grown])
+            more_losses, more_student = self._losses(session, more)
+            idx = np.concatenate([idx, more])
+            losses = np.concatenate([losses, more_losses])
+            student = [np.concatenate([a, b]) for a, b in zip(student, more_student)]
+            m = grown
+        return self._finish(losses, student, idx)
 
     def evaluate_on(self, model: ir.Model, idx: np.ndarray) -> Estimate:
         """The estimate on given pool samples (e.g. all of them, for a report)."""
         idx = np.asarray(idx, dtype=np.int64)
-        teacher = self.teacher_outputs(idx)
-        session = make_session(model, threads=self.threads)
-        student: list[list[np.ndarray]] = [[] for _ in self.outputs]
-        for start in range(0, idx.size, self.batch_size):
-            part = idx[start:start + self.batch_size]
-            for slot, value in zip(student, session.run(self.outputs, self._feeds(part))):
-                slot.append(value)
-        student_out = [np.concatenate(parts) for parts in student]
-        return self._estimate(student_out, teacher, idx)
+        losses, student = self._losses(make_session(model, threads=self.threads), idx)
+        return self._finish(losses, student, idx)
 
-    def _estimate(self, student: list[np.ndarray], teacher: list[np.ndarray], idx: np.ndarray) -> Estimate:
+    def _losses(self, session, idx: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Per-sample losses of the student session on pool samples ``idx``, and its outputs."""
+        teacher = self.teacher_outputs(idx)
+        parts: list[list[np.ndarray]] = [[] for _ in self.outputs]
+        for start in range(0, idx.size, self.batch_size):
+            chunk = idx[start:start + self.batch_size]
+            for slot, value in zip(parts, session.run(self.outputs, self._feeds(chunk))):
+                slot.append(value)
+        student = [np.concatenate(p) for p in parts]
         labels = None if self.labels is None else self.labels[idx]
         if self.loss == "norm":
-            mean, var = mean_and_variance(function_norm_losses(student, teacher))
+            losses = function_norm_losses(student, teacher)
         elif self.loss == "error":
-            mean, var = mean_and_variance(top1_error_losses(student[0], labels), binary=True)
+            losses = top1_error_losses(student[0], labels)
         else:
-            mean, var = mean_and_variance(cross_entropy_losses(student[0], labels))
+            losses = cross_entropy_losses(student[0], labels)
+        return losses, student
+
+    def _mean_var(self, losses: np.ndarray) -> tuple[float, float]:
+        return mean_and_variance(losses, binary=self.loss == "error", population=self.pool)
+
+    def _finish(self, losses: np.ndarray, student: list[np.ndarray], idx: np.ndarray) -> Estimate:
+        mean, var = self._mean_var(losses)
         extras: dict[str, Any] = {}
         logits = _as_2d(student[0])
         if logits.shape[1] > 1:
+            teacher = self.teacher_outputs(idx)
             extras["agreement"] = float(np.mean(np.argmax(logits, 1) == np.argmax(_as_2d(teacher[0]), 1)))
-            if labels is not None:
-                extras["accuracy"] = float(np.mean(np.argmax(logits, 1) == labels.ravel()))
+            if self.labels is not None:
+                extras["accuracy"] = float(np.mean(np.argmax(logits, 1) == self.labels[idx].ravel()))
         return Estimate(mean, var, int(idx.size), extras)
 
     def _feeds(self, idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -10,6 +10,8 @@ Shapes: a layer is seen as a matrix ``W`` (``in x out``) acting on rows,
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ContextManager, Sequence
 
@@ -64,12 +66,31 @@ def truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray
     return basis * scale, (basis.T @ m) / scale[:, None], s
 
 
+# Eigendecompositions by the weight's content: a search applies the same
+# layer's factorization at many ranks (one decomposition, many truncations).
+# Bounded in bytes, oldest dropped first; the arrays are read-only.
+_EIG_CACHE: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+_EIG_CACHE_BYTES = 512 << 20
+
+
 def _gram_eig(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Right singular vectors (columns) and singular values of ``m`` (rows >= cols), largest first."""
+    m = np.ascontiguousarray(m, dtype=np.float64)
+    key = (m.shape, hashlib.blake2b(m.data, digest_size=20).digest())
+    hit = _EIG_CACHE.get(key)
+    if hit is not None:
+        _EIG_CACHE.move_to_end(key)
+        return hit
     with one_blas_thread():
         values, vectors = np.linalg.eigh(m.T @ m)
     order = np.argsort(values)[::-1]
-    return vectors[:, order], np.sqrt(np.clip(values[order], 0.0, None))
+    result = (vectors[:, order], np.sqrt(np.clip(values[order], 0.0, None)))
+    for array in result:
+        array.flags.writeable = False
+    _EIG_CACHE[key] = result
+    while sum(v.nbytes + s.nbytes for v, s in _EIG_CACHE.values()) > _EIG_CACHE_BYTES and len(_EIG_CACHE) > 1:
+        _EIG_CACHE.popitem(last=False)
+    return result
 
 
 def singular_values(matrix: np.ndarray) -> np.ndarray:

@@ -8,6 +8,15 @@ reduce the layer (``>= untouched_from``) leaves it untouched: no decision.
 The optimizer works on ``theta in [0, 1]^d``; ``snap`` maps a point to the
 lattice point that is actually evaluated, so that the GP sees what was run.
 
+A rank dimension may carry ``positions``: the coordinate of each rank
+``1..r_max`` (increasing from 0 to 1) instead of the even spacing ``r /
+r_max``; decoding takes the nearest position. The search spaces built by
+``pipeline`` place an SVD layer's ranks by the log of the weight energy they
+discard, so that the fidelity, which changes by orders of magnitude over a
+few ranks near the top of a narrow layer and hardly at all over hundreds of
+ranks of a wide one, changes about evenly along every coordinate: what a
+stationary GP can model (a deviation from the paper's linear encoding).
+
 Grouped decisions (``--granularity block|stage``): dimensions that share a
 ``group`` share one coordinate, i.e. one *fraction* ``u`` of their ranges
 (``r_i = round(u * r_max_i)`` for every member), so that a real network keeps
@@ -49,6 +58,7 @@ class Dimension:
     untouched_from: int | None = None
     group: str | None = None
     align: int = 1
+    positions: tuple[float, ...] | None = None   # rank kind: coordinate of ranks 1..high (see module doc)
 
     @cached_property
     def levels(self) -> np.ndarray:
@@ -69,14 +79,38 @@ class Dimension:
             raise PycompressError(f"site '{self.site}': empty range [{self.low}, {self.high}] for '{self.param}'")
         if self.align < 1:
             raise PycompressError(f"site '{self.site}': align must be >= 1, got {self.align}")
+        if self.positions is not None:
+            p = np.asarray(self.positions)
+            if self.kind != "rank" or p.size != self.high or p[0] != 0.0 or p[-1] != 1.0 or \
+                    (p.size > 1 and not np.all(np.diff(p) > 0)):
+                raise PycompressError(f"site '{self.site}': rank positions must rise from 0 to 1, one per rank")
+
+    def rank_index(self, u: np.ndarray) -> np.ndarray:
+        """Ranks (1-based) nearest to coordinates ``u`` on the positions."""
+        p = np.asarray(self.positions)
+        return np.searchsorted((p[:-1] + p[1:]) / 2, np.clip(u, 0.0, 1.0)) + 1
 
     def value(self, u: float) -> int:
         """The integer parameter at coordinate ``u`` in [0, 1] (before the untouched rule)."""
         u = float(min(max(u, 0.0), 1.0))
         if self.kind == "rank":
+            if self.positions is not None:
+                return int(self.rank_index(np.asarray([u]))[0])
             return max(1, int(round(u * self.high)))
         levels = self.levels
         return int(levels[int(round(u * (len(levels) - 1)))])
+
+    def decode_many(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, untouched)`` at many coordinates at once (values at ``high`` where untouched)."""
+        u = np.clip(np.asarray(u, np.float64), 0.0, 1.0)
+        if self.kind == "rank":
+            values = self.rank_index(u) if self.positions is not None else np.maximum(1, np.rint(u * self.high))
+        else:
+            levels = self.levels
+            values = levels[np.rint(u * (len(levels) - 1)).astype(np.intp)]
+        values = np.asarray(values, np.int64)
+        untouched = values >= self.untouched_from if self.untouched_from is not None else np.zeros(u.shape, bool)
+        return np.where(untouched, self.high, values), untouched
 
     def decode(self, u: float) -> int | None:
         """The parameter at ``u``, or None when it would leave the layer untouched."""
@@ -88,6 +122,8 @@ class Dimension:
         if value is None:
             return 1.0
         if self.kind == "rank":
+            if self.positions is not None:
+                return float(self.positions[min(max(value, 1), self.high) - 1])
             return float(min(max(value, 1), self.high)) / self.high
         levels = self.levels
         if len(levels) == 1:
@@ -192,7 +228,10 @@ class SearchSpace:
         for j, leader in enumerate(self._leaders):
             dim = self.dimensions[leader]
             col = np.clip(flat[:, j], 0.0, 1.0)
-            if dim.kind == "rank":
+            if dim.kind == "rank" and dim.positions is not None:
+                values = dim.rank_index(col)
+                snapped = np.asarray(dim.positions)[values - 1]
+            elif dim.kind == "rank":
                 values = np.maximum(1, np.rint(col * dim.high))
                 snapped = values / dim.high
             else:

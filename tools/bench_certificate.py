@@ -1,0 +1,207 @@
+"""Is the PAC-BO certificate honest? Fraction certified, wall time, and delta-optimality
+against a random search with 10x the evaluations (issue 13).
+
+Cases (the defaults: delta 0.05, epsilon 0.005, m = 50, nothing else set):
+  a  the digits MLP 64-1000-1000-10 (the paper's FC3), --actions svd --target-size 0.2
+  b  a residual digits CNN (tests/zoo.ResidualCNN), --actions prune,lowrank_conv --target-size 0.3
+  c  EfficientNet-Lite0 on skimage crops, --granularity stage --actions prune,lowrank_conv
+     --objective macs --target-size 0.75 (no random search: one exact evaluation costs seconds)
+
+Per seed: `pycompress compress ... --seed S --no-recover` (the search alone; wall time of the
+whole command in this process), then the certified answer t^ is evaluated exactly (on the whole
+calibration pool, where J has no noise) and compared with the best J, on the same objective (the
+run's gamma, the same target band), of 10x as many uniform random points of that band, also
+evaluated exactly. "within delta" means J(t^) >= J(best random) - delta. Exact (Q, R) of a point do
+not depend on the seed, so the random points are evaluated once per case and reused.
+
+Also prints the cost of one GP hyperparameter fit at n = 100, d = 16.
+
+    python tools/bench_certificate.py [--cases a,b] [--seeds 20] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+CASES = {
+    "a": ["--actions", "svd", "--target-size", "0.2"],
+    "b": ["--actions", "prune,lowrank_conv", "--target-size", "0.3"],
+    "c": ["--granularity", "stage", "--actions", "prune,lowrank_conv", "--objective", "macs",
+          "--target-size", "0.75"],
+}
+
+
+def gp_fit_timing() -> None:
+    from pycompress.decisions.bo import GaussianProcess
+
+    rng = np.random.default_rng(0)
+    x = rng.random((100, 16))
+    y = np.sin(3 * x[:, 0]) + x[:, 1] ** 2 + 0.1 * rng.normal(size=100)
+    noise = np.full(100, 0.01)
+    GaussianProcess.fit(x[:20, :2], y[:20], noise[:20], restarts=0)   # one-time threadpool setup
+    t0 = time.perf_counter()
+    cold = GaussianProcess.fit(x, y, noise, restarts=2, rng=rng)
+    t1 = time.perf_counter()
+    GaussianProcess.fit(x, y + 0.01, noise, init=cold.hyper, restarts=0, rng=rng)
+    t2 = time.perf_counter()
+    print(f"GP fit, n=100, d=16: {t1 - t0:.3f} s with 2 random restarts (3 starts), "
+          f"{t2 - t1:.3f} s warm-started (the search's usual fit)")
+
+
+def prepare(case: str, folder: Path) -> tuple[Path, str]:
+    """The model and the --data argument of a case."""
+    import torch
+    import zoo
+    from conftest import export
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if case == "c":
+        from pycompress.pretrained import export_efficientnet_lite0
+
+        path = folder / "efficientnet_lite0.onnx"
+        if not path.exists():
+            export_efficientnet_lite0(path)
+        return path, "builtin:skimage:384"
+    (xtr, ytr), _ = zoo.digits()
+    path = folder / f"{case}.onnx"
+    data = folder / f"{case}_calib.npz"
+    if not path.exists():
+        torch.manual_seed(0)
+        if case == "a":
+            from pycompress.cli.demo import train_digits_mlp
+
+            module = train_digits_mlp(xtr, ytr, 15)
+            export(module, (1, 64), path)
+            np.savez(data, input=xtr, labels=ytr)
+        else:
+            module = zoo.train(zoo.ResidualCNN(), xtr.reshape(-1, 1, 8, 8), ytr, epochs=15)
+            export(module, (1, 1, 8, 8), path)
+            np.savez(data, x=xtr.reshape(-1, 1, 8, 8), labels=ytr)
+    return path, str(data)
+
+
+class ExactPoints:
+    """Exact (Q, R) of points of a case's search (whole pool), cached across seeds."""
+
+    def __init__(self, model_path: Path, data: str, flags: list[str]):
+        from pycompress.cli.main import build_parser
+        from pycompress.data import load_data
+        from pycompress.fidelity import FidelityEstimator
+        from pycompress.ir import load_model
+        from pycompress.pipeline import CompressionObjective, build_search_space
+        from pycompress.rewrites import ApplyContext
+
+        args = build_parser().parse_args(["compress", str(model_path), "--data", data, "-o", "unused.onnx", *flags])
+        self.model = load_model(model_path)
+        calib = load_data(data, self.model)
+        estimator = FidelityEstimator(self.model, calib.inputs, loss="norm", samples=50, seed=0)
+        space, _ = build_search_space(self.model, args.actions.split(","), args.granularity)
+        self.objective = CompressionObjective(self.model, space, estimator, objective=args.objective,
+                                              context=ApplyContext(options={"skip_rank_beyond_r_max": True}))
+        self.space = self.objective.space
+        self.target = args.target_size
+        self.cache: dict[tuple[float, ...], tuple[float, float]] = {}
+        self.random: list[np.ndarray] = []
+        self.rng = np.random.default_rng(12345)
+
+    def exact(self, theta: np.ndarray) -> tuple[float, float]:
+        key = tuple(float(v) for v in theta)
+        if key not in self.cache:
+            m = self.objective.measure(np.asarray(theta), 0, target_sd=0.0)
+            self.cache[key] = (m.quality, m.ratio)
+        return self.cache[key]
+
+    def random_points(self, count: int, band: float) -> list[np.ndarray]:
+        """The first ``count`` uniform lattice points within ``band`` of the target ratio."""
+        while len(self.random) < count:
+            cand = self.space.snap(self.rng.random((4096, self.space.d)))
+            ok = np.abs(self.objective.predicted_ratio(cand) - self.target) <= band
+            self.random.extend(cand[ok])
+        return self.random[:count]
+
+
+def run_case(case: str, seeds: int, folder: Path, factor: int) -> dict:
+    from pycompress.cli.compress import TARGET_BAND
+    from pycompress.cli.main import main
+
+    model_path, data = prepare(case, folder)
+    flags = CASES[case]
+    exact = ExactPoints(model_path, data, flags) if case != "c" else None
+    rows = []
+    for seed in range(seeds):
+        out = folder / f"{case}_seed{seed}.onnx"
+        for suffix in (".run", ".report"):
+            run_dir = out.with_name(out.stem + suffix)
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+        argv = ["compress", str(model_path), "--data", data, *flags, "--seed", str(seed), "-o", str(out),
+                "--no-recover", "--quiet", "--json"]
+        buf = io.StringIO()
+        t0 = time.monotonic()
+        with contextlib.redirect_stdout(buf):
+            code = main(argv)
+        wall = time.monotonic() - t0
+        if code != 0:
+            rows.append({"seed": seed, "error": code})
+            continue
+        summary = json.loads(buf.getvalue())
+        state = json.loads((out.with_name(out.stem + ".run") / "state.json").read_text())
+        row = {"seed": seed, "certified": summary["certified"], "evaluations": summary["evaluations"],
+               "seconds": wall, "ratio": summary["ratio"], "gamma": summary["gamma"]}
+        if exact is not None:
+            gamma = summary["gamma"]
+            q, r = exact.exact(np.asarray(state["history"][-1]["incumbent"]))
+            j_hat = gamma * q + 1 / r
+            best = max(gamma * qq + 1 / rr for qq, rr in
+                       (exact.exact(p) for p in exact.random_points(factor * summary["evaluations"], TARGET_BAND)))
+            row.update(J_hat=j_hat, J_random=best, within_delta=bool(j_hat >= best - summary["delta"]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"case": case, "rows": rows}
+
+
+def table(results: list[dict]) -> None:
+    print("\n| case | seeds | certified | median s | max s | certified within delta of 10x random |")
+    print("|---|---|---|---|---|---|")
+    for res in results:
+        rows = [r for r in res["rows"] if "error" not in r]
+        cert = [r for r in rows if r["certified"]]
+        secs = [r["seconds"] for r in rows]
+        within = [r for r in cert if r.get("within_delta")]
+        honest = f"{len(within)}/{len(cert)}" if cert and "within_delta" in cert[0] else "n/a"
+        print(f"| {res['case']} | {len(res['rows'])} | {len(cert)}/{len(res['rows'])} | "
+              f"{statistics.median(secs):.1f} | {max(secs):.1f} | {honest} |")
+
+
+def main_() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="a,b")
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--factor", type=int, default=10, help="random search evaluations per PAC-BO evaluation")
+    parser.add_argument("--workdir", default="bench-certificate")
+    args = parser.parse_args()
+    gp_fit_timing()
+    folder = Path(args.workdir)
+    results = [run_case(c, args.seeds, folder, args.factor) for c in args.cases.split(",")]
+    table(results)
+    (folder / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_())
