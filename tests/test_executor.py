@@ -60,7 +60,7 @@ def test_ray_executor_equals_local(digits_mlp, tmp_path, monkeypatch):
     map_on_ray = RayExecutor.map
 
     def counted(self, objective, jobs):
-        on_ray.extend(index for _, index in jobs)
+        on_ray.extend(job[1] for job in jobs)
         return map_on_ray(self, objective, jobs)
 
     monkeypatch.setattr(RayExecutor, "map", counted)

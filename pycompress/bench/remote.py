@@ -200,25 +200,42 @@ class RemoteLatencyProbe:
         return next(iter(self.baselines.values()))
 
     def _timed(self, model: bytes, runs: int, *, baseline: bool = False) -> tuple[Timing, str]:
-        """Time ``model`` on the first free device that answers: (timing, that device)."""
-        failures = []
-        for _ in range(len(self.devices)):
-            client = self._free.get()
+        """Time ``model`` on the first free device that answers: (timing, that device).
+
+        A device that fails is skipped: every other device is tried once, on a
+        connection of its own (the queue's may be busy in another thread, and
+        waiting for it could deadlock two threads that each hold a dead one).
+        """
+        failures: list[str] = []
+        client = self._free.get()
+        try:
+            return self._attempt(client, model, runs, baseline), client.address
+        except DeviceUnavailable as exc:
+            failures.append(str(exc))
+        finally:
+            self._free.put(client)
+        for address in self.devices:
+            if address == client.address:
+                continue
+            other = DeviceClient(address, self.token)
             try:
-                if not baseline and client.address not in self.baselines:
-                    self._baseline(client)
-                run = client.run(model, self.feeds, threads=self.threads, warmup=self.warmup, runs=runs)
-                if baseline:
-                    with self._lock:
-                        self.baselines.setdefault(client.address, trimmed_timing(run.seconds))
-                return trimmed_timing(run.seconds), client.address
+                return self._attempt(other, model, runs, baseline), address
             except DeviceUnavailable as exc:
                 failures.append(str(exc))
             finally:
-                self._free.put(client)
+                other.close()
         raise PycompressError("no device could time the model (" + "; ".join(failures) + "); finished "
                               "evaluations are saved in the run folder: start the agent(s) again and continue "
                               "with --resume RUN_DIR")
+
+    def _attempt(self, client: DeviceClient, model: bytes, runs: int, baseline: bool) -> Timing:
+        if not baseline and client.address not in self.baselines:
+            self._baseline(client)
+        run = client.run(model, self.feeds, threads=self.threads, warmup=self.warmup, runs=runs)
+        if baseline:
+            with self._lock:
+                self.baselines.setdefault(client.address, trimmed_timing(run.seconds))
+        return trimmed_timing(run.seconds)
 
     def _baseline(self, client: DeviceClient) -> None:
         run = client.run(self.original, self.feeds, threads=self.threads, warmup=self.warmup,
