@@ -129,8 +129,13 @@ def prune_group(model: ir.Model, group: ChannelGroup, keep: np.ndarray) -> dict[
     _remove_dead_constants(model)
     remove_unused_initializers(model)
     params_after, macs_after = _affected_cost(model, nodes)
+    consumers = _unique_nodes([s.ir_node for s in group.slices if s.role == "consumer weight"])
     return {"width": group.width, "kept": int(len(keep)), "removed": int(group.width - len(keep)),
             "kept_indices": [int(i) for i in np.sort(np.asarray(keep))],
+            # For recovery (by tensor, not node name): the consumers read only the kept channels
+            # now and are refitted; the producers' outputs keep the teacher's channels kept_indices.
+            "refit": [{"output": n.outputs[0].name} for n in consumers],
+            "producer_outputs": [p.output for p in group.producers],
             "params_before": params_before, "params_after": params_after,
             "macs_before": macs_before, "macs_after": macs_after}
 
