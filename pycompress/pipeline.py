@@ -38,7 +38,7 @@ import onnx_ir as ir
 from pycompress.decisions.bo import Dimension, GaussianProcess, SearchSpace
 from pycompress.errors import PycompressError
 from pycompress.fidelity import Estimate, FidelityEstimator
-from pycompress.ir import model_cost
+from pycompress.ir import model_cost, token_mask_input
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 
@@ -547,5 +547,6 @@ def recover(teacher: ir.Model, student: ir.Model, plan: Plan, inputs: dict[str, 
             yield {k: v[start:start + batch_size] for k, v in subset.items()}
 
     t0 = time.perf_counter()
-    report = refit_layers(teacher, student, targets, batches, lam=lam, seed=seed, progress=progress)
+    report = refit_layers(teacher, student, targets, batches, lam=lam, seed=seed, progress=progress,
+                          token_mask=token_mask_input(teacher))
     return {"samples": int(len(idx)), "seconds": time.perf_counter() - t0, "notes": notes, **report.to_dict()}

@@ -192,3 +192,14 @@ def truncated(model: ir.Model, outputs: list[str]) -> ir.Model:
     copy.graph.outputs.extend(produced.get(name) or inputs[name] for name in outputs)
     remove_unused_initializers(copy)
     return copy
+
+
+def token_mask_input(model: ir.Model) -> str | None:
+    """The attention-mask input of a token model: a 2-D integer (or bool) graph input named
+    ``*mask*`` (1 = token, 0 = padding), as Hugging Face encoders are exported; None otherwise."""
+    for value in model.graph.inputs:
+        dtype = value.dtype.numpy() if value.dtype is not None else None
+        if "mask" in value.name.lower() and value.shape is not None and len(value.shape) == 2 \
+                and dtype is not None and np.dtype(dtype).kind in "iub":
+            return value.name
+    return None

@@ -69,8 +69,23 @@ class RecoveryReport:
         return {"layers": [r.__dict__ for r in self.results]}
 
 
+def _token_rows(feeds: Mapping[str, np.ndarray], token_mask: str | None, node: ir.Node,
+                shape: tuple[int, ...]) -> np.ndarray | None:
+    """Rows of a ``B x T x D`` activation to fit: the tokens where the mask input is not 0
+    (padding tokens do not reach a pooled output: fitting them wastes the refit on them).
+    None: all rows (no mask, or the activation is not ``B x T x D`` with features last)."""
+    if token_mask is None or token_mask not in feeds or node.op_type != "MatMul" or len(shape) != 3 \
+            or feature_axis(node, 3) != 2:
+        return None
+    mask = np.asarray(feeds[token_mask])
+    if mask.shape != tuple(shape[:2]):
+        return None
+    return mask.reshape(-1) != 0
+
+
 def _teacher_rows(teacher: ir.Model, targets: list[RefitTarget], nodes: list[list[ir.Node]], batches: Batches,
-                  max_pixels: int, seed: int) -> list[list[tuple[np.ndarray | None, np.ndarray]]]:
+                  max_pixels: int, seed: int,
+                  token_mask: str | None = None) -> list[list[tuple[np.ndarray | None, np.ndarray]]]:
     """Per target, per batch: the output pixels drawn and the teacher's rows there (float32)."""
     session = make_session(teacher, extra_outputs=[t.target for t in targets])
     names = list(dict.fromkeys(t.target for t in targets))
@@ -83,7 +98,11 @@ def _teacher_rows(teacher: ir.Model, targets: list[RefitTarget], nodes: list[lis
             if target.target_channels is not None:
                 y = np.take(y, target.target_channels, axis=feature_axis(pair[-1], y.ndim))
             pix = output_pixels(pair[0], y.shape, max_pixels, rngs[i])
-            out[i].append((pix, np.ascontiguousarray(target_rows(pair[-1], y, pix), dtype=np.float32)))
+            yr = target_rows(pair[-1], y, pix)
+            keep = _token_rows(feeds, token_mask, pair[-1], y.shape)
+            if keep is not None:
+                yr = yr[keep]
+            out[i].append((pix, np.ascontiguousarray(yr, dtype=np.float32)))
     return out
 
 
@@ -106,7 +125,7 @@ def _validate(student: ir.Model, target: RefitTarget) -> list[ir.Node]:
 
 
 def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget], batches: Batches, *,
-                 lam: float = 1e-3, max_pixels: int = 64, seed: int = 0,
+                 lam: float = 1e-3, max_pixels: int = 64, seed: int = 0, token_mask: str | None = None,
                  progress: Callable[[str], None] | None = None) -> RecoveryReport:
     """Refit ``targets`` of ``student`` in place, in the given (front-to-back) order.
 
@@ -114,10 +133,12 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
     of every layer (at most ``max_pixels`` output pixels per sample, drawn per
     layer and batch before any data is seen). The student changes after each
     refit, so each layer takes one pass of the student truncated at its input.
+    ``token_mask``: the graph input (``B x T``, 0 at padding) of a token model;
+    the rows of padding tokens are left out of the fits.
     """
     report = RecoveryReport()
     checked = [_validate(student, target) for target in targets]
-    teacher_rows = _teacher_rows(teacher, targets, checked, batches, max_pixels, seed)
+    teacher_rows = _teacher_rows(teacher, targets, checked, batches, max_pixels, seed, token_mask)
     graph_inputs = {v.name for v in student.graph.inputs}
     for t, (target, nodes) in enumerate(zip(targets, checked)):
         start = time.perf_counter()
@@ -136,6 +157,9 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
         for feeds, (pix, yr) in zip(batches(), teacher_rows[t]):
             x = feeds[source] if student_session is None else run_tensors(student_session, [source], feeds)[0]
             xr, _ = rows(first, x, pixels=pix)
+            keep = _token_rows(feeds, token_mask, first, x.shape)
+            if keep is not None:
+                xr = xr[keep]
             if xr.shape[0] != yr.shape[0]:
                 raise PycompressError(f"node '{last.name}': teacher tensor '{target.target}' does not align "
                                       f"with the layer's outputs ({yr.shape[0]} vs {xr.shape[0]} rows)")
