@@ -63,13 +63,15 @@ def model_accounting(path: Path) -> tuple[int | None, int | None]:
     """
     if path.suffix != ".onnx":
         return None, None
-    from pycompress.ir import infer_model_shapes, load_model, model_cost, simplify_model
+    from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, infer_model_shapes, load_model, model_cost, \
+        simplify_model
 
     model = load_model(path, simplify=False)
     params = model_cost(model).params
     simplify_model(model, where=str(path))
     infer_model_shapes(model, where=str(path))
-    return params, model_cost(model).macs
+    # A token model: MACs per sequence of SEQUENCE_LENGTH tokens (ir.accounting).
+    return params, model_cost(model, SEQUENCE_LENGTH if has_sequence_axis(model) else None).macs
 
 
 def measure_latency(session, feeds: Mapping[str, np.ndarray], warmup: int, iters: int) -> dict[str, float]:

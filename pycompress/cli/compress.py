@@ -323,7 +323,7 @@ def run(args) -> int:
             print(f"finetune: {'kept epoch ' + str(finetuned['best_epoch']) if finetuned['kept'] else 'not kept'}; "
                   f"fidelity {finetuned['fidelity_before']:.4g} -> {finetuned['fidelity_after']:.4g}")
         extra = "".join(f", {k.removeprefix('final_')} {v:.4f}" for k, v in summary.items()
-                        if k in ("final_agreement", "final_accuracy"))
+                        if k in ("final_agreement", "final_accuracy", "final_cosine"))
         print(f"fidelity ({config['loss']}) on {final.samples} samples: {final.mean:.4g} +- {final.std_error:.2g}"
               f"{extra}")
         print(f"wrote {output}, {plan_path}{', ' + str(trace_path) if trace else ''}; report: {paths['md']}")
@@ -483,7 +483,7 @@ def _trace(config: dict[str, Any], space, result, summary: dict[str, Any]) -> di
             "probability": None if step is None else step.probability,
             "incumbent_J": None if step is None else step.incumbent_value,
             "seconds": obs.seconds,
-            **{k: v for k, v in obs.extras.items() if k in ("agreement", "accuracy")},
+            **{k: v for k, v in obs.extras.items() if k in ("agreement", "accuracy", "cosine")},
         })
     search = {"method": config["method"], "gamma": config["gamma"], "target_size": config["target_size"],
               "certificate": result.certified, "probability": result.probability, "z_max": result.z_max,

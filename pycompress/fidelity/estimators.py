@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from pycompress.fidelity.compare import cosine_similarities, is_embedding
 from pycompress.errors import PycompressError
 from pycompress.fidelity.session import make_session
 
@@ -180,7 +181,10 @@ class FidelityEstimator:
             mean, var = mean_and_variance(cross_entropy_losses(student[0], labels))
         extras: dict[str, Any] = {}
         logits = _as_2d(student[0])
-        if logits.shape[1] > 1:
+        if is_embedding(teacher[0]):
+            # An embedding: top-1 over its dimensions means nothing (fidelity.compare).
+            extras["cosine"] = float(np.mean(cosine_similarities(teacher[0], student[0])))
+        elif logits.shape[1] > 1:
             extras["agreement"] = float(np.mean(np.argmax(logits, 1) == np.argmax(_as_2d(teacher[0]), 1)))
             if labels is not None:
                 extras["accuracy"] = float(np.mean(np.argmax(logits, 1) == labels.ravel()))

@@ -4,7 +4,7 @@ Everything above this package works on ``onnx_ir.Model`` objects obtained
 from ``load_model`` and written with ``save_model``.
 """
 
-from pycompress.ir.accounting import LayerCost, ModelCost, model_cost, node_macs
+from pycompress.ir.accounting import SEQUENCE_LENGTH, LayerCost, ModelCost, has_sequence_axis, model_cost, node_macs
 from pycompress.ir.graph import (
     add_initializer,
     attr_float,
@@ -38,7 +38,7 @@ from pycompress.ir.io import (
 )
 
 __all__ = [
-    "LayerCost", "ModelCost", "model_cost", "node_macs",
+    "SEQUENCE_LENGTH", "LayerCost", "ModelCost", "has_sequence_axis", "model_cost", "node_macs",
     "add_initializer", "attr_float", "attr_int", "attr_ints", "attr_str",
     "constant_array", "constant_inputs", "consumers", "is_codebook_lookup", "node_by_name", "opset_version",
     "output_shapes", "producer", "remove_unused_initializers", "shape_of", "token_mask_input", "truncated", "unique_name",
