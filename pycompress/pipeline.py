@@ -438,6 +438,31 @@ def describe_point(space: SearchSpace, theta: Sequence[float]) -> str:
                      for dim, v in zip(space.dimensions, space.values(theta)))
 
 
+# -- data-aware pruning --------------------------------------------------------------
+
+def teacher_channel_statistics(model: ir.Model, inputs: dict[str, np.ndarray], *, samples: int = 512,
+                               batch_size: int = 64, seed: int = 0) -> dict:
+    """FLAP statistics (``rewrites.prune_channels.channel_statistics``) of every prunable group,
+    measured once on the original model: a search then prunes by fluctuation, with bias
+    compensation, at no cost per evaluation (``ApplyContext.options["channel_statistics"]``)."""
+    from pycompress.fidelity import collect_activations
+    from pycompress.ir.channels import channel_groups
+    from pycompress.rewrites.prune_channels import channel_statistics
+
+    groups = [g for g in channel_groups(model) if g.prunable]
+    if not groups:
+        return {}
+    n = len(next(iter(inputs.values())))
+    idx = np.sort(np.random.default_rng(seed).choice(n, min(n, samples), replace=False))
+
+    def batches():
+        for start in range(0, len(idx), batch_size):
+            yield {k: v[idx[start:start + batch_size]] for k, v in inputs.items()}
+
+    return channel_statistics(groups, lambda names: collect_activations(model, names, batches()),
+                              token_mask_input(model))
+
+
 # -- recovery --------------------------------------------------------------------
 
 def recovery_targets(teacher: ir.Model, student: ir.Model, plan: Plan) -> tuple[list, list[str]]:

@@ -26,7 +26,7 @@ from pycompress.errors import PycompressError
 from pycompress.data.synthetic import synthetic_inputs
 from pycompress.fidelity import collect_activations, run_model
 from pycompress.fidelity.compare import cosine_similarities, is_embedding
-from pycompress.ir import load_model, model_cost, save_model
+from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, load_model, model_cost, save_model
 from pycompress.plan import Plan
 from pycompress.rewrites import ApplyContext, apply_plan
 
@@ -69,7 +69,8 @@ def _file_bytes(path: Path, model: ir.Model | None = None) -> int:
 
 
 def _sizes(model: ir.Model) -> dict[str, int]:
-    cost = model_cost(model)
+    # A token model: MACs per sequence of SEQUENCE_LENGTH tokens (ir.accounting).
+    cost = model_cost(model, SEQUENCE_LENGTH if has_sequence_axis(model) else None)
     return {"params": cost.params, "macs": cost.macs, "weight_bytes": cost.bytes}
 
 
@@ -145,7 +146,9 @@ def run(args) -> int:
         ctx = ApplyContext(_activation_source(model, calibration, args.batch_size),
                            {"data_aware": not args.weight_only})
     before = {**_sizes(model), "file_bytes": _file_bytes(model_path, model)}
-    applied = apply_plan(model, plan, ctx)  # validates everything first; raises before any write
+    # With data, rewrites stream activations: say what is being done (it can take minutes).
+    log = (lambda line: print(f"apply {line}", file=sys.stderr, flush=True)) if calibration is not None else None
+    applied = apply_plan(model, plan, ctx, progress=log)  # validates everything first; raises before any write
     after = _sizes(model)
     if evaluation is not None:
         inputs = evaluation.subset(np.arange(min(args.samples, len(evaluation)))).inputs

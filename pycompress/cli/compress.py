@@ -184,8 +184,6 @@ def run(args) -> int:
         if (run_dir / "state.json").exists():
             raise PycompressError(f"{run_dir}: already holds a search; continue it with --resume {run_dir} "
                                   "or choose another --run-dir")
-        if not args.data:
-            raise PycompressError("--data is required (calibration inputs: file.npz / file.npy / builtin:NAME)")
         config = {**_config_from_args(args), "model": str(model_path.resolve()), "model_sha256": model_hash}
     searching = config["method"] in ("pacbo", "random")
     if searching:
@@ -200,7 +198,12 @@ def run(args) -> int:
 
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     model = load_model(model_path)
-    data = load_data(config["data"], model, labels=config["labels"])
+    if config["data"] is None:
+        data = _synthetic_token_data(model, config["seed"])
+        log(f"no --data: {len(data)} synthetic token inputs (ids in the vocabulary, masks of ones); "
+            "quality figures on them are only indicative")
+    else:
+        data = load_data(config["data"], model, labels=config["labels"])
     if config["use_labels"] and data.labels is None:
         raise PycompressError(f"{config['data']}: --labels given but the data has no labels (pass FILE.npy)")
     estimator = FidelityEstimator(model, data.inputs, labels=data.labels if config["use_labels"] else None,
@@ -330,6 +333,19 @@ def run(args) -> int:
     return 0
 
 
+SYNTHETIC_SAMPLES = 256
+
+
+def _synthetic_token_data(model, seed: int):
+    """Calibration inputs for a token model without --data (pycompress.data.synthetic); other models need --data."""
+    from pycompress.data import Calibration
+    from pycompress.data.synthetic import embedding_vocabulary, synthetic_inputs
+
+    if not any(embedding_vocabulary(v) for v in model.graph.inputs):
+        raise PycompressError("--data is required (calibration inputs: file.npz / file.npy / builtin:NAME)")
+    return Calibration(synthetic_inputs(model, SYNTHETIC_SAMPLES, seed), None, "synthetic token inputs")
+
+
 def _search(args, config, model, data, estimator, log, save_config, run_dir):
     """PAC-BO or random search: (compressed model, applied plan, summary, trace, objective)."""
     from pycompress.decisions.bo import PACBO, PACBOSettings, RandomSearch
@@ -352,8 +368,14 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
                                threads=args.threads)
         log(f"original latency {latency.baseline.mean * 1e3:.3f} ms +- {latency.baseline.std_error * 1e3:.2g} "
             "(batch 1)")
-    objective = CompressionObjective(model, space, estimator,
-                                     context=ApplyContext(options={"skip_rank_beyond_r_max": True}),
+    options: dict[str, Any] = {"skip_rank_beyond_r_max": True}
+    if "prune" in config["actions"]:
+        from pycompress.pipeline import teacher_channel_statistics
+
+        # FLAP: channels kept by fluctuation (with bias compensation), from one pass on the original.
+        log("pruning criterion: fluctuation statistics of the prunable groups' consumers (one pass)")
+        options["channel_statistics"] = teacher_channel_statistics(model, data.inputs, seed=config["seed"])
+    objective = CompressionObjective(model, space, estimator, context=ApplyContext(options=options),
                                      objective=config.get("objective", "size"), latency=latency)
     space = objective.space
     if space.grouped:

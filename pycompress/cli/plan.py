@@ -72,12 +72,27 @@ def run(args) -> int:
     plan = Plan(model=str(args.model), meta={"created_by": "pycompress plan", "actions": actions,
                                              "options": options})
     rows: list[dict[str, Any]] = []
-    for action in actions:
+    # A starting plan never holds two actions on one node unless they compose:
+    # a factorization replaces its node (nothing after it finds the site), and
+    # its rank is chosen for the unpruned layer (so it does not follow a prune
+    # of that layer). Actions go in their application order.
+    factored: dict[str, str] = {}
+    pruned: dict[str, str] = {}
+    for action in sorted(actions, key=lambda a: get_rewrite(a).order):
         rewrite = get_rewrite(action)
+        factorization = "rank" in rewrite.params
         for site in rewrite.sites(model):
             decision = rewrite.starting_decision(model, site, **options) if site.ok else None
+            clash = next((f"{n} is factored by {factored[n]}" for n in site.nodes if n in factored), None) or \
+                (next((f"{n} is pruned by {pruned[n]}" for n in site.nodes if n in pruned), None)
+                 if factorization else None)
+            if decision is not None and clash:
+                site.info["plan_note"] = f"left out: {clash} and the two would not compose"
+                decision = None
             if decision is not None:
                 plan.add(decision)
+                for n in site.nodes:
+                    (factored if factorization else pruned if action == "prune" else {}).setdefault(n, site.name)
             note = site.reason if not site.ok else (decision.note if decision else site.info.get("plan_note", ""))
             rows.append({"action": action, "site": site.name, "ok": site.ok, "reason": site.reason,
                          "info": {k: v for k, v in site.info.items() if k != "plan_note"},
