@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from transformer_models import FFN, HIDDEN, VOCAB, export_tiny_encoder, token_batch
 
 from pycompress.data.synthetic import embedding_vocabulary, synthetic_inputs
 from pycompress.fidelity import collect_activations, run_model
@@ -22,7 +23,6 @@ from pycompress.recover.linear_view import LinearView
 from pycompress.rewrites import ApplyContext, apply_plan
 from pycompress.rewrites import factorization as fz
 from pycompress.rewrites.prune_channels import channel_statistics
-from transformer_models import FFN, HIDDEN, VOCAB, export_tiny_encoder, token_batch
 
 FFN_GROUP = "group:/layers.0/up/MatMul"
 

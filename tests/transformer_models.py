@@ -14,7 +14,7 @@ VOCAB, HIDDEN, HEADS, FFN, LAYERS = 50, 32, 4, 64, 2
 class Layer(nn.Module):
     def __init__(self):
         super().__init__()
-        self.query, self.key, self.value = nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, HIDDEN)
+        self.query, self.key, self.value = (nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
         self.out = nn.Linear(HIDDEN, HIDDEN)
         self.norm1, self.norm2 = nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)
         self.up, self.down = nn.Linear(HIDDEN, FFN), nn.Linear(FFN, HIDDEN)

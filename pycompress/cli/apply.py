@@ -22,8 +22,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from pycompress.cli.common import emit_json, human, print_table
 from pycompress.data import Calibration, load_data
-from pycompress.errors import PycompressError
 from pycompress.data.synthetic import synthetic_inputs
+from pycompress.errors import PycompressError
 from pycompress.fidelity import collect_activations, run_model
 from pycompress.fidelity.compare import cosine_similarities, is_embedding
 from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, load_model, model_cost, save_model

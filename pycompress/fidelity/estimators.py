@@ -27,8 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from pycompress.fidelity.compare import cosine_similarities, is_embedding
 from pycompress.errors import PycompressError
+from pycompress.fidelity.compare import cosine_similarities, is_embedding
 from pycompress.fidelity.session import make_session
 
 LOSSES = ("norm", "error", "cross_entropy")

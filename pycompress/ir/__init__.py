@@ -4,7 +4,14 @@ Everything above this package works on ``onnx_ir.Model`` objects obtained
 from ``load_model`` and written with ``save_model``.
 """
 
-from pycompress.ir.accounting import SEQUENCE_LENGTH, LayerCost, ModelCost, has_sequence_axis, model_cost, node_macs
+from pycompress.ir.accounting import (
+    SEQUENCE_LENGTH,
+    LayerCost,
+    ModelCost,
+    has_sequence_axis,
+    model_cost,
+    node_macs,
+)
 from pycompress.ir.graph import (
     add_initializer,
     attr_float,

@@ -26,8 +26,7 @@ import onnx_ir as ir
 from pycompress.errors import PycompressError
 from pycompress.fidelity.session import make_session, run_tensors
 from pycompress.ir import node_by_name, truncated
-from pycompress.recover.linear_view import (LinearView, check_refittable, feature_axis, output_pixels, rows,
-                                            target_rows)
+from pycompress.recover.linear_view import LinearView, check_refittable, feature_axis, output_pixels, rows, target_rows
 from pycompress.recover.normal_equations import LayerStatistics
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]

@@ -7,7 +7,7 @@ listing the module in ``_MODULES``.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Callable
 
 import onnx_ir as ir
 

@@ -125,7 +125,8 @@ def channel_statistics(groups: list[ChannelGroup], activations,
         mask = np.asarray(batch[token_mask]).reshape(-1) != 0 if token_mask else None
         for name, node in readers.items():
             x = np.asarray(batch[name], dtype=np.float64)
-            tokens = mask is not None and x.ndim == 3 and _feature_axis(node, 3) == 2 and x.shape[0] * x.shape[1] == mask.size
+            tokens = (mask is not None and x.ndim == 3 and _feature_axis(node, 3) == 2
+                      and x.shape[0] * x.shape[1] == mask.size)
             x = np.moveaxis(x, _feature_axis(node, x.ndim), -1).reshape(-1, x.shape[_feature_axis(node, x.ndim)])
             if tokens:
                 x = x[mask]
