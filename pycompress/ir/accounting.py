@@ -11,8 +11,8 @@ Quantized matrix products (MatMulInteger, QLinearMatMul, ConvInteger,
 QLinearConv, and onnxruntime's DynamicQuantizeMatMul, MatMulIntegerToFloat,
 QGemm, MatMulNBits) count their MACs like the float op they replace.
 
-Parameters are the elements of constant tensors a node reads, except int64 tensors (shapes, axes, indices of Reshape/Slice) and 0-d
-scalars (Clip bounds, Pad values written as Constant nodes): those are op
+Parameters are the elements of constant tensors a node reads, except int64
+tensors (shapes, axes, indices of Reshape/Slice) and 0-d scalars (Clip bounds, Pad values written as Constant nodes): those are op
 settings, not weights. A constant read by several nodes is counted once, at its first
 reader in graph order.
 """
