@@ -20,6 +20,7 @@ from pycompress.errors import PycompressError
 from pycompress.ir import load_model
 from pycompress.plan import Plan
 from pycompress.rewrites import REGISTRY, get_rewrite
+from pycompress.rewrites.factorization import r_max
 
 
 def add_parser(sub) -> None:
@@ -73,26 +74,34 @@ def run(args) -> int:
                                              "options": options})
     rows: list[dict[str, Any]] = []
     # A starting plan never holds two actions on one node unless they compose:
-    # a factorization replaces its node (nothing after it finds the site), and
-    # its rank is chosen for the unpruned layer (so it does not follow a prune
-    # of that layer). Actions go in their application order.
+    # a factorization replaces its node (nothing after it finds the site); a
+    # factorization after a prune keeps its rank only if the pruned layer still
+    # shrinks at that rank (the rank is chosen on the unpruned weight). Actions
+    # go in their application order.
     factored: dict[str, str] = {}
-    pruned: dict[str, str] = {}
+    pruned: dict[str, int] = {}            # node -> fewest channels a prune leaves it on one side
     for action in sorted(actions, key=lambda a: get_rewrite(a).order):
         rewrite = get_rewrite(action)
         factorization = "rank" in rewrite.params
         for site in rewrite.sites(model):
             decision = rewrite.starting_decision(model, site, **options) if site.ok else None
-            clash = next((f"{n} is factored by {factored[n]}" for n in site.nodes if n in factored), None) or \
-                (next((f"{n} is pruned by {pruned[n]}" for n in site.nodes if n in pruned), None)
-                 if factorization else None)
+            clash = next((f"{n} is factored by {factored[n]}" for n in site.nodes if n in factored), None)
+            if decision is not None and not clash and factorization and any(n in pruned for n in site.nodes):
+                kept = min(pruned[n] for n in site.nodes if n in pruned)
+                n_in, n_out = site.info.get("in"), site.info.get("out")
+                limit = None if n_in is None or n_out is None else r_max(min(n_in, kept), min(n_out, kept))
+                if limit is None or int(decision.params.get("rank", 0)) > limit:
+                    clash = f"pruning leaves it too small for rank {decision.params.get('rank')}"
             if decision is not None and clash:
                 site.info["plan_note"] = f"left out: {clash} and the two would not compose"
                 decision = None
             if decision is not None:
                 plan.add(decision)
                 for n in site.nodes:
-                    (factored if factorization else pruned if action == "prune" else {}).setdefault(n, site.name)
+                    if factorization:
+                        factored.setdefault(n, site.name)
+                    elif action == "prune" and "keep" in decision.params:
+                        pruned[n] = min(pruned.get(n, 1 << 30), int(decision.params["keep"]))
             note = site.reason if not site.ok else (decision.note if decision else site.info.get("plan_note", ""))
             rows.append({"action": action, "site": site.name, "ok": site.ok, "reason": site.reason,
                          "info": {k: v for k, v in site.info.items() if k != "plan_note"},
