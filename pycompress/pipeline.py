@@ -447,9 +447,10 @@ def teacher_channel_statistics(model: ir.Model, inputs: dict[str, np.ndarray], *
     compensation, at no cost per evaluation (``ApplyContext.options["channel_statistics"]``)."""
     from pycompress.fidelity import collect_activations
     from pycompress.ir.channels import channel_groups
+    from pycompress.ir.heads import attention_heads
     from pycompress.rewrites.prune_channels import channel_statistics
 
-    groups = [g for g in channel_groups(model) if g.prunable]
+    groups = [g for g in channel_groups(model) if g.prunable] + attention_heads(model)
     if not groups:
         return {}
     n = len(next(iter(inputs.values())))
@@ -499,7 +500,8 @@ def recovery_targets(teacher: ir.Model, student: ir.Model, plan: Plan) -> tuple[
         result = decision.result or {}
         if decision.action == "prune" and "kept_indices" in result:
             for output in result.get("producer_outputs", []):
-                kept_outputs[output] = result["kept_indices"]
+                # attention heads: the kept columns of Q/K/V, not the head numbers
+                kept_outputs[output] = result.get("kept_channels", result["kept_indices"])
         if decision.action == "lowrank_conv" and result.get("structure") == "tai":
             notes.append(f"{decision.site}: Tai's vertical/horizontal pair is not refitted")
         for spec in result.get("refit", []):

@@ -215,3 +215,59 @@ def test_ir_of_encoder_unchanged_by_analysis(encoder):
     block_labels(model)
     assert encoder.read_bytes() == before
     assert isinstance(model, ir.Model)
+
+
+def _zero_head_rows(model, o_name, rows):
+    expected = model.clone()
+    o = next(n for n in expected.graph if n.name == o_name)
+    w = constant_array(o.inputs[1]).copy()
+    w[rows] = 0
+    o.replace_input_with(1, add_initializer(expected, "w_o_zeroed", w))
+    return expected, o
+
+
+def test_head_pruning_is_exact_against_onnxruntime_and_recovery_refits_it(encoder):
+    """Removing heads = zeroing their rows of O (heads are independent), checked with onnxruntime;
+    Q/K/V lose the heads' columns, the Reshapes their head count."""
+    teacher = load_model(encoder)
+    data = token_batch(32, seed=8)
+    site = "heads:/layers.0/out/MatMul"
+    from pycompress.rewrites import get_rewrite
+
+    assert get_rewrite("prune").site(teacher, site).info["width"] == 4
+    student = teacher.clone()
+    plan = apply_plan(student, Plan([LayerDecision(site, "prune", {"keep_indices": [0, 2]})]))
+    expected, _ = _zero_head_rows(teacher, "/layers.0/out/MatMul", np.r_[8:16, 24:32])
+    assert close(run_model(expected, data)[0], run_model(student, data)[0])
+    q = next(n for n in student.graph if n.name == "/layers.0/query/MatMul")
+    assert constant_array(q.inputs[1]).shape == (HIDDEN, 16)
+    assert run_model(student, token_batch(3, t=20, seed=9))[0].shape == (3, HIDDEN)    # any sequence length
+    targets, notes = recovery_targets(teacher, student, plan)
+    assert not notes and sorted(t.nodes[0].split("/")[-2] for t in targets) == ["key", "out", "query", "value"]
+    assert next(t for t in targets if "query" in t.nodes[0]).target_channels == list(range(8)) + list(range(16, 24))
+    report = recover(teacher, student, plan, token_batch(200, seed=10))
+    assert all(r["error_after"] <= r["error_before"] for r in report["layers"])
+
+
+def test_head_pruning_by_fluctuation_with_bias_compensation(encoder):
+    teacher = load_model(encoder)
+    data = token_batch(64, seed=11)
+    from pycompress.ir.heads import attention_heads
+
+    heads = attention_heads(teacher)
+    assert [h.id for h in heads] == ["heads:/layers.0/out/MatMul", "heads:/layers.1/out/MatMul"]
+    stats = channel_statistics(heads, source(teacher, data), token_mask="attention_mask")
+    student = teacher.clone()
+    plan = apply_plan(student, Plan([LayerDecision(heads[1].id, "prune", {"keep": 3})]),
+                      ApplyContext(options={"channel_statistics": stats}))
+    result = plan.decisions[0].result
+    assert result["criterion"] == "fluctuation" and result["bias_compensated"] == ["/layers.1/out/MatMul"]
+    removed = np.setdiff1d(np.arange(32), result["kept_channels"])
+    expected, o = _zero_head_rows(teacher, "/layers.1/out/MatMul", removed)
+    add = next(iter(o.outputs[0].uses())).node
+    slot = 1 - next(iter(o.outputs[0].uses())).idx
+    w = constant_array(next(n for n in teacher.graph if n.name == "/layers.1/out/MatMul").inputs[1]).astype(float)
+    st = stats[o.inputs[0].name]
+    b = constant_array(add.inputs[slot]) + (st.mean[removed] @ w[removed]).astype(np.float32)
+    add.replace_input_with(slot, add_initializer(expected, "b_o_compensated", b))
+    assert close(run_model(expected, data)[0], run_model(student, data)[0])

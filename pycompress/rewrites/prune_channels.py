@@ -37,6 +37,7 @@ import onnx_ir as ir
 from pycompress.errors import PycompressError
 from pycompress.ir import add_initializer, attr_float, constant_array, node_macs, remove_unused_initializers
 from pycompress.ir.channels import ChannelGroup, channel_group, channel_groups
+from pycompress.ir.heads import AttentionHeads, attention_head_group, attention_heads
 from pycompress.plan import LayerDecision
 from pycompress.rewrites.base import ApplyContext, Rewrite, Site
 
@@ -103,9 +104,17 @@ def _feature_axis(node: ir.Node, ndim: int) -> int:
     return 1
 
 
-def statistics_tensors(group: ChannelGroup) -> list[str]:
-    """The tensors whose statistics the fluctuation criterion of ``group`` reads (its consumers' inputs)."""
-    return list(dict.fromkeys(_consumer_input(s.ir_node).name for s in _consumer_slices(group)))
+def _readers(group) -> dict[str, ir.Node]:
+    """Tensor -> the consumer reading it, for the fluctuation criterion of a channel group
+    (its consumers' inputs) or of attention heads (the output projection's input)."""
+    if isinstance(group, AttentionHeads):
+        return {group.output.inputs[0].name: group.output}
+    return {_consumer_input(s.ir_node).name: s.ir_node for s in _consumer_slices(group)}
+
+
+def statistics_tensors(group) -> list[str]:
+    """The tensors whose statistics the fluctuation criterion of ``group`` reads."""
+    return list(_readers(group))
 
 
 def channel_statistics(groups: list[ChannelGroup], activations,
@@ -114,10 +123,10 @@ def channel_statistics(groups: list[ChannelGroup], activations,
     mean / variance (float64), keyed by tensor name. ``token_mask``: the graph input
     (``B x T``, 0 at padding) of a token model; padding tokens of ``B x T x D``
     inputs are left out."""
-    readers = {}
+    readers: dict[str, ir.Node] = {}
     for group in groups:
-        for s in _consumer_slices(group):
-            readers.setdefault(_consumer_input(s.ir_node).name, s.ir_node)
+        for name, node in _readers(group).items():
+            readers.setdefault(name, node)
     if not readers:
         return {}
     sums: dict[str, list] = {}
@@ -340,7 +349,92 @@ def _remove_dead_constants(model: ir.Model) -> None:
         model.graph.remove(dead, safe=True)
 
 
-def _statistics_for(group: ChannelGroup, ctx: ApplyContext) -> dict[str, FeatureStatistics] | None:
+# --------------------------------------------------------------------------- attention heads
+
+def head_scores(group: AttentionHeads, stats: dict[str, FeatureStatistics] | None) -> np.ndarray:
+    """Per head: FLAP's fluctuation of the output projection's input rows of the head
+    (``sum var(x_j) ||W_O[j, :]||^2``) with statistics, else the L1 norm of the head's
+    Q/K/V columns and O rows."""
+    w_o = constant_array(group.output.inputs[1]).astype(np.float64)
+    st = (stats or {}).get(group.output.inputs[0].name)
+    if st is not None and len(st.var) == w_o.shape[0]:
+        per_row = st.var * (w_o ** 2).sum(axis=1)
+    else:
+        per_row = np.abs(w_o).sum(axis=1)
+        for node in group.projections:
+            per_row = per_row + np.abs(constant_array(node.inputs[1]).astype(np.float64)).sum(axis=0)
+    return per_row.reshape(group.heads, group.head_dim).sum(axis=1)
+
+
+def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
+    uses = list(node.outputs[0].uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add" and not node.outputs[0].is_graph_output():
+        add, slot = uses[0].node, 1 - uses[0].idx
+        if constant_array(add.inputs[slot]) is not None:
+            return add, slot
+    return None
+
+
+def _replace(model: ir.Model, node: ir.Node, index: int, array: np.ndarray) -> None:
+    base = node.inputs[index].name or "weight"
+    node.replace_input_with(index, add_initializer(model, _pruned_name(base), np.ascontiguousarray(array)))
+
+
+def prune_heads(model: ir.Model, group: AttentionHeads, keep: np.ndarray,
+                stats: dict[str, FeatureStatistics] | None = None) -> dict[str, Any]:
+    """Keep the heads ``keep`` of an attention block, in place (ir.heads): Q/K/V columns and
+    biases, O rows, the head counts in the Reshapes; with ``stats``, O's bias gets the removed
+    heads' mean contribution ``E[x_R] W_O[R, :]``."""
+    keep = np.sort(np.asarray(keep, dtype=np.int64))
+    nodes = _unique_nodes(group.projections + [group.output])
+    params_before, macs_before = _affected_cost(model, nodes)
+    cols = group.columns(keep)
+    removed = np.setdiff1d(np.arange(group.heads * group.head_dim), cols)
+    compensated = []
+    w_o = constant_array(group.output.inputs[1])
+    st = (stats or {}).get(group.output.inputs[0].name)
+    bias = _bias_add(group.output)
+    if st is not None and bias is not None and removed.size:
+        add, slot = bias
+        b = constant_array(add.inputs[slot])
+        shift = st.mean[removed] @ w_o.astype(np.float64)[removed]
+        _replace(model, add, slot, (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype))
+        compensated.append(group.output.name)
+    for node in group.projections:
+        _replace(model, node, 1, constant_array(node.inputs[1])[:, cols])
+        bias = _bias_add(node)
+        if bias is not None:
+            add, slot = bias
+            b = constant_array(add.inputs[slot])
+            if b.shape[-1] == group.heads * group.head_dim:
+                _replace(model, add, slot, b[..., cols])
+    _replace(model, group.output, 1, w_o[cols, :])
+    done = set()
+    for count in group.counts:
+        key = (id(count.node), count.index)
+        if key in done:
+            continue
+        done.add(key)
+        entries = np.array(constant_array(count.node.inputs[count.index]), copy=True)
+        entries.reshape(-1)[count.entry] = len(keep) * count.per_head
+        _replace(model, count.node, count.index, entries)
+    for node in group.nodes_between:      # shapes are re-inferred by apply_plan
+        for out in node.outputs:
+            if out is not None and not out.is_graph_output():
+                out.shape = None
+    _remove_dead_constants(model)
+    remove_unused_initializers(model)
+    params_after, macs_after = _affected_cost(model, nodes)
+    outputs = [n.outputs[0].name for n in group.projections]
+    return {"width": group.heads, "kept": int(len(keep)), "removed": int(group.heads - len(keep)),
+            "kept_indices": [int(i) for i in keep], "kept_channels": [int(c) for c in cols],
+            "head_dim": group.head_dim, "refit": [{"output": group.output.outputs[0].name}]
+            + [{"output": o} for o in outputs], "producer_outputs": outputs, "bias_compensated": compensated,
+            "params_before": params_before, "params_after": params_after,
+            "macs_before": macs_before, "macs_after": macs_after}
+
+
+def _statistics_for(group, ctx: ApplyContext) -> dict[str, FeatureStatistics] | None:
     """The fluctuation statistics of ``group``'s consumers: precomputed ones
     (``ctx.options["channel_statistics"]``, e.g. on the teacher for a whole
     search), else streamed from ``ctx.activations`` when the context asks for
@@ -367,6 +461,8 @@ class PruneChannels(Rewrite):
 
     def sites(self, model: ir.Model) -> list[Site]:
         sites = []
+        for heads in attention_heads(model):
+            sites.append(Site(heads.id, self.action, heads.nodes, info=heads.info()))
         for group in channel_groups(model):
             reason = group.blocked_by or ("" if group.width > 1 else "has a single channel")
             sites.append(Site(group.id, self.action, group.nodes, ok=group.prunable, reason=reason,
@@ -374,6 +470,9 @@ class PruneChannels(Rewrite):
         return sites
 
     def site(self, model: ir.Model, name: str) -> Site:
+        if name.startswith("heads:"):
+            heads = attention_head_group(model, name)
+            return Site(heads.id, self.action, heads.nodes, info=heads.info())
         group = channel_group(model, name)
         reason = group.blocked_by or ("" if group.width > 1 else "has a single channel")
         return Site(group.id, self.action, group.nodes, ok=group.prunable, reason=reason, info=group.info())
@@ -398,6 +497,17 @@ class PruneChannels(Rewrite):
             raise PycompressError(f"{where}: 'keep_indices' has repeated channels")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
+        if decision.site.startswith("heads:"):
+            heads = attention_head_group(model, decision.site)
+            self.check_params(Site(heads.id, self.action, heads.nodes, info=heads.info()), decision.params)
+            stats = _statistics_for(heads, ctx)
+            if "keep_indices" in decision.params:
+                keep = np.array(sorted(decision.params["keep_indices"]), dtype=np.int64)
+            else:
+                keep = np.sort(np.argsort(-head_scores(heads, stats), kind="stable")[:int(decision.params["keep"])])
+            result = prune_heads(model, heads, keep, stats)
+            result["criterion"] = "fluctuation" if stats else "l1"
+            return result
         group = channel_group(model, decision.site)
         if not group.prunable:
             raise PycompressError(f"site '{group.id}': cannot prune: {group.blocked_by or 'a single channel'}")
@@ -426,7 +536,7 @@ class PruneChannels(Rewrite):
             return None
         width = int(site.info["width"])
         count = max(1, min(width, math.floor(keep * width + 0.5)))        # rounding half up
-        if align > 1:
+        if align > 1 and not site.name.startswith("heads:"):    # heads are counted whole
             count = min(width, max(align, align * math.floor(count / align + 0.5)))
         if count == width:
             return None
