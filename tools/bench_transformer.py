@@ -48,6 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--keep", type=int, default=1152, help="FFN channels kept per layer (of 1536)")
     p.add_argument("--rank", type=int, default=0, help="rank of the attention projections (0: not factored)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads kept per layer (of 12)")
     p.add_argument("--calib", type=int, default=400)
     p.add_argument("--held", type=int, default=200)
     p.add_argument("--runs", type=int, default=200)
@@ -65,8 +66,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     student = teacher.clone()
-    decisions = [LayerDecision(s.name, "prune", {"keep": args.keep}) for s in get_rewrite("prune").sites(teacher)
-                 if s.ok and args.keep < s.info["width"]]
+    decisions = [LayerDecision(s.name, "prune", {"keep": args.heads if s.name.startswith("heads:") else args.keep})
+                 for s in get_rewrite("prune").sites(teacher)
+                 if s.ok and (args.heads if s.name.startswith("heads:") else args.keep) < s.info["width"]]
     if args.rank:
         decisions += [LayerDecision(s.name, "svd", {"rank": args.rank}) for s in get_rewrite("svd").sites(teacher)
                       if s.ok and "/attention/" in s.name]
@@ -74,19 +76,20 @@ def main() -> None:
     plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
     before = run_model(student, held)[0]
     report = recover(teacher, student, plan, calib, samples=args.calib)
-    compressed = out / f"minilm_k{args.keep}_r{args.rank}.onnx"
+    tag = f"h{args.heads}_k{args.keep}_r{args.rank}"
+    compressed = out / f"minilm_{tag}.onnx"
     save_model(student, compressed)
     seconds = time.perf_counter() - t0
     int8 = out / "minilm_int8.onnx"
     to_int8_dynamic(original, int8)
-    both = out / f"minilm_k{args.keep}_r{args.rank}_int8.onnx"
+    both = out / f"minilm_{tag}_int8.onnx"
     to_int8_dynamic(compressed, both)
 
     reference = run_model(teacher, held)[0]
     paths = [original, int8, compressed, both]
     lat = latency_ms(paths, held, args.runs)
     base = model_cost(teacher, SEQUENCE_LENGTH)
-    print(json.dumps({"setting": {"keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held},
+    print(json.dumps({"setting": {"heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held},
                       "compress_seconds": round(seconds, 1),
                       "cosine_before_recovery": float(cosine_similarities(reference, before).mean()),
                       "refitted": sum(r["kept"] for r in report["layers"])}))

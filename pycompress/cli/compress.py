@@ -483,7 +483,15 @@ def _one_shot(args, config, model, data, log):
     else:
         plan_in = Plan.load(config["method"]).without_results()
     compressed = model.clone()
-    plan = apply_plan(compressed, plan_in)
+    ctx = None
+    if any(d.action == "prune" and "keep" in d.params for d in plan_in.decisions):
+        from pycompress.pipeline import teacher_channel_statistics
+        from pycompress.rewrites import ApplyContext
+
+        log("pruning criterion: fluctuation statistics of the pruned groups' consumers (one pass)")
+        ctx = ApplyContext(options={"channel_statistics": teacher_channel_statistics(model, data.inputs,
+                                                                                     seed=config["seed"])})
+    plan = apply_plan(compressed, plan_in, ctx)
     summary = {"method": config["method"], "decisions": {d.site: d.params for d in plan.decisions},
                "plan_meta": plan_in.meta}
     return compressed, plan, summary
