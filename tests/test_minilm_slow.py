@@ -35,7 +35,9 @@ def test_flap_pruning_and_recovery_on_held_out_sentences(minilm):
     teacher = load_model(path)
     student = teacher.clone()
     stats = teacher_channel_statistics(teacher, calib)
-    decisions = [LayerDecision(s.name, "prune", {"keep": 1152}) for s in get_rewrite("prune").sites(teacher) if s.ok]
+    sites = [s for s in get_rewrite("prune").sites(teacher) if s.ok]
+    assert sum(s.name.startswith("heads:") for s in sites) == 6        # one attention block per layer
+    decisions = [LayerDecision(s.name, "prune", {"keep": 1152}) for s in sites if s.name.startswith("group:")]
     assert len(decisions) == 6                      # one FFN width per encoder layer
     plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
     reference = run_model(teacher, held)[0]
