@@ -66,9 +66,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     student = teacher.clone()
-    decisions = [LayerDecision(s.name, "prune", {"keep": args.heads if s.name.startswith("heads:") else args.keep})
-                 for s in get_rewrite("prune").sites(teacher)
-                 if s.ok and (args.heads if s.name.startswith("heads:") else args.keep) < s.info["width"]]
+    def keep(site) -> int:
+        return args.heads if site.name.startswith("heads:") else args.keep
+
+    decisions = [LayerDecision(s.name, "prune", {"keep": keep(s)}) for s in get_rewrite("prune").sites(teacher)
+                 if s.ok and keep(s) < s.info["width"]]
     if args.rank:
         decisions += [LayerDecision(s.name, "svd", {"rank": args.rank}) for s in get_rewrite("svd").sites(teacher)
                       if s.ok and "/attention/" in s.name]

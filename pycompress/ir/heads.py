@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
+from pycompress.ir.channels import shape_entries
 from pycompress.ir.graph import attr_ints, constant_array
 
 _SCORE_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Where", "Cast", "Softmax", "Dropout", "Identity"})
@@ -126,14 +127,6 @@ def _split(value: ir.Value, transposes: tuple[tuple[int, ...], ...]):
     return node, seen
 
 
-def _reshape_dims(reshape: ir.Node) -> list | None:
-    from pycompress.ir.channels import _Walk   # the shape evaluator (constants, Shape/Gather/Concat)
-
-    walk = _Walk.__new__(_Walk)
-    walk._shape_cache = {}
-    return walk.shape_entries(reshape.inputs[1])
-
-
 def _through_scale(value: ir.Value) -> ir.Value:
     """Skip a Mul / Div of a head tensor by a constant scale (scaled q or k)."""
     node = _producer(value)
@@ -183,7 +176,7 @@ def attention_heads(model: ir.Model) -> list[AttentionHeads]:
         width = _weight(linears[0][0]).shape[1]
         if any(_weight(lin[0]).shape[1] != width for lin in linears) or w_o.shape[0] != width:
             continue
-        dims = [_reshape_dims(r) for r, _ in splits]
+        dims = [shape_entries(model, r.inputs[1]) for r, _ in splits]
         if any(d is None or len(d) != 4 or not isinstance(d[3], int) or d[3] <= 0 for d in dims):
             continue
         head_dim = dims[0][3]
@@ -192,7 +185,7 @@ def attention_heads(model: ir.Model) -> list[AttentionHeads]:
         if any(d[3] != head_dim or d[2] not in (heads, -1) for d in dims) or heads < 2 or heads * head_dim != width:
             continue
         counts = [_shape_entry(r, 2, 1) for (r, _), d in zip(splits, dims) if d[2] == heads]
-        merge_dims = _reshape_dims(merge)
+        merge_dims = shape_entries(model, merge.inputs[1])
         if merge_dims is None or len(merge_dims) != 3 or merge_dims[2] not in (width, -1):
             continue
         if merge_dims[2] == width:
