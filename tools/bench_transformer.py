@@ -91,7 +91,8 @@ def main() -> None:
     paths = [original, int8, compressed, both]
     lat = latency_ms(paths, held, args.runs)
     base = model_cost(teacher, SEQUENCE_LENGTH)
-    print(json.dumps({"setting": {"heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held},
+    setting = {"heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held}
+    print(json.dumps({"setting": setting,
                       "compress_seconds": round(seconds, 1),
                       "cosine_before_recovery": float(cosine_similarities(reference, before).mean()),
                       "refitted": sum(r["kept"] for r in report["layers"])}))
