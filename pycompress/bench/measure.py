@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pycompress.bench.runtime import ProviderUnavailable, batches, open_session, random_inputs, resolve_provider, \
-    run_all, static_batch
+    run_all, static_batch, token_vocabulary
 from pycompress.errors import PycompressError
 from pycompress.fidelity.compare import compare_outputs
 
@@ -141,7 +141,7 @@ def _measure(row: ModelBench, path: Path, provider: str, threads: int | None, ba
             raise PycompressError(f"--batch {batch}: the data has only {available} samples")
         feeds = batches(data, batch)[0]
     else:
-        feeds = random_inputs(session, batch)
+        feeds = random_inputs(session, batch, vocabulary=token_vocabulary(path))
     feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
     row.latency_ms = measure_latency(session, feeds, warmup, iters)
     row.throughput = batch / (row.latency_ms["mean"] / 1e3)

@@ -17,37 +17,9 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import SEQUENCE_LENGTH, constant_array
+from pycompress.ir import SEQUENCE_LENGTH, embedding_vocabulary
 
 DEFAULT_SEQUENCE_LENGTH = SEQUENCE_LENGTH
-# Ops an index tensor passes through unchanged in value on its way to an embedding Gather.
-_INDEX_PASS = frozenset({"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"})
-
-
-def embedding_vocabulary(value: ir.Value, depth: int = 6) -> int | None:
-    """Rows of the constant embedding table that ``value`` indexes (through value-preserving ops), or None."""
-    frontier, seen = [value], set()
-    for _ in range(depth):
-        following = []
-        for v in frontier:
-            for use in v.uses():
-                node = use.node
-                if id(node) in seen:
-                    continue
-                seen.add(id(node))
-                if node.op_type == "Gather" and use.idx == 1:
-                    table = constant_array(node.inputs[0])
-                    axis = node.attributes["axis"].value if "axis" in node.attributes else 0
-                    if table is not None and table.ndim >= 1:
-                        return int(table.shape[axis])
-                if node.op_type in _INDEX_PASS and use.idx == 0:
-                    following.extend(o for o in node.outputs if o is not None)
-        frontier = following
-        if not frontier:
-            break
-    return None
-
-
 def synthetic_inputs(model: ir.Model, samples: int, seed: int = 0,
                      sequence_length: int = DEFAULT_SEQUENCE_LENGTH) -> dict[str, np.ndarray]:
     """``samples`` valid inputs per graph input (see module docstring)."""

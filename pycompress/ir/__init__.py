@@ -20,6 +20,7 @@ from pycompress.ir.graph import (
     attr_str,
     constant_array,
     constant_inputs,
+    embedding_vocabulary,
     consumers,
     is_codebook_lookup,
     node_by_name,
@@ -47,7 +48,7 @@ from pycompress.ir.io import (
 __all__ = [
     "SEQUENCE_LENGTH", "LayerCost", "ModelCost", "has_sequence_axis", "model_cost", "node_macs",
     "add_initializer", "attr_float", "attr_int", "attr_ints", "attr_str",
-    "constant_array", "constant_inputs", "consumers", "is_codebook_lookup", "node_by_name", "opset_version",
+    "constant_array", "constant_inputs", "embedding_vocabulary", "consumers", "is_codebook_lookup", "node_by_name", "opset_version",
     "output_shapes", "producer", "remove_unused_initializers", "shape_of", "token_mask_input", "truncated",
     "unique_name",
     "atomic_write_bytes", "atomic_write_text", "check_external_data", "check_model", "infer_model_shapes",
