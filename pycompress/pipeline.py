@@ -39,7 +39,7 @@ import onnx_ir as ir
 from pycompress.decisions.bo import Dimension, GaussianProcess, SearchSpace
 from pycompress.errors import PycompressError
 from pycompress.fidelity import Estimate, FidelityEstimator
-from pycompress.ir import model_cost
+from pycompress.ir import model_cost, token_mask_input
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 
@@ -583,75 +583,124 @@ def describe_point(space: SearchSpace, theta: Sequence[float]) -> str:
                      for dim, v in zip(space.dimensions, space.values(theta)))
 
 
+# -- data-aware pruning --------------------------------------------------------------
+
+def teacher_channel_statistics(model: ir.Model, inputs: dict[str, np.ndarray], *, samples: int = 512,
+                               batch_size: int = 64, seed: int = 0) -> dict:
+    """FLAP statistics (``rewrites.prune_channels.channel_statistics``) of every prunable group,
+    measured once on the original model: a search then prunes by fluctuation, with bias
+    compensation, at no cost per evaluation (``ApplyContext.options["channel_statistics"]``)."""
+    from pycompress.fidelity import collect_activations
+    from pycompress.ir.channels import channel_groups
+    from pycompress.ir.heads import attention_heads
+    from pycompress.rewrites.prune_channels import channel_statistics
+
+    groups = [g for g in channel_groups(model) if g.prunable] + attention_heads(model)
+    if not groups:
+        return {}
+    n = len(next(iter(inputs.values())))
+    idx = np.sort(np.random.default_rng(seed).choice(n, min(n, samples), replace=False))
+
+    def batches():
+        for start in range(0, len(idx), batch_size):
+            yield {k: v[idx[start:start + batch_size]] for k, v in inputs.items()}
+
+    return channel_statistics(groups, lambda names: collect_activations(model, names, batches()),
+                              token_mask_input(model))
+
+
 # -- recovery --------------------------------------------------------------------
 
 def recovery_targets(teacher: ir.Model, student: ir.Model, plan: Plan) -> tuple[list, list[str]]:
     """The layers of ``student`` (``teacher`` compressed by ``plan``) that the
     closed-form recovery refits, front to back, and notes on what it skips.
 
-    - ``svd`` and the channel structure of ``lowrank_conv`` (and its
-      data-aware form): the factored pair, refitted at its rank (reduced-rank
-      regression) against the teacher's output of the original layer;
-    - ``prune``: each consumer of the pruned channels that is a plain linear
-      layer (Gemm, MatMul, Conv with group 1), refitted on the kept channels.
-    Tai's vertical/horizontal pair is not a product of two matrices on the same
-    rows and is not refitted (say so); depthwise consumers are pruned with
-    their group and have nothing to refit.
-    """
-    from pycompress.ir import node_by_name
-    from pycompress.recover import RefitTarget
-    from pycompress.recover.linear_view import check_refittable
+    Each applied decision's result lists what to refit (``result["refit"]``:
+    the tensor a rewritten layer produces, and its rank for a factored pair);
+    the nodes are found from that tensor in the student, never from the names
+    a rewrite gave them (they may be renamed since):
 
-    by_name = {node.name: i for i, node in enumerate(student.graph)}
-    teacher_nodes = {node.name: node for node in teacher.graph}
-    targets: dict[tuple[str, ...], tuple[int, RefitTarget]] = {}
+    - ``svd`` and the channel structure of ``lowrank_conv``: the factored pair
+      producing the tensor, refitted at its rank (reduced-rank regression)
+      against the teacher's tensor of the same name;
+    - ``prune``: each consumer of the pruned channels that is a plain linear
+      layer (Gemm, MatMul with a constant weight on either side, Conv with
+      group 1), refitted on the kept channels.
+    A MatMul followed by the Add of its bias is one layer (the bias is refitted
+    too, the target is the teacher's tensor after it). Tai's vertical/horizontal
+    pair is not a product of two matrices on the same rows and is not refitted.
+    """
+    from pycompress.recover import RefitTarget
+    from pycompress.recover.linear_view import LinearView, check_refittable
+
+    position = {id(node): i for i, node in enumerate(student.graph)}
+    teacher_values = {v.name for node in teacher.graph for v in node.outputs if v is not None}
+    producers = {v.name: node for node in student.graph for v in node.outputs if v is not None and v.name}
     notes: list[str] = []
 
-    def pair(site: str, first: str, second: str, rank: int) -> None:
-        a = next((n for n in by_name if n == f"{site}/{first}" or n.startswith(f"{site}/{first}_")), None)
-        b = next((n for n in by_name if n == f"{site}/{second}" or n.startswith(f"{site}/{second}_")), None)
-        if a is None or b is None or site not in teacher_nodes:
-            notes.append(f"{site}: factored nodes not found; not refitted")
-            return
-        targets[(a, b)] = (by_name[a], RefitTarget([a, b], teacher_nodes[site].outputs[0].name, rank=rank))
-
-    # The pruned channel groups, analysed once on the teacher; producers whose
-    # own output channels were pruned keep these teacher channels.
-    pruned = {d.site: get_rewrite("prune").site(teacher, d.site) for d in plan.decisions if d.action == "prune"}
+    # Teacher channels still produced by a pruned producer, by its output tensor.
     kept_outputs: dict[str, list[int]] = {}
+    specs: dict[str, int | None] = {}      # tensor -> rank (None: a single layer)
     for decision in plan.decisions:
-        if decision.action == "prune" and decision.result and "kept_indices" in decision.result:
-            for producer in pruned[decision.site].info.get("producers", []):
-                kept_outputs[producer] = decision.result["kept_indices"]
+        result = decision.result or {}
+        if decision.action == "prune" and "kept_indices" in result:
+            for output in result.get("producer_outputs", []):
+                # attention heads: the kept columns of Q/K/V, not the head numbers
+                kept_outputs[output] = result.get("kept_channels", result["kept_indices"])
+        if decision.action == "lowrank_conv" and result.get("structure") == "tai":
+            notes.append(f"{decision.site}: Tai's vertical/horizontal pair is not refitted")
+        for spec in result.get("refit", []):
+            rank = spec.get("rank")
+            if rank is not None or spec["output"] not in specs:
+                specs[spec["output"]] = rank     # a factored pair wins over a single-layer refit
 
-    for decision in plan.decisions:
-        if decision.action == "svd":
-            pair(decision.site, "svd_a", "svd_b", int(decision.params["rank"]))
-        elif decision.action == "lowrank_conv":
-            if any(n.startswith(f"{decision.site}/lowrank_a") for n in by_name):
-                pair(decision.site, "lowrank_a", "lowrank_b", int(decision.params["rank"]))
-            else:
-                notes.append(f"{decision.site}: Tai's vertical/horizontal pair is not refitted")
-        elif decision.action == "prune":
-            for consumer in pruned[decision.site].info.get("consumers", []):
-                if consumer not in by_name or consumer not in teacher_nodes:
-                    continue  # factored afterwards: refitted as a pair
-                node = node_by_name(student, consumer)
-                if check_refittable(node):
-                    continue
-                channels = kept_outputs.get(consumer)
-                teacher_width = (teacher_nodes[consumer].outputs[0].shape or [None, None])[1]
-                if channels is not None and len(channels) != node.outputs[0].shape[1]:
-                    notes.append(f"{consumer}: its kept output channels do not map one to one; not refitted")
-                    continue
-                if channels is None and node.outputs[0].shape is not None and \
-                        node.outputs[0].shape[1] != teacher_width:
-                    notes.append(f"{consumer}: output width changed by a coupled group; not refitted")
-                    continue
-                targets.setdefault((consumer,), (by_name[consumer], RefitTarget(
-                    [consumer], teacher_nodes[consumer].outputs[0].name, target_channels=channels)))
-    ordered = [t for _, t in sorted(targets.values(), key=lambda item: item[0])]
+    targets: list[tuple[int, RefitTarget]] = []
+    for output, rank in specs.items():
+        node = producers.get(output)
+        if node is None:
+            notes.append(f"{output}: no node of the compressed model produces it; not refitted")
+            continue
+        reason = check_refittable(node)
+        if reason:
+            if rank is None and node.op_type in ("Conv",):
+                continue   # a depthwise consumer is pruned with its group: nothing to refit
+            notes.append(f"{node.name or output}: {reason}; not refitted")
+            continue
+        view = LinearView.of(node)
+        nodes = [node]
+        if rank is not None:
+            first = view.activation.producer()
+            if first is None or check_refittable(first) or LinearView.of(first).output is not view.activation:
+                notes.append(f"{output}: the factored pair producing it was not found; not refitted")
+                continue
+            nodes = [first, node]
+        target = view.output.name
+        if target not in teacher_values:
+            notes.append(f"{output}: the teacher has no tensor '{target}'; not refitted")
+            continue
+        channels = kept_outputs.get(output)
+        width, teacher_width = _feature_width(node, output, student), _feature_width(node, output, teacher)
+        if channels is not None and width is not None and len(channels) != width:
+            notes.append(f"{node.name or output}: its kept output channels do not map one to one; not refitted")
+            continue
+        if channels is None and width is not None and teacher_width is not None and width != teacher_width:
+            notes.append(f"{node.name or output}: output width changed by a coupled group; not refitted")
+            continue
+        targets.append((position[id(nodes[0])], RefitTarget([n.name for n in nodes], target, rank=rank,
+                                                            target_channels=channels)))
+    ordered = [t for _, t in sorted(targets, key=lambda item: item[0])]
     return ordered, notes
+
+
+def _feature_width(node: ir.Node, output: str, model: ir.Model) -> int | None:
+    """Static width of ``model``'s tensor ``output`` on ``node``'s feature axis (None: unknown)."""
+    from pycompress.recover.linear_view import feature_axis
+
+    value = next((v for n in model.graph for v in n.outputs if v is not None and v.name == output), None)
+    if value is None or value.shape is None:
+        return None
+    dim = value.shape[feature_axis(node, len(value.shape))]
+    return dim if isinstance(dim, int) else None
 
 
 def recover(teacher: ir.Model, student: ir.Model, plan: Plan, inputs: dict[str, np.ndarray], *,
@@ -670,5 +719,6 @@ def recover(teacher: ir.Model, student: ir.Model, plan: Plan, inputs: dict[str, 
             yield {k: v[start:start + batch_size] for k, v in subset.items()}
 
     t0 = time.perf_counter()
-    report = refit_layers(teacher, student, targets, batches, lam=lam, seed=seed, progress=progress)
+    report = refit_layers(teacher, student, targets, batches, lam=lam, seed=seed, progress=progress,
+                          token_mask=token_mask_input(teacher))
     return {"samples": int(len(idx)), "seconds": time.perf_counter() - t0, "notes": notes, **report.to_dict()}

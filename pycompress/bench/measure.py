@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pycompress.bench.runtime import ProviderUnavailable, batches, open_session, random_inputs, resolve_provider, \
-    run_all, static_batch
+    run_all, static_batch, token_vocabulary
 from pycompress.errors import PycompressError
 from pycompress.fidelity.compare import compare_outputs
 
@@ -63,13 +63,15 @@ def model_accounting(path: Path) -> tuple[int | None, int | None]:
     """
     if path.suffix != ".onnx":
         return None, None
-    from pycompress.ir import infer_model_shapes, load_model, model_cost, simplify_model
+    from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, infer_model_shapes, load_model, model_cost, \
+        simplify_model
 
     model = load_model(path, simplify=False)
     params = model_cost(model).params
     simplify_model(model, where=str(path))
     infer_model_shapes(model, where=str(path))
-    return params, model_cost(model).macs
+    # A token model: MACs per sequence of SEQUENCE_LENGTH tokens (ir.accounting).
+    return params, model_cost(model, SEQUENCE_LENGTH if has_sequence_axis(model) else None).macs
 
 
 def measure_latency(session, feeds: Mapping[str, np.ndarray], warmup: int, iters: int) -> dict[str, float]:
@@ -139,7 +141,7 @@ def _measure(row: ModelBench, path: Path, provider: str, threads: int | None, ba
             raise PycompressError(f"--batch {batch}: the data has only {available} samples")
         feeds = batches(data, batch)[0]
     else:
-        feeds = random_inputs(session, batch)
+        feeds = random_inputs(session, batch, vocabulary=token_vocabulary(path))
     feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
     row.latency_ms = measure_latency(session, feeds, warmup, iters)
     row.throughput = batch / (row.latency_ms["mean"] / 1e3)

@@ -22,7 +22,8 @@ def table_rows(results: Sequence[ModelBench]) -> tuple[list[str], list[list[str]
     with_fidelity = any(r.fidelity for r in results)
     headers = ["model", "size", "size ratio", "params", "MACs", "p50 ms", "p90 ms", "p99 ms", "samples/s"]
     if with_fidelity:
-        headers += ["output error (± se)", "top-1 agreement"]
+        cosine = any(r.fidelity and r.fidelity.get("cosine") is not None for r in results)
+        headers += ["output error (± se)", "mean cosine" if cosine else "top-1 agreement"]
     first = results[0].file_bytes if results else 1
     rows = []
     for r in results:
@@ -36,8 +37,11 @@ def table_rows(results: Sequence[ModelBench]) -> tuple[list[str], list[list[str]
                 row += ["-", "-"]
             else:
                 row.append(f"{f['mean_sq_error']:.3g} ± {f['sq_error_se']:.2g}")
-                row.append("-" if f["top1_agreement"] is None else
-                           f"{100 * f['top1_agreement']:.1f}% ± {100 * f['top1_agreement_se']:.1f}")
+                if f.get("cosine") is not None:
+                    row.append(f"{f['cosine']:.4f} ± {f['cosine_se']:.2g}")
+                else:
+                    row.append("-" if f["top1_agreement"] is None else
+                               f"{100 * f['top1_agreement']:.1f}% ± {100 * f['top1_agreement_se']:.1f}")
         rows.append(row)
     return headers, rows
 

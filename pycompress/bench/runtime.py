@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pycompress.errors import PycompressError
+from pycompress.ir.accounting import SEQUENCE_LENGTH
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -101,22 +102,46 @@ def static_batch(session) -> int | None:
     return fixed.pop() if len(fixed) == 1 else None
 
 
-def random_inputs(session, count: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """``count`` samples per input: N(0, 1) for float inputs, zeros for integer ones."""
+def random_inputs(session, count: int, seed: int = 0,
+                  vocabulary: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """``count`` samples per input: N(0, 1) for float inputs; for integer ones (a token
+    model, see ``pycompress.data.synthetic``) ones for ``*mask*``, ids uniform in
+    ``vocabulary[name]`` when given, else zeros; symbolic dimensions besides the
+    batch are ``SEQUENCE_LENGTH`` when the model has integer inputs (a sequence), else 1."""
     rng = np.random.default_rng(seed)
     out = {}
+    tokens = any(_NUMPY_TYPES.get(i.type, np.float32) in (np.int64, np.int32) for i in session.get_inputs())
     for info in session.get_inputs():
         dtype = _NUMPY_TYPES.get(info.type)
         if dtype is None:
             raise PycompressError(f"input '{info.name}' has type {info.type}: give sample inputs with --data")
         dims = _dims(info.shape, count)
+        if tokens:
+            dims = [SEQUENCE_LENGTH if i > 0 and not (isinstance(d, int) and d > 0) else n
+                    for i, (d, n) in enumerate(zip(info.shape, dims))]
         if info.shape and isinstance(info.shape[0], int) and info.shape[0] > 0:
             dims[0] = count  # several fixed-size batches, split by `batches`
+        vocab = (vocabulary or {}).get(info.name)
         if np.dtype(dtype).kind == "f":
             out[info.name] = rng.normal(size=dims).astype(dtype)
+        elif "mask" in info.name.lower():
+            out[info.name] = np.ones(dims, dtype)
+        elif vocab and "type" not in info.name.lower():
+            out[info.name] = rng.integers(0, vocab, size=dims).astype(dtype)
         else:
             out[info.name] = np.zeros(dims, dtype)
     return out
+
+
+def token_vocabulary(path) -> dict[str, int]:
+    """Input name -> rows of the embedding table it indexes (token models; empty otherwise)."""
+    from pycompress.ir import embedding_vocabulary, load_model
+
+    try:
+        model = load_model(path, simplify=False)
+    except Exception:  # noqa: BLE001 - a format the ONNX loader does not read (.ort): no vocabulary
+        return {}
+    return {v.name: n for v in model.graph.inputs if (n := embedding_vocabulary(v))}
 
 
 def batches(inputs: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:

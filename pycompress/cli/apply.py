@@ -23,9 +23,11 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from pycompress.cli.common import (AT_LEAST_ONE, NON_NEGATIVE, check_numbers, data_inputs, emit_json, human, model_inputs,
                                    output_policy, print_table)
 from pycompress.data import Calibration, load_data
+from pycompress.data.synthetic import synthetic_inputs
 from pycompress.errors import PycompressError
 from pycompress.fidelity import collect_activations, run_model
-from pycompress.ir import load_model, model_cost, save_model
+from pycompress.fidelity.compare import cosine_similarities, is_embedding
+from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, load_model, model_cost, save_model
 from pycompress.plan import Plan
 from pycompress.rewrites import ApplyContext, apply_plan
 from pycompress.rewrites.compose import check_plan_composes
@@ -69,7 +71,8 @@ def _file_bytes(path: Path, model: ir.Model | None = None) -> int:
 
 
 def _sizes(model: ir.Model) -> dict[str, int]:
-    cost = model_cost(model)
+    # A token model: MACs per sequence of SEQUENCE_LENGTH tokens (ir.accounting).
+    cost = model_cost(model, SEQUENCE_LENGTH if has_sequence_axis(model) else None)
     return {"params": cost.params, "macs": cost.macs, "weight_bytes": cost.bytes}
 
 
@@ -101,28 +104,10 @@ def _activation_source(model: ir.Model, calibration: Calibration, batch_size: in
     return activations
 
 
-def _random_inputs(model: ir.Model, samples: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for value in model.graph.inputs:
-        if value.is_initializer():
-            continue
-        dims = list(value.shape or [])
-        if any(not isinstance(d, int) for d in dims[1:]):
-            raise PycompressError(f"input '{value.name}' has a symbolic dimension besides the batch; "
-                                  "pass --data to measure the output difference")
-        shape = [samples, *dims[1:]] if dims else []
-        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-        if np.dtype(dtype).kind == "f":
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[value.name] = np.zeros(shape, dtype)
-    return feeds
-
-
 def output_difference(reference: ir.Model, model: ir.Model, inputs: dict[str, np.ndarray],
                       batch_size: int) -> list[dict[str, Any]]:
-    """Per graph output: max |diff|, relative L2 ``||y - y'|| / ||y||``, top-1 agreement for 2-D scores."""
+    """Per graph output: max |diff|, relative L2 ``||y - y'|| / ||y||``, top-1 agreement for 2-D scores,
+    mean cosine for embeddings (``fidelity.compare.is_embedding``)."""
     expected = run_model(reference, inputs, batch_size=batch_size)
     got = run_model(model, inputs, batch_size=batch_size)
     rows = []
@@ -131,8 +116,10 @@ def output_difference(reference: ir.Model, model: ir.Model, inputs: dict[str, np
         norm = float(np.linalg.norm(y))
         row = {"output": value.name, "max_abs_diff": float(np.max(np.abs(y - y2))) if y.size else 0.0,
                "relative_l2": float(np.linalg.norm(y - y2) / norm) if norm > 0 else float(np.linalg.norm(y2)),
-               "top1_agreement": None}
-        if y.ndim == 2 and y.shape[1] > 1:
+               "top1_agreement": None, "cosine": None}
+        if is_embedding(y):
+            row["cosine"] = float(np.mean(cosine_similarities(y, y2)))
+        elif y.ndim == 2 and y.shape[1] > 1:
             row["top1_agreement"] = float(np.mean(np.argmax(y, 1) == np.argmax(y2, 1)))
         rows.append(row)
     return rows
@@ -170,14 +157,16 @@ def _run(args) -> int:
         ctx = ApplyContext(_activation_source(model, calibration, args.batch_size),
                            {"data_aware": not args.weight_only})
     before = {**_sizes(model), "file_bytes": _file_bytes(model_path, model)}
-    applied = apply_plan(model, plan, ctx)  # validates everything first; raises before any write
+    # With data, rewrites stream activations: say what is being done (it can take minutes).
+    log = (lambda line: print(f"apply {line}", file=sys.stderr, flush=True)) if calibration is not None else None
+    applied = apply_plan(model, plan, ctx, progress=log)  # validates everything first; raises before any write
     after = _sizes(model)
     if evaluation is not None:
         inputs = evaluation.subset(np.arange(min(args.samples, len(evaluation)))).inputs
         measured_on = f"first {min(args.samples, len(evaluation))} samples of {evaluation.source}"
     else:
-        inputs = _random_inputs(reference, args.samples, args.seed)
-        measured_on = f"{args.samples} random normal inputs (seed {args.seed})"
+        inputs = synthetic_inputs(reference, args.samples, args.seed)
+        measured_on = f"{args.samples} synthetic inputs (seed {args.seed}: normal floats, token ids in the vocabulary)"
     difference = output_difference(reference, model, inputs, args.batch_size)
     save_model(model, output)
     after["file_bytes"] = _file_bytes(output)
@@ -205,6 +194,8 @@ def _run(args) -> int:
     print(f"output difference on {measured_on}:")
     for row in difference:
         agree = "" if row["top1_agreement"] is None else f", top-1 agreement {row['top1_agreement']:.1%}"
+        if row["cosine"] is not None:
+            agree = f", mean cosine {row['cosine']:.4f} (embedding)"
         print(f"  {row['output']}: max |diff| {row['max_abs_diff']:.4g}, relative L2 {row['relative_l2']:.4g}{agree}")
     print(f"wrote {output} and {plan_out}")
     return 0

@@ -229,8 +229,6 @@ def _run(args) -> int:
         if (run_dir / "state.json").exists():
             raise PycompressError(f"{run_dir}: already holds a search; continue it with --resume {run_dir} "
                                   "or choose another --run-dir")
-        if not args.data:
-            raise PycompressError("--data is required (calibration inputs: file.npz / file.npy / builtin:NAME)")
         config = {**_config_from_args(args), "model": str(model_path.resolve()), "model_sha256": model_hash}
     searching = config["method"] in ("pacbo", "random")
     if searching:
@@ -246,7 +244,12 @@ def _run(args) -> int:
 
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     model = load_model(model_path)
-    data = load_data(config["data"], model, labels=config["labels"])
+    if config["data"] is None:
+        data = _synthetic_token_data(model, config["seed"])
+        log(f"no --data: {len(data)} synthetic token inputs (ids in the vocabulary, masks of ones); "
+            "quality figures on them are only indicative")
+    else:
+        data = load_data(config["data"], model, labels=config["labels"])
     if config["use_labels"] and data.labels is None:
         raise PycompressError(f"{config['data']}: --labels given but the data has no labels (pass FILE.npy)")
     estimator = FidelityEstimator(model, data.inputs, labels=data.labels if config["use_labels"] else None,
@@ -373,11 +376,24 @@ def _run(args) -> int:
             print(f"finetune: {'kept epoch ' + str(finetuned['best_epoch']) if finetuned['kept'] else 'not kept'}; "
                   f"fidelity {finetuned['fidelity_before']:.4g} -> {finetuned['fidelity_after']:.4g}")
         extra = "".join(f", {k.removeprefix('final_')} {v:.4f}" for k, v in summary.items()
-                        if k in ("final_agreement", "final_accuracy"))
+                        if k in ("final_agreement", "final_accuracy", "final_cosine"))
         print(f"fidelity ({config['loss']}) on {final.samples} samples: {final.mean:.4g} +- {final.std_error:.2g}"
               f"{extra}")
         print(f"wrote {output}, {plan_path}{', ' + str(trace_path) if trace else ''}; report: {paths['md']}")
     return 0
+
+
+SYNTHETIC_SAMPLES = 256
+
+
+def _synthetic_token_data(model, seed: int):
+    """Calibration inputs for a token model without --data (pycompress.data.synthetic); other models need --data."""
+    from pycompress.data import Calibration
+    from pycompress.data.synthetic import embedding_vocabulary, synthetic_inputs
+
+    if not any(embedding_vocabulary(v) for v in model.graph.inputs):
+        raise PycompressError("--data is required (calibration inputs: file.npz / file.npy / builtin:NAME)")
+    return Calibration(synthetic_inputs(model, SYNTHETIC_SAMPLES, seed), None, "synthetic token inputs")
 
 
 def _search(args, config, model, data, estimator, log, save_config, run_dir):
@@ -419,8 +435,14 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
             latency = LatencyProbe(model, feeds, runs=args.latency_runs, threads=args.threads)
         log(f"original latency {latency.baseline.mean * 1e3:.3f} ms +- {latency.baseline.std_error * 1e3:.2g} "
             "(batch 1)")
-    objective = CompressionObjective(model, space, estimator,
-                                     context=ApplyContext(options={"skip_rank_beyond_r_max": True}),
+    options: dict[str, Any] = {"skip_rank_beyond_r_max": True}
+    if "prune" in config["actions"]:
+        from pycompress.pipeline import teacher_channel_statistics
+
+        # FLAP: channels kept by fluctuation (with bias compensation), from one pass on the original.
+        log("pruning criterion: fluctuation statistics of the prunable groups' consumers (one pass)")
+        options["channel_statistics"] = teacher_channel_statistics(model, data.inputs, seed=config["seed"])
+    objective = CompressionObjective(model, space, estimator, context=ApplyContext(options=options),
                                      objective=config.get("objective", "size"), latency=latency)
     space = objective.space
     if space.grouped:
@@ -655,7 +677,15 @@ def _one_shot(args, config, model, data, log):
 
         check_plan_composes(model, plan_in, where=config["method"])
     compressed = model.clone()
-    plan = apply_plan(compressed, plan_in)
+    ctx = None
+    if any(d.action == "prune" and "keep" in d.params for d in plan_in.decisions):
+        from pycompress.pipeline import teacher_channel_statistics
+        from pycompress.rewrites import ApplyContext
+
+        log("pruning criterion: fluctuation statistics of the pruned groups' consumers (one pass)")
+        ctx = ApplyContext(options={"channel_statistics": teacher_channel_statistics(model, data.inputs,
+                                                                                     seed=config["seed"])})
+    plan = apply_plan(compressed, plan_in, ctx)
     summary = {"method": config["method"], "decisions": {d.site: d.params for d in plan.decisions},
                "plan_meta": plan_in.meta}
     return compressed, plan, summary
@@ -679,7 +709,7 @@ def _trace(config: dict[str, Any], space, result, summary: dict[str, Any]) -> di
             "probability": None if step is None else step.probability,
             "incumbent_J": None if step is None else step.incumbent_value,
             "seconds": obs.seconds,
-            **{k: v for k, v in obs.extras.items() if k in ("agreement", "accuracy")},
+            **{k: v for k, v in obs.extras.items() if k in ("agreement", "accuracy", "cosine")},
         })
     search = {"method": config["method"], "gamma": config["gamma"], "target_size": config["target_size"],
               "certificate": result.certified, "probability": result.probability, "z_max": result.z_max,

@@ -89,5 +89,7 @@ def print_verification(verification: dict, what: str) -> None:
     for out in verification["outputs"]:
         agreement = (f", top-1 agreement {100 * out['top1_agreement']:.1f}%"
                      if out["top1_agreement"] is not None else "")
+        if out.get("cosine") is not None:
+            agreement = f", mean cosine {out['cosine']:.4f} (embedding)"
         print(f"check ({what} vs input, {verification['samples']} {source}): output '{out['name']}' max |diff| "
               f"{out['max_abs_diff']:.3g}, relative error {out['relative_error']:.3g}{agreement}")

@@ -5,19 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from pycompress.cli.common import emit_json, human, print_table
-from pycompress.ir import load_model, model_cost
+from pycompress.errors import PycompressError
+from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, load_model, model_cost
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="parameters, MACs and bytes per layer of an ONNX model")
     p.add_argument("model", help="path to a .onnx file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--sequence-length", type=int, default=SEQUENCE_LENGTH,
+                   help=f"token models: count MACs per sequence of this many tokens (default {SEQUENCE_LENGTH})")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     model = load_model(args.model)
-    cost = model_cost(model)
+    if args.sequence_length < 1:
+        raise PycompressError(f"--sequence-length {args.sequence_length}: must be a positive integer")
+    per_sequence = has_sequence_axis(model)
+    cost = model_cost(model, sequence_length=args.sequence_length if per_sequence else None)
     payload = {
         "model": str(args.model),
         "file_bytes": Path(args.model).stat().st_size,
@@ -25,6 +31,7 @@ def run(args) -> int:
         "opsets": dict(model.opset_imports),
         "inputs": [{"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
                     "dtype": str(v.dtype)} for v in model.graph.inputs],
+        "macs_per": f"sequence of {args.sequence_length} tokens" if per_sequence else "sample",
         **cost.to_dict(),
     }
     if args.json:
@@ -34,7 +41,8 @@ def run(args) -> int:
             for l in cost.layers]
     print_table(["layer", "op", "weight", "params", "MACs", "bytes"], rows)
     print()
-    print(f"total: {cost.params:,} params ({human(cost.params)}), {cost.macs:,} MACs ({human(cost.macs)}), "
+    print(f"total: {cost.params:,} params ({human(cost.params)}), {cost.macs:,} MACs ({human(cost.macs)}) "
+          f"per {payload['macs_per']}, "
           f"{cost.bytes:,} weight bytes; file {payload['file_bytes']:,} bytes; "
           f"ir_version {model.ir_version}, opsets {payload['opsets']}")
     return 0

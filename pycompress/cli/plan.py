@@ -15,7 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pycompress.cli.common import emit_json, human, model_inputs, output_policy, print_table
+from pycompress.cli.common import (
+    emit_json,
+    human,
+    model_inputs,
+    output_policy,
+    print_table,
+)
 from pycompress.errors import PycompressError
 from pycompress.ir import load_model
 from pycompress.plan import Plan

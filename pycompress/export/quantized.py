@@ -96,7 +96,7 @@ def to_int8_static(source: Path, output: Path, calibration: Mapping[str, np.ndar
         prepared = Path(tmp) / "prepared.onnx"
         try:
             with quiet(), _scratch_cwd(output.parent):
-                quant_pre_process(str(source), str(prepared))
+                symbolic = _pre_process(quant_pre_process, source, prepared)
                 quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         except PycompressError:
@@ -104,7 +104,26 @@ def to_int8_static(source: Path, output: Path, calibration: Mapping[str, np.ndar
         except Exception as exc:
             raise _fail(source, "onnxruntime static quantization", exc) from exc
     return {"mode": "static", "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8",
-            "calibration_samples": usable}
+            "calibration_samples": usable, "symbolic_shape_inference": symbolic}
+
+
+def _pre_process(quant_pre_process, source: Path, prepared: Path) -> bool:
+    """ORT's quantization pre-processing; returns whether its symbolic shape inference ran.
+
+    That inference gives up on graphs whose shapes are computed from a
+    symbolic sequence length (transformer encoders: "Incomplete symbolic shape
+    inference"); the graph then goes through ONNX shape inference and the
+    optimizer only, which is what static QDQ quantization needs (the
+    sequence length stays free in the quantized model).
+    """
+    try:
+        quant_pre_process(str(source), str(prepared))
+        return True
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises a bare Exception here
+        if "symbolic shape" not in str(exc).lower():
+            raise
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    return False
 
 
 def to_int8_dynamic(source: Path, output: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pycompress.bench.runtime import open_session, random_inputs, run_all
+from pycompress.bench.runtime import open_session, random_inputs, run_all, token_vocabulary
 from pycompress.errors import PycompressError
 from pycompress.fidelity.compare import compare_outputs
 
@@ -21,7 +21,8 @@ def verify_export(source: Path, exported: Path | bytes, inputs: Mapping[str, np.
     reference = open_session(source)
     candidate = open_session(exported, where=where)
     kind = "data" if inputs is not None else "random"
-    feeds = dict(inputs) if inputs is not None else random_inputs(reference, samples)
+    feeds = dict(inputs) if inputs is not None else random_inputs(reference, samples,
+                                                                  vocabulary=token_vocabulary(source))
     expected = run_all(reference, feeds)
     got = run_all(candidate, feeds)
     names = [o.name for o in reference.get_outputs()]

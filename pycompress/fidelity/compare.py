@@ -5,6 +5,15 @@ output. ``L^ = mean(l)`` with standard error ``sqrt(s^2 / m)`` (``s^2`` the
 sample variance, ddof 1): a first-order U-statistic. For classifier-shaped
 outputs (``[m, C]``, ``C > 1``) also the top-1 agreement
 ``mean(argmax f~(x_j) == argmax f*(x_j))`` and its standard error.
+
+Embeddings get the mean cosine similarity ``cos(f~(x_j), f*(x_j))`` (with its
+standard error) instead of a top-1 agreement, which means nothing over
+embedding dimensions. An output is an embedding (``is_embedding``) when
+
+- it has 3 or more axes (``[m, T, D]`` token states): the cosine is taken
+  between the per-sample means over the middle axes (mean pooling), or
+- it is ``[m, D]`` and every row of the reference has unit L2 norm (within
+  1e-3): a normalised sentence / image embedding.
 """
 
 from __future__ import annotations
@@ -22,11 +31,40 @@ class OutputComparison:
     mean_sq_error: float           # L^ = mean_j ||f~(x_j) - f*(x_j)||^2
     sq_error_se: float             # sqrt(var(l) / m); nan with one sample
     relative_error: float          # ||f~ - f*||_F / ||f*||_F over all samples
-    top1_agreement: float | None   # None when the output is not [m, C]
+    top1_agreement: float | None   # None when the output is not [m, C] or is an embedding
     top1_agreement_se: float | None
+    cosine: float | None = None    # mean cosine similarity, for embeddings (see is_embedding)
+    cosine_se: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+def is_embedding(reference: np.ndarray) -> bool:
+    """Whether an output ``[m, ...]`` is compared as an embedding (see the module docstring)."""
+    ref = np.asarray(reference)
+    if ref.ndim >= 3:
+        return True
+    if ref.ndim == 2 and ref.shape[1] > 1 and ref.shape[0] > 0:
+        norms = np.linalg.norm(ref.astype(np.float64), axis=1)
+        return bool(np.all(np.abs(norms - 1.0) < UNIT_NORM_TOLERANCE))
+    return False
+
+
+def pooled(output: np.ndarray) -> np.ndarray:
+    """``[m, D]`` per-sample vectors: token states ``[m, T, ..., D]`` averaged over the middle axes."""
+    out = np.asarray(output, np.float64)
+    return out.reshape(out.shape[0], -1, out.shape[-1]).mean(axis=1) if out.ndim >= 3 else out.reshape(len(out), -1)
+
+
+def cosine_similarities(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per-sample cosine between the (pooled) outputs."""
+    a, b = pooled(reference), pooled(candidate)
+    denom = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return np.sum(a * b, axis=1) / denom
 
 
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> OutputComparison:
@@ -40,8 +78,12 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> OutputCompa
     losses = (diff ** 2).sum(axis=1)
     se = float(math.sqrt(losses.var(ddof=1) / m)) if m > 1 else math.nan
     norm = float(np.linalg.norm(ref))
-    agreement = agreement_se = None
-    if ref.ndim == 2 and ref.shape[1] > 1:
+    agreement = agreement_se = cosine = cosine_se = None
+    if is_embedding(ref):
+        cos = cosine_similarities(ref, out)
+        cosine = float(cos.mean())
+        cosine_se = float(math.sqrt(cos.var(ddof=1) / m)) if m > 1 else math.nan
+    elif ref.ndim == 2 and ref.shape[1] > 1:
         same = (ref.argmax(axis=1) == out.argmax(axis=1)).astype(np.float64)
         agreement = float(same.mean())
         agreement_se = float(math.sqrt(same.var(ddof=1) / m)) if m > 1 else math.nan
@@ -53,4 +95,6 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> OutputCompa
         relative_error=float(np.linalg.norm(diff)) / norm if norm else float(np.linalg.norm(diff)),
         top1_agreement=agreement,
         top1_agreement_se=agreement_se,
+        cosine=cosine,
+        cosine_se=cosine_se,
     )

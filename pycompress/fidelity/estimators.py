@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
+from pycompress.fidelity.compare import cosine_similarities, is_embedding
 from pycompress.fidelity.session import make_session
 
 LOSSES = ("norm", "error", "cross_entropy")
@@ -246,8 +247,11 @@ class FidelityEstimator:
         mean, var = self._mean_var(losses)
         extras: dict[str, Any] = {}
         logits = _as_2d(student[0])
-        if logits.shape[1] > 1:
-            teacher = self.teacher_outputs(idx)
+        teacher = self.teacher_outputs(idx)
+        if is_embedding(teacher[0]):
+            # An embedding: top-1 over its dimensions means nothing (fidelity.compare).
+            extras["cosine"] = float(np.mean(cosine_similarities(teacher[0], student[0])))
+        elif logits.shape[1] > 1:
             extras["agreement"] = float(np.mean(np.argmax(logits, 1) == np.argmax(_as_2d(teacher[0]), 1)))
             if self.labels is not None:
                 extras["accuracy"] = float(np.mean(np.argmax(logits, 1) == self.labels[idx].ravel()))

@@ -4,7 +4,14 @@ Everything above this package works on ``onnx_ir.Model`` objects obtained
 from ``load_model`` and written with ``save_model``.
 """
 
-from pycompress.ir.accounting import LayerCost, ModelCost, model_cost, node_macs
+from pycompress.ir.accounting import (
+    SEQUENCE_LENGTH,
+    LayerCost,
+    ModelCost,
+    has_sequence_axis,
+    model_cost,
+    node_macs,
+)
 from pycompress.ir.graph import (
     add_initializer,
     attr_float,
@@ -13,6 +20,7 @@ from pycompress.ir.graph import (
     attr_str,
     constant_array,
     constant_inputs,
+    embedding_vocabulary,
     consumers,
     is_codebook_lookup,
     node_by_name,
@@ -21,6 +29,7 @@ from pycompress.ir.graph import (
     producer,
     remove_unused_initializers,
     shape_of,
+    token_mask_input,
     truncated,
     unique_name,
 )
@@ -37,10 +46,11 @@ from pycompress.ir.io import (
 )
 
 __all__ = [
-    "LayerCost", "ModelCost", "model_cost", "node_macs",
+    "SEQUENCE_LENGTH", "LayerCost", "ModelCost", "has_sequence_axis", "model_cost", "node_macs",
     "add_initializer", "attr_float", "attr_int", "attr_ints", "attr_str",
-    "constant_array", "constant_inputs", "consumers", "is_codebook_lookup", "node_by_name", "opset_version",
-    "output_shapes", "producer", "remove_unused_initializers", "shape_of", "truncated", "unique_name",
+    "constant_array", "constant_inputs", "embedding_vocabulary", "consumers", "is_codebook_lookup", "node_by_name", "opset_version",
+    "output_shapes", "producer", "remove_unused_initializers", "shape_of", "token_mask_input", "truncated",
+    "unique_name",
     "atomic_write_bytes", "atomic_write_text", "check_external_data", "check_model", "infer_model_shapes",
     "load_model", "model_nbytes", "save_model", "simplify_model",
 ]

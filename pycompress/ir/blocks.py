@@ -9,7 +9,9 @@ the plain chain that leads into it (a stem, a stride-2 block without skip);
 the plain nodes after the last branching segment (the head, the classifier)
 are blocks of their own, one node each. So ResNet18 has 8 blocks plus the
 classifier (the 9 parameters of the PAC-BO paper), an MLP has one block per
-layer.
+layer. Tensors that no weight contributes to (a transformer's attention
+mask, computed from an input and read by every layer) do not count as alive,
+so each encoder layer of a transformer is a block.
 
 A *stage* is the set of nodes whose output has the same spatial size
 (``H x W``): the resolution stages of a CNN. Nodes without spatial output
@@ -33,11 +35,38 @@ def _is_activation(value: ir.Value) -> bool:
     return value.const_value is None and constant_array(value) is None
 
 
+def _weighted_values(nodes: list[ir.Node]) -> set[int]:
+    """Ids of the tensors computed, directly or not, from a weight (a float constant of 2+ axes).
+
+    Tensors computed from the graph inputs by weightless ops only (a
+    transformer's additive attention mask, read by every layer) are side
+    inputs: counting them alive would leave no cut between the encoder layers.
+    """
+    weighted: set[int] = set()
+    for node in nodes:
+        reads_weight = False
+        for value in node.inputs:
+            if value is None:
+                continue
+            if id(value) in weighted:
+                reads_weight = True
+                break
+            array = constant_array(value)
+            if array is not None and array.ndim >= 2 and array.dtype.kind == "f":
+                reads_weight = True
+                break
+        if reads_weight:   # only float tensors: a Shape of the hidden state does not carry it
+            weighted.update(id(out) for out in node.outputs if out is not None
+                            and (out.dtype is None or out.dtype.is_floating_point()))
+    return weighted
+
+
 def block_labels(model: ir.Model) -> dict[str, str]:
     """``node name -> "block<k>"`` (see the module docstring)."""
     nodes = list(model.graph)
     if not nodes:
         return {}
+    weighted = _weighted_values(nodes)
     position = {id(node): i for i, node in enumerate(nodes)}
     n = len(nodes)
     # alive[i]: activations produced at or before node i and read after it.
@@ -45,7 +74,7 @@ def block_labels(model: ir.Model) -> dict[str, str]:
     values = list(model.graph.inputs) + [out for node in nodes for out in node.outputs]
     graph_outputs = {id(v) for v in model.graph.outputs}
     for value in values:
-        if not _is_activation(value):
+        if not _is_activation(value) or (id(value) not in weighted and value.producer() is not None):
             continue
         node = value.producer()
         first = position[id(node)] if node is not None else 0

@@ -1069,6 +1069,12 @@ def channel_groups(model: ir.Model, *, cache: bool = True) -> list[ChannelGroup]
     return groups
 
 
+def shape_entries(model: ir.Model, value: ir.Value | None) -> list[int | str | None] | None:
+    """A 1-D shape tensor's entries: ints, symbolic dim names, or None (a constant, or computed by
+    Shape/Gather/Concat/Unsqueeze...); None when it cannot be evaluated."""
+    return _Walk(model).shape_entries(value)
+
+
 def channel_group(model: ir.Model, group_id: str) -> ChannelGroup:
     """The group with this id (raises PycompressError naming the site if there is none)."""
     for group in channel_groups(model):
@@ -1078,4 +1084,4 @@ def channel_group(model: ir.Model, group_id: str) -> ChannelGroup:
 
 
 __all__ = ["ChannelCarrier", "ChannelCount", "ChannelGroup", "ChannelProducer", "ChannelSlice",
-           "channel_group", "channel_groups"]
+           "channel_group", "channel_groups", "shape_entries"]

@@ -192,3 +192,42 @@ def truncated(model: ir.Model, outputs: list[str]) -> ir.Model:
     copy.graph.outputs.extend(produced.get(name) or inputs[name] for name in outputs)
     remove_unused_initializers(copy)
     return copy
+
+
+def token_mask_input(model: ir.Model) -> str | None:
+    """The attention-mask input of a token model: a 2-D integer (or bool) graph input named
+    ``*mask*`` (1 = token, 0 = padding), as Hugging Face encoders are exported; None otherwise."""
+    for value in model.graph.inputs:
+        dtype = value.dtype.numpy() if value.dtype is not None else None
+        if "mask" in value.name.lower() and value.shape is not None and len(value.shape) == 2 \
+                and dtype is not None and np.dtype(dtype).kind in "iub":
+            return value.name
+    return None
+
+
+# Ops an index tensor passes through unchanged in value on its way to an embedding Gather.
+_INDEX_PASS = frozenset({"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"})
+
+
+def embedding_vocabulary(value: ir.Value, depth: int = 6) -> int | None:
+    """Rows of the constant embedding table that ``value`` indexes (through value-preserving ops), or None."""
+    frontier, seen = [value], set()
+    for _ in range(depth):
+        following = []
+        for v in frontier:
+            for use in v.uses():
+                node = use.node
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op_type == "Gather" and use.idx == 1:
+                    table = constant_array(node.inputs[0])
+                    axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+                    if table is not None and table.ndim >= 1:
+                        return int(table.shape[axis])
+                if node.op_type in _INDEX_PASS and use.idx == 0:
+                    following.extend(o for o in node.outputs if o is not None)
+        frontier = following
+        if not frontier:
+            break
+    return None

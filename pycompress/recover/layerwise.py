@@ -26,7 +26,7 @@ import onnx_ir as ir
 from pycompress.errors import PycompressError
 from pycompress.fidelity.session import make_session, run_tensors
 from pycompress.ir import node_by_name, truncated
-from pycompress.recover.linear_view import LinearView, check_refittable, output_pixels, rows, target_rows
+from pycompress.recover.linear_view import LinearView, check_refittable, feature_axis, output_pixels, rows, target_rows
 from pycompress.recover.normal_equations import LayerStatistics
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -34,13 +34,18 @@ Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 @dataclass
 class RefitTarget:
-    """A layer to refit: one linear node, or a factored pair [first, second] at ``rank``."""
+    """A layer to refit: one linear node, or a factored pair [first, second] at ``rank``.
+
+    A MatMul followed by the Add of a constant bias is one linear layer (the
+    Add is found from the MatMul: ``LinearView.of``); ``target`` is then the
+    teacher's tensor after the bias.
+    """
 
     nodes: list[str]
     target: str                  # the teacher's tensor this layer must reproduce
     rank: int | None = None      # pairs only
-    # The teacher channels (axis 1) the layer still produces, when its own
-    # outputs were pruned too; None: all of them.
+    # The teacher channels (feature axis) the layer still produces, when its
+    # own outputs were pruned too; None: all of them.
     target_channels: list[int] | None = None
 
 
@@ -63,8 +68,23 @@ class RecoveryReport:
         return {"layers": [r.__dict__ for r in self.results]}
 
 
+def _token_rows(feeds: Mapping[str, np.ndarray], token_mask: str | None, node: ir.Node,
+                shape: tuple[int, ...]) -> np.ndarray | None:
+    """Rows of a ``B x T x D`` activation to fit: the tokens where the mask input is not 0
+    (padding tokens do not reach a pooled output: fitting them wastes the refit on them).
+    None: all rows (no mask, or the activation is not ``B x T x D`` with features last)."""
+    if token_mask is None or token_mask not in feeds or node.op_type != "MatMul" or len(shape) != 3 \
+            or feature_axis(node, 3) != 2:
+        return None
+    mask = np.asarray(feeds[token_mask])
+    if mask.shape != tuple(shape[:2]):
+        return None
+    return mask.reshape(-1) != 0
+
+
 def _teacher_rows(teacher: ir.Model, targets: list[RefitTarget], nodes: list[list[ir.Node]], batches: Batches,
-                  max_pixels: int, seed: int) -> list[list[tuple[np.ndarray | None, np.ndarray]]]:
+                  max_pixels: int, seed: int,
+                  token_mask: str | None = None) -> list[list[tuple[np.ndarray | None, np.ndarray]]]:
     """Per target, per batch: the output pixels drawn and the teacher's rows there (float32)."""
     session = make_session(teacher, extra_outputs=[t.target for t in targets])
     names = list(dict.fromkeys(t.target for t in targets))
@@ -75,9 +95,13 @@ def _teacher_rows(teacher: ir.Model, targets: list[RefitTarget], nodes: list[lis
         for i, (target, pair) in enumerate(zip(targets, nodes)):
             y = values[target.target]
             if target.target_channels is not None:
-                y = np.take(y, target.target_channels, axis=1)
+                y = np.take(y, target.target_channels, axis=feature_axis(pair[-1], y.ndim))
             pix = output_pixels(pair[0], y.shape, max_pixels, rngs[i])
-            out[i].append((pix, np.ascontiguousarray(target_rows(pair[-1], y, pix), dtype=np.float32)))
+            yr = target_rows(pair[-1], y, pix)
+            keep = _token_rows(feeds, token_mask, pair[-1], y.shape)
+            if keep is not None:
+                yr = yr[keep]
+            out[i].append((pix, np.ascontiguousarray(yr, dtype=np.float32)))
     return out
 
 
@@ -89,7 +113,7 @@ def _validate(student: ir.Model, target: RefitTarget) -> list[ir.Node]:
             raise PycompressError(f"node '{node.name}': cannot refit: {reason}")
     if len(nodes) == 2:
         first, second = nodes
-        if second.inputs[0] is not first.outputs[0]:
+        if LinearView.of(second).activation is not LinearView.of(first).output:
             raise PycompressError(f"nodes '{first.name}' -> '{second.name}' are not a factored pair")
         if second.op_type == "Conv" and LinearView(second).weight_matrix().shape[0] != \
                 LinearView(first).weight_matrix().shape[1]:
@@ -100,7 +124,7 @@ def _validate(student: ir.Model, target: RefitTarget) -> list[ir.Node]:
 
 
 def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget], batches: Batches, *,
-                 lam: float = 1e-3, max_pixels: int = 64, seed: int = 0,
+                 lam: float = 1e-3, max_pixels: int = 64, seed: int = 0, token_mask: str | None = None,
                  progress: Callable[[str], None] | None = None) -> RecoveryReport:
     """Refit ``targets`` of ``student`` in place, in the given (front-to-back) order.
 
@@ -108,15 +132,17 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
     of every layer (at most ``max_pixels`` output pixels per sample, drawn per
     layer and batch before any data is seen). The student changes after each
     refit, so each layer takes one pass of the student truncated at its input.
+    ``token_mask``: the graph input (``B x T``, 0 at padding) of a token model;
+    the rows of padding tokens are left out of the fits.
     """
     report = RecoveryReport()
     checked = [_validate(student, target) for target in targets]
-    teacher_rows = _teacher_rows(teacher, targets, checked, batches, max_pixels, seed)
+    teacher_rows = _teacher_rows(teacher, targets, checked, batches, max_pixels, seed, token_mask)
     graph_inputs = {v.name for v in student.graph.inputs}
     for t, (target, nodes) in enumerate(zip(targets, checked)):
         start = time.perf_counter()
         first, last = nodes[0], nodes[-1]
-        views = [LinearView(n) for n in nodes]
+        views = [LinearView.of(n) for n in nodes]
         w_now = views[0].weight_matrix().astype(np.float64)
         b_now = views[0].bias()
         if len(views) == 2:
@@ -124,11 +150,15 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
             b_now = b_now @ w2 + views[1].bias()
             w_now = w_now @ w2
         stats = LayerStatistics(*w_now.shape)
-        source = first.inputs[0].name
+        intercept = views[-1].bias_slot     # a bare MatMul is refitted through the origin
+        source = views[0].activation.name
         student_session = None if source in graph_inputs else make_session(truncated(student, [source]))
         for feeds, (pix, yr) in zip(batches(), teacher_rows[t]):
             x = feeds[source] if student_session is None else run_tensors(student_session, [source], feeds)[0]
             xr, _ = rows(first, x, pixels=pix)
+            keep = _token_rows(feeds, token_mask, first, x.shape)
+            if keep is not None:
+                xr = xr[keep]
             if xr.shape[0] != yr.shape[0]:
                 raise PycompressError(f"node '{last.name}': teacher tensor '{target.target}' does not align "
                                       f"with the layer's outputs ({yr.shape[0]} vs {xr.shape[0]} rows)")
@@ -137,16 +167,15 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
         note = ""
         try:
             if len(views) == 1:
-                w_new, b_new = stats.ridge(lam)
+                w_new, b_new = stats.ridge(lam, intercept)
                 after = stats.error(w_new, b_new)
                 if after < before:
                     views[0].set(w_new, b_new)
             else:
-                a, bf, b_new = stats.reduced_rank(int(target.rank or w_now.shape[1]), lam)
+                a, bf, b_new = stats.reduced_rank(int(target.rank or w_now.shape[1]), lam, intercept)
                 after = stats.error(a @ bf, b_new)
                 if after < before:
-                    has_first_bias = views[0].op != "MatMul" and len(first.inputs) > 2 and first.inputs[2] is not None
-                    views[0].set(a, np.zeros(a.shape[1]) if has_first_bias else None)
+                    views[0].set(a, np.zeros(a.shape[1]) if views[0].has_bias else None)
                     views[1].set(bf, b_new)
         except np.linalg.LinAlgError as exc:
             after, note = before, f"solve failed: {exc}"

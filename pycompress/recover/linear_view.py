@@ -17,29 +17,106 @@ from pycompress.errors import PycompressError
 from pycompress.ir import attr_float, attr_int, attr_ints, attr_str, constant_array
 
 
+def _weight_side(node: ir.Node) -> int:
+    """Input index of a MatMul's constant 2-D weight: 1 (``X @ W``), 0 (``W' @ X``), -1 (none)."""
+    for index in (1, 0):
+        w = constant_array(node.inputs[index]) if len(node.inputs) > index else None
+        if w is not None and w.ndim == 2 and w.dtype.kind == "f":
+            return index
+    return -1
+
+
+def bias_add_after(node: ir.Node) -> ir.Node | None:
+    """The ``Add`` of a constant bias that reads a MatMul's output and nothing else does
+    (exporters write ``nn.Linear`` as MatMul + Add), or None."""
+    if node.op_type != "MatMul" or _weight_side(node) < 0:
+        return None
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output() or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    if len(add.inputs) != 2:
+        return None
+    other = add.inputs[1 - uses[0].idx]
+    bias = constant_array(other)
+    w = constant_array(node.inputs[_weight_side(node)])
+    d_out = w.shape[1] if _weight_side(node) == 1 else w.shape[0]
+    if bias is None or bias.dtype.kind != "f" or bias.size != d_out:
+        return None
+    # It must broadcast along the feature axis only: (d_out,) / (1, .., d_out) on the right,
+    # (d_out, 1) for W' @ X (features on axis -2).
+    if _weight_side(node) == 1 and bias.shape[-1] != d_out:
+        return None
+    if _weight_side(node) == 0 and (bias.ndim < 2 or bias.shape[-2:] != (d_out, 1)):
+        return None
+    return add
+
+
 @dataclass
 class LinearView:
+    """One linear layer ``y = x W + b``: a Gemm, a Conv, or a MatMul with a constant
+    weight on either side, with the ``Add`` of its bias when one follows (``bias_add``)."""
+
     node: ir.Node
+    bias_add: ir.Node | None = None
+
+    @classmethod
+    def of(cls, node: ir.Node) -> "LinearView":
+        return cls(node, bias_add_after(node))
 
     @property
     def op(self) -> str:
         return self.node.op_type
 
-    def _weight_value(self) -> ir.Value:
-        return self.node.inputs[1]
+    @property
+    def left(self) -> bool:
+        """``W' @ X``: the features are on axis -2 of the activations."""
+        return self.op == "MatMul" and _weight_side(self.node) == 0
+
+    @property
+    def output(self) -> ir.Value:
+        """The layer's output: after its bias."""
+        return (self.bias_add or self.node).outputs[0]
+
+    @property
+    def activation(self) -> ir.Value:
+        return self.node.inputs[1] if self.left else self.node.inputs[0]
+
+    @property
+    def has_bias(self) -> bool:
+        if self.op == "MatMul":
+            return self.bias_add is not None
+        return len(self.node.inputs) > 2 and self.node.inputs[2] is not None
+
+    @property
+    def bias_slot(self) -> bool:
+        """Whether a bias can be written (Gemm and Conv take one as an input; a bare MatMul cannot)."""
+        return self.op != "MatMul" or self.bias_add is not None
+
+    def _weight_index(self) -> int:
+        return 0 if self.left else 1
 
     def weight_matrix(self) -> np.ndarray:
         """W as (d_in, d_out)."""
-        w = constant_array(self._weight_value())
+        w = constant_array(self.node.inputs[self._weight_index()])
         if self.op == "Gemm":
             return w.T if attr_int(self.node, "transB", 0) else w
         if self.op == "MatMul":
-            return w
+            return w.T if self.left else w
         return w.reshape(w.shape[0], -1).T  # Conv: (Co, Ci, kh, kw) -> (Ci*kh*kw, Co)
+
+    def _bias_index(self) -> int:
+        add = self.bias_add
+        return next(i for i, v in enumerate(add.inputs) if v is not self.node.outputs[0])
 
     def bias(self) -> np.ndarray:
         d_out = self.weight_matrix().shape[1]
-        if self.op in ("Gemm", "Conv") and len(self.node.inputs) > 2 and self.node.inputs[2] is not None:
+        if self.op == "MatMul":
+            if self.bias_add is None:
+                return np.zeros(d_out)
+            return constant_array(self.bias_add.inputs[self._bias_index()]).reshape(-1).astype(np.float64)
+        if len(self.node.inputs) > 2 and self.node.inputs[2] is not None:
             b = constant_array(self.node.inputs[2])
             if b is not None:
                 scale = attr_float(self.node, "beta", 1.0) if self.op == "Gemm" else 1.0
@@ -48,21 +125,27 @@ class LinearView:
 
     def set(self, w: np.ndarray, b: np.ndarray | None) -> None:
         """Write W (d_in, d_out) and b back, keeping the node's layout and dtype."""
-        old = constant_array(self._weight_value())
+        index = self._weight_index()
+        old = constant_array(self.node.inputs[index])
         if self.op == "Gemm":
             alpha = attr_float(self.node, "alpha", 1.0)
             w = w / alpha
             new = w.T if attr_int(self.node, "transB", 0) else w
         elif self.op == "MatMul":
-            new = w
+            new = w.T if self.left else w
         else:
             new = w.T.reshape(old.shape)
-        _replace_constant(self.node, 1, new.astype(old.dtype))
+        _replace_constant(self.node, index, new.astype(old.dtype))
         if b is None:
             return
         if self.op == "MatMul":
-            if np.any(b != 0):
-                raise PycompressError(f"node '{self.node.name}': a MatMul has no bias to refit")
+            if self.bias_add is not None:
+                slot = self._bias_index()
+                old_b = constant_array(self.bias_add.inputs[slot])
+                _replace_constant(self.bias_add, slot, b.reshape(old_b.shape).astype(old_b.dtype))
+            elif np.any(b != 0):
+                raise PycompressError(f"node '{self.node.name}': a MatMul with no bias Add after it cannot take "
+                                      "a bias (refit it through the origin)")
             return
         if self.op == "Gemm":
             b = b / attr_float(self.node, "beta", 1.0)
@@ -98,6 +181,8 @@ def check_refittable(node: ir.Node) -> str | None:
     """None if the node can be refitted as a linear map, else the reason."""
     if node.op_type not in ("Gemm", "MatMul", "Conv"):
         return f"{node.op_type} is not a linear layer"
+    if node.op_type == "MatMul":
+        return None if _weight_side(node) >= 0 else "neither operand is a constant 2-D float weight"
     if constant_array(node.inputs[1]) is None:
         return "its weight is not a constant (or is the first operand)"
     if node.op_type == "Gemm" and attr_int(node, "transA", 0):
@@ -130,7 +215,7 @@ def rows(node: ir.Node, x: np.ndarray, *, max_pixels: int | None = None,
     pixels they stand for (im2col for Conv: the given ``pixels``, or at most
     ``max_pixels`` drawn per sample)."""
     if node.op_type in ("Gemm", "MatMul"):
-        return x.reshape(-1, x.shape[-1]), None
+        return _feature_rows(node, x), None
     w = constant_array(node.inputs[1])
     co, ci, kh, kw = w.shape
     sh, sw = attr_ints(node, "strides", [1, 1])
@@ -153,9 +238,25 @@ def rows(node: ir.Node, x: np.ndarray, *, max_pixels: int | None = None,
 def target_rows(node: ir.Node, y: np.ndarray, pix: np.ndarray | None = None) -> np.ndarray:
     """The node's outputs as rows, matching ``rows`` (same pixels for Conv)."""
     if node.op_type in ("Gemm", "MatMul"):
-        return y.reshape(-1, y.shape[-1])
+        return _feature_rows(node, y)
     n, co = y.shape[:2]
     flat = y.reshape(n, co, -1)
     if pix is not None:
         flat = flat[:, :, pix]
     return flat.transpose(0, 2, 1).reshape(-1, co)
+
+
+def feature_axis(node: ir.Node, ndim: int) -> int:
+    """The axis of a linear node's activations (input or output) that holds the features."""
+    if node.op_type == "MatMul":
+        return ndim - 2 if _weight_side(node) == 0 else ndim - 1
+    return 1
+
+
+def _feature_rows(node: ir.Node, x: np.ndarray) -> np.ndarray:
+    """``[..., d]`` (or ``[..., d, n]`` for ``W' @ X``) activations as rows ``(-1, d)``:
+    every token of a ``B x T x D`` tensor is a row."""
+    axis = feature_axis(node, x.ndim)
+    if axis != x.ndim - 1:
+        x = np.moveaxis(x, axis, -1)
+    return x.reshape(-1, x.shape[-1])

@@ -13,6 +13,10 @@ in the joint covariance of [X, Y], streamed through the covariance kernel
                     factors A = W V_K (d_in x K), B = V_K^T (K x d_out).
     error(W, b) = mean over samples of ||Y - X W - b||^2, exactly, from the
                   same statistics, so a refit is only kept when it lowers it.
+
+A layer with no bias to write (a bare MatMul) is fitted through the origin
+(``intercept=False``): the same formulas on the uncentred moments
+(``S + n m m^T``), and ``b = 0``.
 """
 
 from __future__ import annotations
@@ -39,25 +43,29 @@ class LayerStatistics:
     def count(self) -> int:
         return self._acc.count
 
-    def _parts(self):
+    def _parts(self, intercept: bool = True):
         s = self._acc.scatter
         mean = self._acc.mean
+        if not intercept:   # uncentred moments: the fit through the origin
+            s = s + self._acc.count * np.outer(mean, mean)
+            mean = np.zeros_like(mean)
         d = self.d_in
         return s[:d, :d], s[:d, d:], s[d:, d:], mean[:d], mean[d:]
 
-    def ridge(self, lam: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    def ridge(self, lam: float = 1e-4, intercept: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(W d_in x d_out, b d_out); ``lam`` is relative to the mean input variance."""
-        sxx, sxy, _, mx, my = self._parts()
+        sxx, sxy, _, mx, my = self._parts(intercept)
         reg = lam * max(float(np.trace(sxx)) / self.d_in, 1e-12)
         w = np.linalg.solve(sxx + reg * np.eye(self.d_in), sxy)
         return w, my - mx @ w
 
-    def reduced_rank(self, rank: int, lam: float = 1e-4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def reduced_rank(self, rank: int, lam: float = 1e-4,
+                     intercept: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(A d_in x K, B K x d_out, b d_out): the best rank-K map on the data."""
         if not 1 <= rank <= min(self.d_in, self.d_out):
             raise ValueError(f"rank {rank} outside [1, {min(self.d_in, self.d_out)}]")
-        sxx, _, _, mx, my = self._parts()
-        w, _ = self.ridge(lam)
+        sxx, _, _, mx, my = self._parts(intercept)
+        w, _ = self.ridge(lam, intercept)
         fitted = w.T @ sxx @ w
         vals, vecs = np.linalg.eigh((fitted + fitted.T) / 2)
         v = vecs[:, np.argsort(vals)[::-1][:rank]]

@@ -7,7 +7,7 @@ listing the module in ``_MODULES``.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Callable
 
 import onnx_ir as ir
 
@@ -41,16 +41,20 @@ def validate_plan(model: ir.Model, plan: Plan) -> None:
         rewrite.check_params(site, decision.params)
 
 
-def apply_plan(model: ir.Model, plan: Plan, ctx: ApplyContext | None = None, *, check: bool = True) -> Plan:
+def apply_plan(model: ir.Model, plan: Plan, ctx: ApplyContext | None = None, *, check: bool = True,
+               progress: Callable[[str], None] | None = None) -> Plan:
     """Apply all decisions in place (in rewrite order) and return the plan with results.
 
     The whole plan is validated first, so a bad plan leaves the model untouched.
+    ``progress`` gets a line before each decision (data-aware rewrites can take minutes).
     """
     ctx = ctx or ApplyContext()
     validate_plan(model, plan)
     applied = []
     ordered = sorted(enumerate(plan.decisions), key=lambda item: (get_rewrite(item[1].action).order, item[0]))
-    for _, decision in ordered:
+    for step, (_, decision) in enumerate(ordered, 1):
+        if progress:
+            progress(f"[{step}/{len(ordered)}] {decision.action} {decision.site}")
         result = get_rewrite(decision.action).apply(model, decision, ctx)
         applied.append(LayerDecision(decision.site, decision.action, dict(decision.params), decision.note, result))
     infer_model_shapes(model, where="rewritten model")

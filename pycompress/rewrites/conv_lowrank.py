@@ -232,7 +232,10 @@ class LowRankConv(Rewrite):
                 a, b, s = fz.truncated_svd(w, rank)
                 result.update(data_aware=False, weight_energy_kept=fz.energy_kept(s, rank))
             nodes = _emit_channel(model, layer, site.name, a, b, new_bias)
+        output = layer.node.outputs[0].name
         fz.replace_node(model, layer.node, nodes)
+        if structure != "tai":   # Tai's vertical/horizontal pair is not a product of two matrices on the same rows
+            result["refit"] = [fz.refit_spec(output, rank)]
         params_after, macs_after = factored_cost(layer, structure, rank)
         full = site.info["full_rank"] if structure == "tai" else site.info["channel_full_rank"]
         limit = site.info["r_max"] if structure == "tai" else site.info["channel_r_max"]

