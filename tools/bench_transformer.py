@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=1152, help="FFN channels kept per layer (of 1536)")
     p.add_argument("--rank", type=int, default=0, help="rank of the attention projections (0: not factored)")
     p.add_argument("--heads", type=int, default=12, help="attention heads kept per layer (of 12)")
+    p.add_argument("--lam", type=float, default=1e-3, help="recovery ridge (relative to the mean input variance)")
     p.add_argument("--calib", type=int, default=400)
     p.add_argument("--held", type=int, default=200)
     p.add_argument("--runs", type=int, default=200)
@@ -77,8 +78,8 @@ def main() -> None:
     stats = teacher_channel_statistics(teacher, calib)
     plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
     before = run_model(student, held)[0]
-    report = recover(teacher, student, plan, calib, samples=args.calib)
-    tag = f"h{args.heads}_k{args.keep}_r{args.rank}"
+    report = recover(teacher, student, plan, calib, samples=args.calib, lam=args.lam)
+    tag = f"h{args.heads}_k{args.keep}_r{args.rank}_l{args.lam:g}"
     compressed = out / f"minilm_{tag}.onnx"
     save_model(student, compressed)
     seconds = time.perf_counter() - t0
@@ -91,7 +92,8 @@ def main() -> None:
     paths = [original, int8, compressed, both]
     lat = latency_ms(paths, held, args.runs)
     base = model_cost(teacher, SEQUENCE_LENGTH)
-    setting = {"heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held}
+    setting = {"heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held,
+               "lam": args.lam}
     print(json.dumps({"setting": setting,
                       "compress_seconds": round(seconds, 1),
                       "cosine_before_recovery": float(cosine_similarities(reference, before).mean()),

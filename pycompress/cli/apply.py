@@ -27,7 +27,7 @@ from pycompress.data.synthetic import synthetic_inputs
 from pycompress.errors import PycompressError
 from pycompress.fidelity import collect_activations, run_model
 from pycompress.fidelity.compare import cosine_similarities, is_embedding
-from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, load_model, model_cost, save_model
+from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, load_model, model_cost, save_model, token_mask_input
 from pycompress.plan import Plan
 from pycompress.rewrites import ApplyContext, apply_plan
 from pycompress.rewrites.compose import check_plan_composes
@@ -155,7 +155,7 @@ def _run(args) -> int:
     ctx = ApplyContext()
     if calibration is not None:
         ctx = ApplyContext(_activation_source(model, calibration, args.batch_size),
-                           {"data_aware": not args.weight_only})
+                           {"data_aware": not args.weight_only, "token_mask": token_mask_input(model)})
     before = {**_sizes(model), "file_bytes": _file_bytes(model_path, model)}
     # With data, rewrites stream activations: say what is being done (it can take minutes).
     log = (lambda line: print(f"apply {line}", file=sys.stderr, flush=True)) if calibration is not None else None

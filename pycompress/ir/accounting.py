@@ -12,8 +12,9 @@ QLinearConv, and onnxruntime's DynamicQuantizeMatMul, MatMulIntegerToFloat,
 QGemm, MatMulNBits) count their MACs like the float op they replace.
 
 Parameters are the elements of constant tensors a node reads, except int64
-tensors (shapes, axes, indices of Reshape/Slice) and 0-d scalars (Clip bounds, Pad values written as Constant nodes): those are op
-settings, not weights. A constant read by several nodes is counted once, at its first
+tensors (shapes, axes, indices of Reshape/Slice) and 0-d scalars (Clip
+bounds, Pad values written as Constant nodes): those are op settings, not
+weights. A constant read by several nodes is counted once, at its first
 reader in graph order.
 """
 
