@@ -223,3 +223,60 @@ def test_efficientnet_lite0_groups(efficientnet_onnx, efficientnet_torch):
     unfolded = load_model(efficientnet_onnx, simplify=False)
     reasons = [g.blocked_by for g in channel_groups(unfolded) if not g.prunable]
     assert any("Pad" in r for r in reasons)
+
+
+def _conv_relu_conv(tmp_path):
+    return parsed("""
+        g (float[1,3,4,4] x) => (float[1,2,?,?] y) {
+            a = Conv(x, wa)
+            b = Transpose<perm=[0,1,3,2]>(a)
+            y = Conv(b, wb)
+        }""", {"wa": w(4, 3, 1, 1), "wb": w(2, 4, 1, 1)}, tmp_path)
+
+
+def test_a_bug_in_an_op_rule_is_not_swallowed(tmp_path, monkeypatch):
+    """Only malformed nodes are reported as 'could not be analysed'; a rule that crashes is a bug."""
+    from pycompress.ir.channels import rules
+
+    def broken(walk, node, tracked):
+        return 1 // 0
+
+    monkeypatch.setitem(rules.RULES, "Transpose", broken)
+    with pytest.raises(ZeroDivisionError):
+        channel_groups(_conv_relu_conv(tmp_path), cache=False)
+
+
+def test_a_malformed_node_blocks_its_group_with_the_reason(tmp_path):
+    import onnx_ir as ir
+
+    model = _conv_relu_conv(tmp_path)
+    assert status(model)["a"] == "ok"
+    transpose = next(n for n in model.graph if n.op_type == "Transpose")
+    transpose.attributes["perm"] = ir.AttrInt64s("perm", [0, 2, 3, 3])     # not a permutation: no axis 1
+    got = channel_groups(model, cache=False)[0].blocked_by
+    assert got == "Transpose 'node_1' could not be analysed (has perm=[0, 2, 3, 3], which lacks axis 1)", got
+    transpose.attributes["perm"] = ir.AttrString("perm", "oops")           # an attribute of the wrong type
+    got = channel_groups(model, cache=False)[0].blocked_by
+    assert got == "Transpose 'node_1' could not be analysed (has a malformed attribute 'perm')", got
+
+
+def test_the_shape_evaluator_works_on_its_own():
+    """Shape tensors computed from a symbolic batch dim (built without load_model, which folds them)."""
+    import onnx_ir as ir
+
+    from pycompress.ir.channels import shape_entries
+    from pycompress.ir.channels.shapes import ShapeEvaluator
+
+    proto = onnx.parser.parse_model(HEADER + """
+        g (float[N,3,4,4] x) => (float[N,48] y) {
+            zero = Constant<value=int64[1] {0}>()
+            rest = Constant<value=int64[1] {48}>()
+            s = Shape(x)
+            n = Gather(s, zero)
+            t = Concat<axis=0>(n, rest)
+            y = Reshape(x, t)
+        }""")
+    model = ir.from_proto(proto)
+    target = next(n for n in model.graph if n.op_type == "Reshape").inputs[1]
+    assert shape_entries(model, target) == ["N", 48]
+    assert ShapeEvaluator().shape_entries(target) == ["N", 48]
