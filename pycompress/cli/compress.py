@@ -104,6 +104,10 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the search saved in RUN_DIR")
     p.add_argument("--plan", default=None, help="where to write the plan (default OUT.plan.json)")
     p.add_argument("--trace", default=None, help="where to write the trace (default OUT.trace.json)")
+    p.add_argument("--heldout", default=None, metavar="DATA",
+                   help="held-out data the result is measured on, never seen by the search or the recovery "
+                        "(default with --data builtin:skimage: builtin:skimage-heldout:160, crops of other "
+                        "photos; 'none' to skip)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for evaluations")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -262,6 +266,7 @@ def run(args) -> int:
                     "fidelity_samples": final.samples, **{f"final_{k}": v for k, v in final.extras.items()}})
     if cost_sites is None:
         summary["ratio"] = cost_after.params / max(cost_before.params, 1)
+    heldout = _heldout_quality(args, config, model, compressed)
     stages.append({"name": "verify", "seconds": time.monotonic() - t_stage})
     plan.model = str(model_path)
     plan.meta = _finite({"planner": config["method"], **{k: v for k, v in summary.items() if k != "decisions"}})
@@ -283,6 +288,7 @@ def run(args) -> int:
                   "file_bytes": output.stat().st_size, "ratio_of_compressed_layers": summary.get("ratio")},
         "fidelity": {"loss": config["loss"], "mean": final.mean, "std_error": final.std_error,
                      "samples": final.samples, **final.extras},
+        "heldout": heldout,
         "search": None if trace is None else trace["search"],
         "layers": [{"site": d.site, "action": d.action, "params": d.params,
                     "params_before": (d.result or {}).get("params_before"),
@@ -293,7 +299,7 @@ def run(args) -> int:
     paths = write_report(report, report_dir)
 
     if args.json:
-        emit_json(_finite({**summary, "output": str(output), "plan": str(plan_path),
+        emit_json(_finite({**summary, "heldout": heldout, "output": str(output), "plan": str(plan_path),
                            "trace": str(trace_path) if trace else None, "report": str(paths["json"]),
                            "run_dir": str(run_dir) if trace else None, "seconds": time.monotonic() - started}))
     else:
@@ -326,8 +332,27 @@ def run(args) -> int:
                         if k in ("final_agreement", "final_accuracy"))
         print(f"fidelity ({config['loss']}) on {final.samples} samples: {final.mean:.4g} +- {final.std_error:.2g}"
               f"{extra}")
+        if heldout is not None:
+            print(f"held-out ({heldout['source']}, {heldout['samples']} samples): top-1 agreement "
+                  f"{heldout['top1_agreement']:.4f}, top-5 containment {heldout['top5_containment']:.4f}, "
+                  f"KL {heldout['kl_divergence']:.4g}" if heldout.get("top1_agreement") is not None else
+                  f"held-out ({heldout['source']}, {heldout['samples']} samples): relative error "
+                  f"{heldout['relative_error']:.4g}")
         print(f"wrote {output}, {plan_path}{', ' + str(trace_path) if trace else ''}; report: {paths['md']}")
     return 0
+
+
+def _heldout_quality(args, config, model, compressed) -> dict | None:
+    """The result against the original on held-out data (--heldout, or the source's own held-out split)."""
+    from pycompress.data import default_heldout, load_data
+    from pycompress.fidelity.compare import heldout_comparison
+
+    spec = args.heldout if args.heldout is not None else default_heldout(config["data"])
+    if not spec or spec == "none":
+        return None
+    data = load_data(spec, model)
+    inputs = {k: np.asarray(v[:]) for k, v in data.inputs.items()}
+    return {"source": spec, **heldout_comparison(model, compressed, inputs, threads=args.threads)}
 
 
 def _search(args, config, model, data, estimator, log, save_config, run_dir):
