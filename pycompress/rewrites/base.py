@@ -72,6 +72,14 @@ class Rewrite(ABC):
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
         """Apply in place; return what changed (params/MACs before and after...)."""
 
+    def finish(self, model: ir.Model, ctx: ApplyContext) -> dict[str, Any]:
+        """Called once after the plan's last decision of this action (in place); what it did.
+
+        For rewrites that act on the whole graph at once (quantization
+        calibrates every activation range in one pass); others do nothing.
+        """
+        return {}
+
     def starting_decision(self, model: ir.Model, site: Site, **options: Any) -> LayerDecision | None:
         """A sensible default decision for ``pycompress plan`` (None: leave as is)."""
         return None

@@ -254,7 +254,7 @@ class WeightSharing(Rewrite):
 
         reconstructed = codebook[indices] * scale if scale is not None else codebook[indices]
         if input_mean is not None:
-            _correct_bias(model, node, output_shift(node, reconstructed.astype(np.float64) - weights, input_mean))
+            correct_bias(model, node, output_shift(node, reconstructed.astype(np.float64) - weights, input_mean))
 
         reconstructed = reconstructed.astype(np.float64)
         original = weights.astype(np.float64)
@@ -349,7 +349,7 @@ def wants_bias_correction(site: Site, params: dict[str, Any], ctx: ApplyContext)
     return ctx.activations is not None and bool(ctx.options.get("data_aware", True))
 
 
-def _correct_bias(model: ir.Model, node: ir.Node, shift: np.ndarray) -> None:
+def correct_bias(model: ir.Model, node: ir.Node, shift: np.ndarray) -> None:
     """Subtract ``shift`` from the node's bias (a new initializer; a bias is added if missing)."""
     position = 2
     bias_value = node.inputs[position] if len(node.inputs) > position else None
