@@ -135,6 +135,8 @@ class Measurement:
 GRANULARITIES = ("layer", "block", "stage")
 # Index bits searched for ``share``: below 2 bits even large FC layers collapse.
 SHARE_BITS = (2, 8)
+# ``quant``: 8 = int8, 9 = the layer stays float (the "untouched" end of the coordinate).
+QUANT_BITS = (8, 9)
 
 
 def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str = "layer", *,
@@ -168,6 +170,7 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
     notes: list[str] = []
     taken: set[str] = set()
     factored: dict[str, str] = {}
+    taken_by_share: set[str] = set()
 
     def group_of(site, action: str) -> str | None:
         return f"{labels[site.nodes[0]]}:{action}" if site.nodes and site.nodes[0] in labels else None
@@ -176,6 +179,9 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
     actions = sorted(actions, key=lambda a: get_rewrite(a).order)
     for action in actions:
         rewrite = get_rewrite(action)
+        if action == "quant":
+            dims += _quant_dimensions(rewrite.sites(model), taken_by_share, group_of, notes)
+            continue
         if "rank" in rewrite.params:
             kind = "rank"
         elif "keep" in rewrite.params:
@@ -197,6 +203,7 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
                     continue
                 dims.append(Dimension(site.name, action, "bits", "keep", high=SHARE_BITS[1], low=SHARE_BITS[0],
                                       group=group_of(site, action)))
+                taken_by_share.add(site.name)
                 continue
             high = int(site.info.get("r_max" if kind == "rank" else "width", 0) or 0)
             if high < (1 if kind == "rank" else 2):
@@ -222,6 +229,23 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
     sizes = Counter(d.group for d in dims)
     dims = [replace(d, group=None) if sizes[d.group] == 1 else d for d in dims]   # a group of one is a layer
     return SearchSpace(dims), notes
+
+
+def _quant_dimensions(sites, shared: set[str], group_of, notes: list[str]) -> list:
+    """``quant``: one int8-or-float coordinate per layer (bits 8 = int8, 9 = left float), after the others.
+
+    A factored layer's coordinate covers the layers it becomes (``Quantize.site``).
+    """
+    dims = []
+    for site in sites:
+        if not site.ok:
+            notes.append(f"{site.name} (quant): {site.reason}")
+        elif site.name in shared:
+            notes.append(f"{site.name} (quant): weights shared (no constant left to quantize)")
+        else:
+            dims.append(Dimension(site.name, "quant", "bits", "keep", high=QUANT_BITS[1], low=QUANT_BITS[0],
+                                  untouched_from=QUANT_BITS[1], group=group_of(site, "quant")))
+    return dims
 
 
 class CompressionObjective:
@@ -293,6 +317,8 @@ class CompressionObjective:
         return {name: getattr(layer, self.counted) for name, layer in model_cost(model).by_name().items()}
 
     def _untouched_from(self, dim: Dimension) -> int | None:
+        if dim.action == "quant":
+            return dim.untouched_from   # int8 changes latency even where the counted cost (MACs) stays
         cost = self.costs[(dim.site, dim.action)]
         for v in range(dim.low if dim.kind == "keep" else 1, dim.high + 1):
             if cost.after(v) >= cost.before:

@@ -146,7 +146,7 @@ def test_bias_correction_lowers_the_output_shift(tmp_path):
 def test_bad_decisions_are_refused_before_any_change(tmp_path):
     path, _, _, _ = digits()
     model = load_model(path)
-    with pytest.raises(PycompressError, match="'bits' must be 8 .int8. or 32"):
+    with pytest.raises(PycompressError, match="'bits' must be 8 .int8. or 9..32"):
         apply_plan(model, Plan([LayerDecision("/c1/Conv", "quant", {"bits": 4})]), ApplyContext())
     with pytest.raises(PycompressError, match="needs calibration data"):
         apply_plan(model, Plan([LayerDecision("/c1/Conv", "quant", {"bits": 8})]), ApplyContext())

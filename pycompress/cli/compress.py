@@ -59,9 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--report-dir", default=None,
                    help="folder for report.json / report.md / report.html and plots (default OUT.report)")
     p.add_argument("--actions", default="svd",
-                   help="comma-separated actions to search: svd, lowrank_conv, prune, share (default svd); "
-                        "pruning comes first, then factorizations, then sharing (index bits 2..8) of the "
-                        "layers left whole")
+                   help="comma-separated actions to search: svd, lowrank_conv, prune, share, quant (default "
+                        "svd); pruning comes first, then factorizations, then sharing (index bits 2..8) of the "
+                        "layers left whole, then quant (each layer int8 or float; applied after the recovery)")
     p.add_argument("--objective", default="size", choices=("size", "bytes", "macs", "latency"),
                    help="what R in J = gamma * Q + 1/R measures: parameters (default), packed bytes (shared "
                         "weights at their index bits: needed by --actions share), MACs, or the onnxruntime "
@@ -146,6 +146,10 @@ def _config_from_args(args) -> dict[str, Any]:
     if "share" in args.actions.split(",") and args.objective != "bytes" and args.method in ("pacbo", "random"):
         raise PycompressError("--actions share reduces bytes, not parameters, MACs or latency: "
                               "use --objective bytes")
+    if "quant" in args.actions.split(",") and args.objective not in ("bytes", "latency") \
+            and args.method in ("pacbo", "random"):
+        raise PycompressError("--actions quant reduces bytes and latency, not parameters or MACs: "
+                              "use --objective bytes or --objective latency")
     return {
         "method": args.method, "actions": [a.strip() for a in args.actions.split(",") if a.strip()],
         "granularity": args.granularity, "objective": args.objective, "max_prune": args.max_prune,
@@ -230,6 +234,9 @@ def run(args) -> int:
         """The fidelity on the calibration pool (its first 5000 samples), by every stage alike."""
         return estimator.evaluate_on(candidate, np.arange(min(estimator.pool, 5000)))
 
+    quant = [d for d in plan.decisions if d.action == "quant"]
+    if quant:
+        compressed, plan = _without_quant(model, plan)
     recovery = None
     if not args.no_recover:
         t_stage = time.monotonic()
@@ -254,6 +261,19 @@ def run(args) -> int:
                              progress=None if args.quiet else log, threads=args.threads).to_dict()
         finetuned["fidelity_before"] = before_ft.mean
         stages.append({"name": "finetune", "seconds": time.monotonic() - t_stage})
+
+    if quant:
+        t_stage = time.monotonic()
+        log(f"quantizing: {sum(d.params.get('bits') == 8 for d in quant)} of {len(quant)} searched layers int8 "
+            "(cross-layer equalization, bias correction, onnxruntime QDQ)")
+        plan = _quantize_last(compressed, plan, quant, data, config["seed"])
+        if cost_sites is not None:
+            # The search measured its own (unrecovered, smaller-sample) int8 model: measure the result.
+            summary["ratio"] = objective.ratio_of(compressed)
+            if objective.latency is not None:
+                summary["latency_ratio"], var = objective.latency.ratio(compressed)
+                summary["latency_ratio_std_error"] = math.sqrt(var)
+        stages.append({"name": "quantize", "seconds": time.monotonic() - t_stage})
 
     t_stage = time.monotonic()
     final = fidelity_on_pool(compressed)
@@ -342,6 +362,53 @@ def run(args) -> int:
     return 0
 
 
+QUANT_SEARCH_SAMPLES = 64     # calibration samples of each candidate's int8 ranges during a search
+QUANT_FINAL_SAMPLES = 256     # ... and of the result's
+
+
+def _model_activations(data, samples: int, seed: int):
+    """``(model, names) -> batches`` of the model's values on a fixed calibration subset (made once)."""
+    from pycompress.cli.apply import upstream_of
+    from pycompress.fidelity import collect_activations
+
+    n = len(data)
+    index = np.sort(np.random.default_rng([seed, 7]).choice(n, min(n, samples), replace=False))
+    subset = {k: np.asarray(v[index]) for k, v in data.inputs.items()}
+
+    def activations(model, names):
+        batches = ({k: v[i:i + 32] for k, v in subset.items()} for i in range(0, len(index), 32))
+        yield from collect_activations(upstream_of(model, names), names, batches)
+
+    return activations
+
+
+def _without_quant(model, plan):
+    """The plan's structure (prune, factorizations, sharing) applied alone to a copy of ``model``.
+
+    The recovery refits float layers, so quantization comes last, on the
+    recovered weights; a search's result holds it already and is rebuilt.
+    """
+    from pycompress.plan import Plan
+    from pycompress.rewrites import ApplyContext, apply_plan
+
+    rest = [d for d in plan.decisions if d.action != "quant"]
+    compressed = model.clone()
+    applied = apply_plan(compressed, Plan([type(d)(d.site, d.action, dict(d.params), d.note) for d in rest],
+                                          plan.model, {k: v for k, v in plan.meta.items() if k != "finished"}),
+                         ApplyContext(options={"skip_rank_beyond_r_max": True}))
+    return compressed, applied
+
+
+def _quantize_last(compressed, plan, quant, data, seed: int):
+    """Apply the quant decisions to ``compressed`` in place; the plan with all decisions applied."""
+    from pycompress.plan import Plan
+    from pycompress.rewrites import ApplyContext, apply_plan
+
+    ctx = ApplyContext(model_activations=_model_activations(data, QUANT_FINAL_SAMPLES, seed))
+    done = apply_plan(compressed, Plan([type(d)(d.site, d.action, dict(d.params), d.note) for d in quant]), ctx)
+    return Plan(plan.decisions + done.decisions, plan.model, {**plan.meta, **done.meta}, plan.version)
+
+
 def _heldout_quality(args, config, model, compressed) -> dict | None:
     """The result against the original on held-out data (--heldout, or the source's own held-out split)."""
     from pycompress.data import default_heldout, load_data
@@ -377,8 +444,14 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
                                threads=args.threads)
         log(f"original latency {latency.baseline.mean * 1e3:.3f} ms +- {latency.baseline.std_error * 1e3:.2g} "
             "(batch 1)")
-    objective = CompressionObjective(model, space, estimator,
-                                     context=ApplyContext(options={"skip_rank_beyond_r_max": True}),
+    context = ApplyContext(options={"skip_rank_beyond_r_max": True})
+    if "quant" in config["actions"]:
+        # Each candidate's int8 ranges are calibrated on a small fixed sample (the result, after
+        # recovery, on QUANT_FINAL_SAMPLES: _quantize_last).
+        context = ApplyContext(options={"skip_rank_beyond_r_max": True,
+                                        "quant_calibration_samples": QUANT_SEARCH_SAMPLES},
+                               model_activations=_model_activations(data, QUANT_SEARCH_SAMPLES, config["seed"]))
+    objective = CompressionObjective(model, space, estimator, context=context,
                                      objective=config.get("objective", "size"), latency=latency)
     space = objective.space
     if space.grouped:
@@ -486,7 +559,11 @@ def _one_shot(args, config, model, data, log):
     else:
         plan_in = Plan.load(config["method"]).without_results()
     compressed = model.clone()
-    plan = apply_plan(compressed, plan_in)
+    # Quantization comes after the recovery (run's _quantize_last): applied here without it.
+    quant = [d for d in plan_in.decisions if d.action == "quant"]
+    plan = apply_plan(compressed, Plan([d for d in plan_in.decisions if d.action != "quant"], plan_in.model,
+                                       dict(plan_in.meta)))
+    plan.decisions += quant
     summary = {"method": config["method"], "decisions": {d.site: d.params for d in plan.decisions},
                "plan_meta": plan_in.meta}
     return compressed, plan, summary

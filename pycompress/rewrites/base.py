@@ -35,10 +35,17 @@ class Site:
     info: dict[str, Any] = field(default_factory=dict)  # r_max, full_rank, width, params, macs ...
 
 
+# Batches of values of a given model on calibration data: for rewrites that
+# read the graph they are rewriting after changing it (quantization), when the
+# caller rewrites copies (searches) and ``activations`` cannot know which.
+ModelActivationSource = Callable[[ir.Model, Sequence[str]], Iterable[dict[str, np.ndarray]]]
+
+
 @dataclass
 class ApplyContext:
     activations: ActivationSource | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    model_activations: ModelActivationSource | None = None
 
 
 class Rewrite(ABC):

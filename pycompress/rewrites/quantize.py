@@ -3,7 +3,8 @@ int8 QDQ with per-channel int8 weights and uint8 activations calibrated on data
 (U8S8, the fast combination in onnxruntime's CPU kernels).
 
 A decision ``{"bits": 8}`` marks a Conv / Gemm / MatMul layer int8;
-``{"bits": 32}`` (or no decision) keeps it float. The quantizer itself is
+``{"bits": 32}`` (any value above 8, or no decision) keeps it float. (The
+search encodes the choice as bits 8 or 9, 9 = "leave the layer as it is".) The quantizer itself is
 onnxruntime's (``onnxruntime.quantization.quantize_static``, QDQ format,
 MinMax ranges), not hand-rolled. Because it calibrates all activation ranges in
 one pass over the whole graph, the per-layer decisions are collected first and
@@ -28,9 +29,11 @@ Through Weight Equalization and Bias Correction", ICCV 2019):
   ``E[x]`` the per-channel mean of the layer input over calibration data
   (``ctx.activations``, one pass for all layers, at most ``MEAN_SAMPLES``).
 
-Calibration data: the model inputs read through ``ctx.activations`` (at most
-``CALIBRATION_SAMPLES``); without data the rewrite refuses int8 with a clear
-error (static activation ranges need data).
+Calibration data: the model inputs read through ``ctx.model_activations`` or
+``ctx.activations`` (at most ``CALIBRATION_SAMPLES``, or the context's
+``quant_calibration_samples``: searches calibrate each candidate on fewer);
+without data the rewrite refuses int8 with a clear error (static activation
+ranges need data).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from pycompress.rewrites.base import ApplyContext, Rewrite, Site
 from pycompress.rewrites.weight_sharing import _initializer, correct_bias, output_shift
 
 _LAYERS = ("Conv", "Gemm", "MatMul")
-BITS = (8, 32)                    # int8, or float kept
+INT8_BITS, FLOAT_BITS = 8, 32     # bits above 8 keep the layer float
 CALIBRATION_SAMPLES = 256         # model inputs the activation ranges are calibrated on
 MEAN_SAMPLES = 64                 # samples behind each layer's input mean (bias correction)
 _PENDING = "pycompress.quant.int8"     # model.meta: the layers marked int8, until finish()
@@ -70,7 +73,7 @@ class Quantize(Rewrite):
     action = "quant"
     summary = ("int8 QDQ via onnxruntime.quantization (per-channel int8 weights, uint8 activations calibrated "
                "on data), after cross-layer equalization and bias correction; or keep the layer float")
-    params = {"bits": "8: int8 weights and activations (QDQ); 32: keep the layer float"}
+    params = {"bits": "8: int8 weights and activations (QDQ); 32 (any value above 8): keep the layer float"}
     # Last: quantization sees the final float weights (after pruning, factorization, sharing).
     order = 90
 
@@ -97,25 +100,43 @@ class Quantize(Rewrite):
                 site.info.update(params=int(weight.size), width=int(weight.shape[0]))
         return out
 
+    def site(self, model: ir.Model, name: str) -> Site:
+        """The layer ``name``; once a factorization replaced it, the layers it became (``name/...``).
+
+        A plan decides quantization per original layer, and the factorizations
+        (applied first) name their new nodes ``<layer>/lowrank_a`` etc.
+        """
+        sites = self.sites(model)
+        for site in sites:
+            if site.name == name:
+                return site
+        parts = [s for s in sites if s.name.startswith(f"{name}/")]
+        if not parts:
+            return super().site(model, name)
+        bad = next((s for s in parts if not s.ok), None)
+        return Site(name, self.action, [n for s in parts for n in s.nodes], ok=bad is None,
+                    reason=bad.reason if bad else "",
+                    info={"op": parts[0].info["op"], "params": sum(s.info.get("params", 0) for s in parts)})
+
     def check_params(self, site: Site, params: dict[str, Any]) -> None:
         super().check_params(site, params)
         bits = params.get("bits")
-        if isinstance(bits, bool) or bits not in BITS:
-            raise PycompressError(f"site '{site.name}': 'bits' must be 8 (int8) or 32 (float), got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not INT8_BITS <= bits <= FLOAT_BITS:
+            raise PycompressError(f"site '{site.name}': 'bits' must be 8 (int8) or 9..32 (float), got {bits!r}")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
         site = self.site(model, decision.site)
         if not site.ok:
             raise PycompressError(f"site '{site.name}': cannot apply '{self.action}': {site.reason}")
         self.check_params(site, decision.params)
-        int8 = int(decision.params["bits"]) == 8
-        if int8 and ctx.activations is None:
+        int8 = int(decision.params["bits"]) == INT8_BITS
+        if int8 and ctx.activations is None and ctx.model_activations is None:
             raise PycompressError(f"site '{site.name}': int8 needs calibration data for the activation ranges; "
                                   "pass --data")
         key = _PENDING if int8 else _KEPT
-        names = [n for n in model.meta.get(key, "").split("\n") if n] + [site.name]
+        names = [n for n in model.meta.get(key, "").split("\n") if n] + site.nodes
         model.meta[key] = "\n".join(names)
-        return {"bits": 8 if int8 else 32, "params": site.info["params"],
+        return {"bits": INT8_BITS if int8 else FLOAT_BITS, "params": site.info["params"],
                 "bytes_before": 4 * site.info["params"],
                 "bytes_after": (1 if int8 else 4) * site.info["params"]}
 
@@ -236,16 +257,24 @@ def int8_rounded(weight: np.ndarray, axis: int) -> np.ndarray:
     return np.clip(np.rint(weight / scale), -127, 127) * scale
 
 
+def _reader(model: ir.Model, ctx: ApplyContext):
+    """Values of ``model`` itself (as rewritten so far) on calibration data: ``names -> batches``."""
+    if ctx.model_activations is not None:
+        return lambda names: ctx.model_activations(model, names)
+    return ctx.activations      # apply: bound to the model being rewritten
+
+
 def correct_biases(model: ir.Model, nodes: list[ir.Node], ctx: ApplyContext) -> int:
     """Subtract ``(W_q - W) E[x]`` from each Conv / Gemm bias; returns the number of layers corrected."""
     nodes = [n for n in nodes if n.op_type in ("Conv", "Gemm") and _weight(n) is not None]
-    if not nodes or ctx.activations is None:
+    read = _reader(model, ctx)
+    if not nodes or read is None:
         return 0
     names = list(dict.fromkeys(n.inputs[0].name for n in nodes))
     totals: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
     seen = 0
-    for batch in ctx.activations(names):
+    for batch in read(names):
         for name in names:
             x = np.asarray(batch[name], np.float64)
             x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if x.ndim > 2 else x
@@ -276,12 +305,13 @@ def _calibration_batches(model: ir.Model, ctx: ApplyContext) -> tuple[list[dict[
     fixed = {v.shape[0] for v in inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
     size = fixed.pop() if len(fixed) == 1 else 16
     batches, seen = [], 0
-    for batch in ctx.activations(names):
+    limit = int(ctx.options.get("quant_calibration_samples", CALIBRATION_SAMPLES))
+    for batch in _reader(model, ctx)(names):
         n = len(batch[names[0]])
         for start in range(0, n - n % size, size):
             batches.append({k: np.ascontiguousarray(batch[k][start:start + size]) for k in names})
             seen += size
-            if seen >= CALIBRATION_SAMPLES:
+            if seen >= limit:
                 return batches, seen
     if not batches:
         raise PycompressError(f"int8 calibration needs at least {size} samples (the model's batch size)")
