@@ -295,6 +295,9 @@ class CompressionObjective:
         before = self.node_costs
         costs = {}
         for dim in space.dimensions:
+            if dim.action == "quant":
+                costs[(dim.site, dim.action)] = self._quant_cost(dim)
+                continue
             values = sorted({dim.high, max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
             afters = [self._node_costs(self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])[0])
                       for v in values]
@@ -312,6 +315,18 @@ class CompressionObjective:
                 {n: Linear.fit(before[n], values, [after[n] for after in afters]) for n in changed},
                 Linear.fit(sum(before[n] for n in replaced), values, added), replaced)
         return costs
+
+    def _quant_cost(self, dim: Dimension) -> SiteCost:
+        """int8 (bits 8) stores a byte per weight, MACs stay; float (9) is the layer as it is.
+
+        Not measured by applying it: quantizing calibrates the whole graph, per site too slow.
+        """
+        scale = 0.25 if self.counted in ("bytes", "packed_bytes") else 1.0
+        nodes = [n for n in self._site_nodes[(dim.site, dim.action)] if n in self.node_costs]
+        lo, hi = QUANT_BITS
+        return SiteCost({n: Linear.fit(self.node_costs[n], [lo, hi], [scale * self.node_costs[n],
+                                                                    self.node_costs[n]]) for n in nodes},
+                        Linear(0.0, 0.0, 0.0), [])
 
     def _node_costs(self, model: ir.Model) -> dict[str, int]:
         return {name: getattr(layer, self.counted) for name, layer in model_cost(model).by_name().items()}

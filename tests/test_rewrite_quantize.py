@@ -174,3 +174,37 @@ def test_efficientnet_int8_agrees_on_other_photos(efficientnet_onnx, tmp_path):
     # Measured 0.97 on 160 held-out crops with 64 calibration crops (docs/quantization.md).
     assert np.mean(reference.argmax(1) == got.argmax(1)) >= 0.85
     assert out.stat().st_size < 0.3 * efficientnet_onnx.stat().st_size
+
+
+def test_quant_is_a_searched_dimension_after_the_structure():
+    from pycompress.pipeline import QUANT_BITS, build_search_space
+
+    path, _, _, _ = digits()
+    space, notes = build_search_space(load_model(path), ["quant", "prune"])
+    quant = [d for d in space.dimensions if d.action == "quant"]
+    assert [d.site for d in quant] == list(SITES)
+    assert all((d.low, d.high, d.untouched_from) == (8, 9, 9) == (*QUANT_BITS, QUANT_BITS[1]) for d in quant)
+    assert [d.decode(0.0) for d in quant] == [8] * 4 and [d.decode(1.0) for d in quant] == [None] * 4
+    assert space.dimensions[0].action == "prune"           # structure first, quantization last
+
+
+def test_compress_searches_quant_and_quantizes_after_recovery(tmp_path, capsys):
+    import json
+
+    from pycompress.cli.main import main
+
+    path, _, held, _ = digits()
+    out = tmp_path / "small.onnx"
+    args = ["compress", str(path), "--data", "builtin:digits", "-o", str(out), "--actions", "prune,quant",
+            "--target-size", "0.4", "--max-evals", "6", "--samples", "32", "--quiet", "--json"]
+    assert main([*args, "--objective", "size"]) == 2
+    assert "--actions quant reduces bytes and latency" in capsys.readouterr().err
+    assert main([*args, "--objective", "bytes"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "small.report" / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]][-3:] == ["recover", "quantize", "verify"]
+    int8 = [d for d in report["layers"] if d["action"] == "quant" and d["params"]["bits"] == 8]
+    model = load_model(out)
+    dq = sum(n.op_type == "DequantizeLinear" for n in model.graph)
+    assert int8 and dq > 0                 # the bytes target needs int8 layers
+    reference, got = ort_outputs(path, held), ort_outputs(out, held)
+    assert np.mean(reference.argmax(1) == got.argmax(1)) >= 0.8
