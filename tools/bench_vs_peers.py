@@ -83,9 +83,12 @@ def main_() -> None:
     parser.add_argument("--extra", action="append", default=[], metavar="PATH:LABEL", help="another model to add")
     parser.add_argument("--skip", default="", help="comma-separated configurations to leave out (e.g. nncf)")
     parser.add_argument("--markdown", default=None, help="also write the table here")
+    parser.add_argument("--work", default=None,
+                        help="folder for the models (default: a new temporary one); models already there are reused")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench_peers_"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_peers_"))
+    work.mkdir(parents=True, exist_ok=True)
     original = Path(args.model) if args.model else export_efficientnet_lite0(work / "efficientnet_lite0.onnx")
     model = load_model(original)
     name = model.graph.inputs[0].name
@@ -110,28 +113,39 @@ def main_() -> None:
 
     def ort_static():
         out = work / "ort_static.onnx"
+        if out.exists():
+            return out
         to_int8_static(original, out, {name: calibration})
         return out
 
     def ort_dynamic():
         out = work / "ort_dynamic.onnx"
+        if out.exists():
+            return out
         to_int8_dynamic(original, out)
         return out
 
     def nncf():
         out = work / "nncf.onnx"
+        if out.exists():
+            return out
         return out if nncf_quantize(original, out, calibration) else None
 
     def ours_quant():
         plan, out = work / "quant.plan.json", work / "pycompress_quant.onnx"
+        if out.exists():
+            return out
         cli("plan", original, "--actions", "quant", "-o", plan)
         cli("apply", original, plan, "-o", out, "--data", calib_spec)
         return out
 
     def ours_share(bits: int):
         def make():
-            plan, out, packed = (work / f"share{bits}.plan.json", work / f"share{bits}.onnx",
+            # (apply writes OUT.plan.json: the input plan must be named otherwise)
+            plan, out, packed = (work / f"share{bits}_input.plan.json", work / f"share{bits}.onnx",
                                  work / f"share{bits}.pcz")
+            if out.exists() and packed.exists():
+                return out, packed
             cli("plan", original, "--actions", "share", "--bits", bits, "-o", plan)
             cli("apply", original, plan, "-o", out, "--data", calib_spec)
             export_model(out, "packed", packed)

@@ -264,8 +264,8 @@ def run(args) -> int:
 
     if quant:
         t_stage = time.monotonic()
-        log(f"quantizing: {sum(d.params.get('bits') == 8 for d in quant)} of {len(quant)} searched layers int8 "
-            "(cross-layer equalization, bias correction, onnxruntime QDQ)")
+        log(f"quantizing: {sum(d.params.get('bits') == 8 for d in quant)} layer(s) (or factored layers) int8, "
+            "the rest float (cross-layer equalization, bias correction, onnxruntime QDQ)")
         plan = _quantize_last(compressed, plan, quant, data, config["seed"])
         if cost_sites is not None:
             # The search measured its own (unrecovered, smaller-sample) int8 model: measure the result.
