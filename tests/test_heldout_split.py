@@ -3,12 +3,11 @@
 import json
 
 import numpy as np
+import pfa_models
 import pytest
 
-import pfa_models
 from pycompress.cli.main import main
-from pycompress.data import default_heldout, load_data
-from pycompress.data import images
+from pycompress.data import default_heldout, images, load_data
 from pycompress.fidelity.compare import classifier_agreement, compare_outputs
 from pycompress.ir import load_model
 

@@ -2,11 +2,11 @@
 
 import numpy as np
 import onnxruntime as ort
-import pytest
-
 import pfa_models
+import pytest
 import zoo
 from conftest import export
+
 from pycompress.errors import PycompressError
 from pycompress.fidelity import collect_activations, run_model
 from pycompress.ir import constant_array, load_model, node_by_name, save_model
@@ -128,7 +128,7 @@ def test_bias_correction_lowers_the_output_shift(tmp_path):
         model = load_model(path)
         ctx = context(path, calibration)
         if not corrected:
-            import pycompress.rewrites.quantize as quantize
+            from pycompress.rewrites import quantize
 
             original = quantize.correct_biases
             quantize.correct_biases = lambda *args: 0
@@ -180,7 +180,7 @@ def test_quant_is_a_searched_dimension_after_the_structure():
     from pycompress.pipeline import QUANT_BITS, build_search_space
 
     path, _, _, _ = digits()
-    space, notes = build_search_space(load_model(path), ["quant", "prune"])
+    space, _ = build_search_space(load_model(path), ["quant", "prune"])
     quant = [d for d in space.dimensions if d.action == "quant"]
     assert [d.site for d in quant] == list(SITES)
     assert all((d.low, d.high, d.untouched_from) == (8, 9, 9) == (*QUANT_BITS, QUANT_BITS[1]) for d in quant)

@@ -171,11 +171,11 @@ def main_() -> None:
         benched = bench_models([run for _, run, _, _ in rows], threads=threads, warmup=5, iters=args.iters)
         latency[threads] = [b.latency_ms for b in benched]
     size0 = original.stat().st_size
-    lines = [f"EfficientNet-Lite0; calibration {calib_spec}; held-out: {args.heldout} crops of other photos "
-             f"(builtin:skimage-heldout); latency p50 ms at batch 1, onnxruntime CPU, timed interleaved "
-             f"({args.iters} runs per model in 10 rounds; spread = lowest-highest per-round median).", "",
-             "| configuration | size vs fp32 | latency 1 thread (ratio; spread) | latency 2 threads (ratio) | "
-             "top-1 agreement | top-5 containment | KL | seconds to make |",
+    lines = [(f"EfficientNet-Lite0; calibration {calib_spec}; held-out: {args.heldout} crops of other photos "
+              f"(builtin:skimage-heldout); latency p50 ms at batch 1, onnxruntime CPU, timed interleaved "
+              f"({args.iters} runs per model in 10 rounds; spread = lowest-highest per-round median)."), "",
+             ("| configuration | size vs fp32 | latency 1 thread (ratio; spread) | latency 2 threads (ratio) | "
+              "top-1 agreement | top-5 containment | KL | seconds to make |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     base = {t: latency[t][0]["p50"] for t in latency}
     records = []

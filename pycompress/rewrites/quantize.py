@@ -321,7 +321,12 @@ def _calibration_batches(model: ir.Model, ctx: ApplyContext) -> tuple[list[dict[
 def quantize_in_place(model: ir.Model, int8: list[str], ctx: ApplyContext) -> int:
     """Replace ``model``'s graph by onnxruntime's QDQ quantization of it; returns the calibration samples."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     batches, count = _calibration_batches(model, ctx)
     chosen = set(int8)
