@@ -56,7 +56,7 @@ def test_bench_table_json_markdown_plot(models, tmp_path, capsys):
     rows = {line.split()[0]: line for line in table.splitlines()[2:5]}
     assert set(rows) == {"fp32.onnx", "shared2.onnx", "fp32.ort"}
     assert "100.0% ± 0.0" in rows["fp32.onnx"] and "0 ± 0" in rows["fp32.onnx"]
-    assert "provider CPUExecutionProvider, threads 1, batch 1" in table
+    assert "provider CPUExecutionProvider, 1 intra-op threads, batch 1" in table and "interleaved" in table
 
     assert main(["bench", *common, "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
@@ -66,6 +66,7 @@ def test_bench_table_json_markdown_plot(models, tmp_path, capsys):
         assert row["file_bytes"] == path.stat().st_size and row["error"] is None
         lat = row["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+        assert lat["round_p50_min"] <= lat["p50"] <= lat["round_p50_max"] and lat["rounds"] == 5
         assert row["throughput"] == pytest.approx(1e3 / lat["mean"])
     assert (first["params"], first["macs"]) == (MLP_PARAMS, MLP_MACS)
     assert second["macs"] == MLP_MACS and second["params"] > MLP_PARAMS - 200  # indices + codebooks + scales
@@ -87,6 +88,28 @@ def test_bench_table_json_markdown_plot(models, tmp_path, capsys):
     lines = markdown.read_text().splitlines()
     assert lines[0].startswith("| model | size |") and len([l for l in lines if l.startswith("| fp32")]) == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_models_are_timed_interleaved_in_rotating_rounds():
+    from pycompress.bench.measure import intra_op_threads, measure_interleaved
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, outputs, feeds):
+            calls.append(self.name)
+
+    runs = [(Fake(name), {}) for name in "abc"]
+    latency = measure_interleaved(runs, warmup=2, iters=7, rounds=3)
+    timed = calls[6:]                                       # after 2 warm-up runs each
+    assert calls[:6] == list("aabbcc") and len(timed) == 21
+    # Round r times a slice of every model, starting at model r: 3+3+3, then 2+2+2 twice (7 = 3 + 2 + 2).
+    assert "".join(timed) == "aaabbbccc" + "bbccaa" + "ccaabb"
+    assert [row["rounds"] for row in latency] == [3, 3, 3]
+    assert intra_op_threads(3) == 3 and intra_op_threads(0) >= 1
 
 
 def load_digits_inputs():

@@ -49,7 +49,10 @@ def test_refit_consumer_lowers_held_out_error(digits_mlp):
     report = refit_layers(teacher, student, [RefitTarget([second_s.name], second_t.outputs[0].name)],
                           lambda: [{"input": b} for b in np.array_split(xtr, 4)])
     after = layer_error(teacher, student, second_t.outputs[0].name, second_s.outputs[0].name, xte)
-    assert report.results[0].kept and report.results[0].samples == len(xtr)
+    result = report.results[0]
+    # 4 batches: the 4th validates (chooses the ridge strength, decides keeping); the others fit.
+    assert result.kept and result.samples + result.validation_samples == len(xtr)
+    assert result.validation_samples == len(np.array_split(xtr, 4)[3])
     assert after < 0.8 * before
     check_model(student)
 

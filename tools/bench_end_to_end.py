@@ -75,7 +75,7 @@ def main_() -> None:
     original = Path(args.model) if args.model else export_efficientnet_lite0(work / "efficientnet_lite0.onnx")
     model = load_model(original)
     shape = [d if isinstance(d, int) else None for d in model.graph.inputs[0].shape]
-    crops = skimage_crops(args.held_out, shape, np.float32, Preprocess(), "held-out", seed=1)[:]
+    crops = skimage_crops(args.held_out, shape, np.float32, Preprocess(), "held-out", seed=1, split="heldout")[:]
     before = model_cost(model)
     search = ["--actions", "prune,lowrank_conv", "--granularity", "stage", "--objective", "size",
               "--max-prune", args.max_prune, "--align", "16", "--samples", "64", "--delta", "0.05",

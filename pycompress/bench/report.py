@@ -20,7 +20,8 @@ def _human(n: float | None, unit: str = "") -> str:
 def table_rows(results: Sequence[ModelBench]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells shared by the terminal table and the Markdown table."""
     with_fidelity = any(r.fidelity for r in results)
-    headers = ["model", "size", "size ratio", "params", "MACs", "p50 ms", "p90 ms", "p99 ms", "samples/s"]
+    headers = ["model", "size", "size ratio", "params", "MACs", "p50 ms", "p50 spread", "p90 ms", "p99 ms",
+               "samples/s"]
     if with_fidelity:
         cosine = any(r.fidelity and r.fidelity.get("cosine") is not None for r in results)
         headers += ["output error (± se)", "mean cosine" if cosine else "top-1 agreement"]
@@ -29,7 +30,9 @@ def table_rows(results: Sequence[ModelBench]) -> tuple[list[str], list[list[str]
     for r in results:
         lat = r.latency_ms or {}
         row = [r.name, _human(r.file_bytes, "B"), f"{r.file_bytes / first:.3f}", _human(r.params), _human(r.macs),
-               *(f"{lat[k]:.2f}" if k in lat else "-" for k in ("p50", "p90", "p99")),
+               f"{lat['p50']:.2f}" if "p50" in lat else "-",
+               f"{lat['round_p50_min']:.2f}-{lat['round_p50_max']:.2f}" if "round_p50_min" in lat else "-",
+               *(f"{lat[k]:.2f}" if k in lat else "-" for k in ("p90", "p99")),
                f"{r.throughput:.1f}" if r.throughput else "-"]
         if with_fidelity:
             f = r.fidelity
@@ -53,7 +56,8 @@ def markdown(results: Sequence[ModelBench]) -> str:
     meta = results[0] if results else None
     if meta is not None:
         lines.append("")
-        lines.append(f"Provider {meta.provider}, threads {meta.threads or 'default'}, batch {meta.batch}. "
+        lines.append(f"Provider {meta.provider}, {meta.threads} intra-op threads, batch {meta.batch}; models timed "
+                     "interleaved (rounds over all models); p50 spread: lowest-highest per-round median. "
                      "Output error: mean squared L2 distance of the outputs to the first model's, per sample.")
     errors = [f"- {r.name}: {r.error}" for r in results if r.error]
     if errors:

@@ -96,6 +96,13 @@ def _activation_source(model: ir.Model, calibration: Calibration, batch_size: in
     """Streams intermediate values of ``model`` as it is being rewritten (later sites see earlier changes)."""
     from tqdm import tqdm
 
+    # Lazy image sources (builtin:skimage, folders) are made once here, not
+    # once per rewritten layer: every site reads the same samples again
+    # (unless they would not fit in memory comfortably).
+    if sum(v.dtype.itemsize * int(np.prod(v.shape)) for v in calibration.inputs.values()) < 2 << 30:
+        calibration = Calibration({k: np.asarray(v[:]) for k, v in calibration.inputs.items()},
+                                  calibration.labels, calibration.source)
+
     def activations(names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
         batches = tqdm(calibration.batches(batch_size), total=math.ceil(len(calibration) / batch_size),
                        desc=f"calibrating {names[0]}", file=sys.stderr, leave=False, disable=None)

@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: onnxruntime's choice)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the timed runs (default 1)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    p.add_argument("--iters", type=int, default=100, help="timed runs (default 100)")
+    p.add_argument("--iters", type=int, default=100, help="timed runs per model (default 100)")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="the timed runs are made in this many rounds over all models, interleaved (default 10)")
     p.add_argument("--data", help="inputs (.npz/.npy/builtin:NAME): timed batch and fidelity against the first model")
     p.add_argument("--samples", type=int, default=0, metavar="N", help="use only the first N samples of --data")
     p.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
@@ -77,7 +79,7 @@ def _run(args) -> int:
         else:
             results = bench_models(args.models, provider=args.provider, threads=args.threads, batch=args.batch,
                                    warmup=args.warmup, iters=args.iters, data=data,
-                                   progress=lambda _: bar.update(1))
+                                   progress=lambda _: bar.update(1), rounds=args.rounds)
     finally:
         bar.close()
     if args.markdown:
@@ -87,18 +89,24 @@ def _run(args) -> int:
     if args.plot:
         plot(results, args.plot)
     if args.json:
-        emit_json({"provider": results[0].provider, "threads": args.threads, "batch": args.batch,
-                   "warmup": args.warmup, "iters": args.iters, "data": args.data,
-                   **({"device": {"address": args.device, **device}} if device else {}),
+        emit_json({"provider": results[0].provider, "threads": results[0].threads, "batch": args.batch,
+                   "warmup": args.warmup, "iters": args.iters, "rounds": None if device else args.rounds,
+                   "data": args.data, **({"device": {"address": args.device, **device}} if device else {}),
                    "models": [r.to_dict() for r in results]})
         return 0 if any(r.latency_ms for r in results) else 2
     headers, rows = table_rows(results)
     print_table(headers, rows)
-    print(f"\nprovider {results[0].provider}, threads {args.threads or 'default'}, batch {args.batch}, "
-          f"{args.iters} timed runs after {args.warmup} warm-up")
+    threads = f"{results[0].threads} intra-op threads" + ("" if args.threads else " (onnxruntime's default)")
     if device:
+        threads = f"{args.threads} intra-op threads" if args.threads else "the device's default intra-op threads"
+        print(f"\nprovider {results[0].provider}, {threads}, batch {args.batch}, {args.iters} timed runs per model "
+              f"after {args.warmup} warm-up, one model after the other on the device")
         print(f"device {args.device}: {device['cpu']}, {device['cores']} cores, {device['system']}, "
               f"onnxruntime {device['onnxruntime']}")
+    else:
+        print(f"\nprovider {results[0].provider}, {threads}, batch {args.batch}, {args.iters} timed runs per model "
+              f"after {args.warmup} warm-up, interleaved in {args.rounds} rounds over all models "
+              "(p50 spread: lowest-highest per-round median)")
     for r in results:
         if r.error:
             print(f"not measured: {r.error}")

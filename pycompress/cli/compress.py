@@ -66,9 +66,9 @@ def add_parser(sub) -> None:
     p.add_argument("--report-dir", default=None,
                    help="folder for report.json / report.md / report.html and plots (default OUT.report)")
     p.add_argument("--actions", default="svd",
-                   help="comma-separated actions to search: svd, lowrank_conv, prune, share (default svd); "
-                        "pruning comes first, then factorizations, then sharing (index bits 2..8) of the "
-                        "layers left whole")
+                   help="comma-separated actions to search: svd, lowrank_conv, prune, share, quant (default "
+                        "svd); pruning comes first, then factorizations, then sharing (index bits 2..8) of the "
+                        "layers left whole, then quant (each layer int8 or float; applied after the recovery)")
     p.add_argument("--objective", default="size", choices=("size", "bytes", "macs", "latency"),
                    help="what R in J = gamma * Q + 1/R measures: parameters (default), packed bytes (shared "
                         "weights at their index bits: needed by --actions share), MACs, or the onnxruntime "
@@ -112,6 +112,10 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the search saved in RUN_DIR")
     p.add_argument("--plan", default=None, help="where to write the plan (default OUT.plan.json)")
     p.add_argument("--trace", default=None, help="where to write the trace (default OUT.trace.json)")
+    p.add_argument("--heldout", default=None, metavar="DATA",
+                   help="held-out data the result is measured on, never seen by the search or the recovery "
+                        "(default with --data builtin:skimage: builtin:skimage-heldout:160, crops of other "
+                        "photos; 'none' to skip)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for evaluations")
     p.add_argument("--device", default=None, metavar="HOST:PORT[,HOST:PORT...]",
                    help="--objective latency: time candidates on these devices' agents (`pycompress agent`, token "
@@ -161,6 +165,10 @@ def _config_from_args(args) -> dict[str, Any]:
     if "share" in args.actions.split(",") and args.objective != "bytes" and args.method in ("pacbo", "random"):
         raise PycompressError("--actions share reduces bytes, not parameters, MACs or latency: "
                               "use --objective bytes")
+    if "quant" in args.actions.split(",") and args.objective not in ("bytes", "latency") \
+            and args.method in ("pacbo", "random"):
+        raise PycompressError("--actions quant reduces bytes and latency, not parameters or MACs: "
+                              "use --objective bytes or --objective latency")
     return {
         "method": args.method, "actions": [a.strip() for a in args.actions.split(",") if a.strip()],
         "granularity": args.granularity, "objective": args.objective, "max_prune": args.max_prune,
@@ -275,6 +283,9 @@ def _run(args) -> int:
         """The fidelity on the calibration pool (its first 5000 samples), by every stage alike."""
         return estimator.evaluate_on(candidate, np.arange(min(estimator.pool, 5000)))
 
+    quant = [d for d in plan.decisions if d.action == "quant"]
+    if quant:
+        compressed, plan = _without_quant(model, plan)
     recovery = None
     # What happens after the search is part of the run too: a resumed run writes the same bytes.
     if args.recover_samples is not None or "recover_samples" not in config:
@@ -305,6 +316,19 @@ def _run(args) -> int:
         finetuned["fidelity_before"] = before_ft.mean
         stages.append({"name": "finetune", "seconds": time.monotonic() - t_stage})
 
+    if quant:
+        t_stage = time.monotonic()
+        log(f"quantizing: {sum(d.params.get('bits') == 8 for d in quant)} layer(s) (or factored layers) int8, "
+            "the rest float (cross-layer equalization, bias correction, onnxruntime QDQ)")
+        plan = _quantize_last(compressed, plan, quant, data, config["seed"])
+        if cost_sites is not None:
+            # The search measured its own (unrecovered, smaller-sample) int8 model: measure the result.
+            summary["ratio"] = objective.ratio_of(compressed)
+            if objective.latency is not None:
+                summary["latency_ratio"], var = objective.latency.ratio(compressed)
+                summary["latency_ratio_std_error"] = math.sqrt(var)
+        stages.append({"name": "quantize", "seconds": time.monotonic() - t_stage})
+
     t_stage = time.monotonic()
     final = fidelity_on_pool(compressed)
     if recovery is not None and finetuned is None:
@@ -316,6 +340,7 @@ def _run(args) -> int:
                     "fidelity_samples": final.samples, **{f"final_{k}": v for k, v in final.extras.items()}})
     if cost_sites is None:
         summary["ratio"] = cost_after.params / max(cost_before.params, 1)
+    heldout = _heldout_quality(args, config, model, compressed)
     stages.append({"name": "verify", "seconds": time.monotonic() - t_stage})
     plan.model = str(model_path)
     plan.meta = _finite({"planner": config["method"], **{k: v for k, v in summary.items() if k != "decisions"}})
@@ -336,6 +361,7 @@ def _run(args) -> int:
                   "file_bytes": output.stat().st_size, "ratio_of_compressed_layers": summary.get("ratio")},
         "fidelity": {"loss": config["loss"], "mean": final.mean, "std_error": final.std_error,
                      "samples": final.samples, **final.extras},
+        "heldout": heldout,
         "search": None if trace is None else trace["search"],
         "layers": [{"site": d.site, "action": d.action, "params": d.params,
                     "params_before": (d.result or {}).get("params_before"),
@@ -346,7 +372,7 @@ def _run(args) -> int:
     paths = write_report(report, report_dir)
 
     if args.json:
-        emit_json(_finite({**summary, "output": str(output), "plan": str(plan_path),
+        emit_json(_finite({**summary, "heldout": heldout, "output": str(output), "plan": str(plan_path),
                            "trace": str(trace_path) if trace else None, "report": str(paths["json"]),
                            "run_dir": str(run_dir) if trace else None, "seconds": time.monotonic() - started}))
     else:
@@ -379,6 +405,12 @@ def _run(args) -> int:
                         if k in ("final_agreement", "final_accuracy", "final_cosine"))
         print(f"fidelity ({config['loss']}) on {final.samples} samples: {final.mean:.4g} +- {final.std_error:.2g}"
               f"{extra}")
+        if heldout is not None:
+            print(f"held-out ({heldout['source']}, {heldout['samples']} samples): top-1 agreement "
+                  f"{heldout['top1_agreement']:.4f}, top-5 containment {heldout['top5_containment']:.4f}, "
+                  f"KL {heldout['kl_divergence']:.4g}" if heldout.get("top1_agreement") is not None else
+                  f"held-out ({heldout['source']}, {heldout['samples']} samples): relative error "
+                  f"{heldout['relative_error']:.4g}")
         print(f"wrote {output}, {plan_path}{', ' + str(trace_path) if trace else ''}; report: {paths['md']}")
     return 0
 
@@ -394,6 +426,66 @@ def _synthetic_token_data(model, seed: int):
     if not any(embedding_vocabulary(v) for v in model.graph.inputs):
         raise PycompressError("--data is required (calibration inputs: file.npz / file.npy / builtin:NAME)")
     return Calibration(synthetic_inputs(model, SYNTHETIC_SAMPLES, seed), None, "synthetic token inputs")
+
+
+QUANT_SEARCH_SAMPLES = 64     # calibration samples of each candidate's int8 ranges during a search
+QUANT_FINAL_SAMPLES = 256     # ... and of the result's
+
+
+def _model_activations(data, samples: int, seed: int):
+    """``(model, names) -> batches`` of the model's values on a fixed calibration subset (made once)."""
+    from pycompress.cli.apply import upstream_of
+    from pycompress.fidelity import collect_activations
+
+    n = len(data)
+    index = np.sort(np.random.default_rng([seed, 7]).choice(n, min(n, samples), replace=False))
+    subset = {k: np.asarray(v[index]) for k, v in data.inputs.items()}
+
+    def activations(model, names):
+        batches = ({k: v[i:i + 32] for k, v in subset.items()} for i in range(0, len(index), 32))
+        yield from collect_activations(upstream_of(model, names), names, batches)
+
+    return activations
+
+
+def _without_quant(model, plan):
+    """The plan's structure (prune, factorizations, sharing) applied alone to a copy of ``model``.
+
+    The recovery refits float layers, so quantization comes last, on the
+    recovered weights; a search's result holds it already and is rebuilt.
+    """
+    from pycompress.plan import Plan
+    from pycompress.rewrites import ApplyContext, apply_plan
+
+    rest = [d for d in plan.decisions if d.action != "quant"]
+    compressed = model.clone()
+    applied = apply_plan(compressed, Plan([type(d)(d.site, d.action, dict(d.params), d.note) for d in rest],
+                                          plan.model, {k: v for k, v in plan.meta.items() if k != "finished"}),
+                         ApplyContext(options={"skip_rank_beyond_r_max": True}))
+    return compressed, applied
+
+
+def _quantize_last(compressed, plan, quant, data, seed: int):
+    """Apply the quant decisions to ``compressed`` in place; the plan with all decisions applied."""
+    from pycompress.plan import Plan
+    from pycompress.rewrites import ApplyContext, apply_plan
+
+    ctx = ApplyContext(model_activations=_model_activations(data, QUANT_FINAL_SAMPLES, seed))
+    done = apply_plan(compressed, Plan([type(d)(d.site, d.action, dict(d.params), d.note) for d in quant]), ctx)
+    return Plan(plan.decisions + done.decisions, plan.model, {**plan.meta, **done.meta}, plan.version)
+
+
+def _heldout_quality(args, config, model, compressed) -> dict | None:
+    """The result against the original on held-out data (--heldout, or the source's own held-out split)."""
+    from pycompress.data import default_heldout, load_data
+    from pycompress.fidelity.compare import heldout_comparison
+
+    spec = args.heldout if args.heldout is not None else default_heldout(config["data"])
+    if not spec or spec == "none":
+        return None
+    data = load_data(spec, model)
+    inputs = {k: np.asarray(v[:]) for k, v in data.inputs.items()}
+    return {"source": spec, **heldout_comparison(model, compressed, inputs, threads=args.threads)}
 
 
 def _search(args, config, model, data, estimator, log, save_config, run_dir):
@@ -436,13 +528,20 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         log(f"original latency {latency.baseline.mean * 1e3:.3f} ms +- {latency.baseline.std_error * 1e3:.2g} "
             "(batch 1)")
     options: dict[str, Any] = {"skip_rank_beyond_r_max": True}
+    activations = None
     if "prune" in config["actions"]:
         from pycompress.pipeline import teacher_channel_statistics
 
         # FLAP: channels kept by fluctuation (with bias compensation), from one pass on the original.
         log("pruning criterion: fluctuation statistics of the prunable groups' consumers (one pass)")
         options["channel_statistics"] = teacher_channel_statistics(model, data.inputs, seed=config["seed"])
-    objective = CompressionObjective(model, space, estimator, context=ApplyContext(options=options),
+    if "quant" in config["actions"]:
+        # Each candidate's int8 ranges are calibrated on a small fixed sample (the result, after
+        # recovery, on QUANT_FINAL_SAMPLES: _quantize_last).
+        options["quant_calibration_samples"] = QUANT_SEARCH_SAMPLES
+        activations = _model_activations(data, QUANT_SEARCH_SAMPLES, config["seed"])
+    objective = CompressionObjective(model, space, estimator,
+                                     context=ApplyContext(options=options, model_activations=activations),
                                      objective=config.get("objective", "size"), latency=latency)
     space = objective.space
     if space.grouped:
@@ -685,7 +784,11 @@ def _one_shot(args, config, model, data, log):
         log("pruning criterion: fluctuation statistics of the pruned groups' consumers (one pass)")
         ctx = ApplyContext(options={"channel_statistics": teacher_channel_statistics(model, data.inputs,
                                                                                      seed=config["seed"])})
-    plan = apply_plan(compressed, plan_in, ctx)
+    # Quantization comes after the recovery (run's _quantize_last): applied here without it.
+    quant = [d for d in plan_in.decisions if d.action == "quant"]
+    plan = apply_plan(compressed, Plan([d for d in plan_in.decisions if d.action != "quant"], plan_in.model,
+                                       dict(plan_in.meta)), ctx)
+    plan.decisions += quant
     summary = {"method": config["method"], "decisions": {d.site: d.params for d in plan.decisions},
                "plan_meta": plan_in.meta}
     return compressed, plan, summary

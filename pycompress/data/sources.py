@@ -9,7 +9,8 @@ from typing import Callable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-from pycompress.data.images import SKIMAGE_DEFAULT_COUNT, LazySamples, Preprocess, image_folder, skimage_crops
+from pycompress.data.images import (SKIMAGE_CALIBRATION_PHOTOS, SKIMAGE_DEFAULT_COUNT, SKIMAGE_HELDOUT_DEFAULT_COUNT,
+                                    SKIMAGE_HELDOUT_PHOTOS, LazySamples, Preprocess, image_folder, skimage_crops)
 from pycompress.errors import PycompressError
 
 
@@ -44,8 +45,23 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 BUILTIN: dict[str, Callable[[], tuple[np.ndarray, np.ndarray | None]]] = {"digits": _digits}
 # Built-in sources made for the model's input shape (images), lazily:
 # builtin:NAME or builtin:NAME:COUNT.
-BUILTIN_IMAGES = {"skimage": "random crops of scikit-image's colour photos "
-                             f"(default {SKIMAGE_DEFAULT_COUNT}; builtin:skimage:COUNT)"}
+# skimage and skimage-heldout crop disjoint photos: held-out quality is
+# measured on images no calibration crop came from.
+BUILTIN_IMAGES = {
+    "skimage": (f"random crops of scikit-image's colour photos {', '.join(SKIMAGE_CALIBRATION_PHOTOS)} "
+                f"(default {SKIMAGE_DEFAULT_COUNT}; builtin:skimage:COUNT)"),
+    "skimage-heldout": (f"random crops of other photos, {', '.join(SKIMAGE_HELDOUT_PHOTOS)} "
+                        f"(default {SKIMAGE_HELDOUT_DEFAULT_COUNT}; builtin:skimage-heldout:COUNT)"),
+}
+_IMAGE_SPLIT = {"skimage": ("calibration", SKIMAGE_DEFAULT_COUNT),
+                "skimage-heldout": ("heldout", SKIMAGE_HELDOUT_DEFAULT_COUNT)}
+
+
+def default_heldout(spec: str | None) -> str | None:
+    """The held-out source that goes with calibration SPEC: other photos for builtin:skimage, else None."""
+    if spec and spec.startswith("builtin:skimage") and not spec.startswith("builtin:skimage-heldout"):
+        return f"builtin:skimage-heldout:{SKIMAGE_HELDOUT_DEFAULT_COUNT}"
+    return None
 
 
 def _single_image_input(model: ir.Model, source: str) -> ir.Value:
@@ -125,15 +141,17 @@ def load_data(spec: str, model: ir.Model, *, labels: str | None = None,
     if spec.startswith("builtin:"):
         name, _, count = spec.split(":", 1)[1].partition(":")
         if name in BUILTIN_IMAGES:
+            split, default_count = _IMAGE_SPLIT[name]
             try:
-                n = int(count) if count else SKIMAGE_DEFAULT_COUNT
+                n = int(count) if count else default_count
             except ValueError:
                 n = 0
             if n <= 0:
                 raise PycompressError(f"--data {spec}: COUNT must be a positive integer (builtin:{name}:COUNT)")
             value = _single_image_input(model, spec)
             arrays = {value.name: skimage_crops(n, [d if isinstance(d, int) else None for d in value.shape],
-                                                _input_dtype(value, spec), preprocess, spec)}
+                                                _input_dtype(value, spec), preprocess, spec,
+                                                seed=1 if split == "heldout" else 0, split=split)}
         elif name in BUILTIN and not count:
             if explicit_preprocess:
                 raise PycompressError(f"--data {spec}: --preprocess applies to image folders and builtin:skimage")

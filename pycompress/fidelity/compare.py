@@ -14,6 +14,12 @@ embedding dimensions. An output is an embedding (``is_embedding``) when
   between the per-sample means over the middle axes (mean pooling), or
 - it is ``[m, D]`` and every row of the reference has unit L2 norm (within
   1e-3): a normalised sentence / image embedding.
+
+Classifier outputs also get the top-5 containment
+``mean(argmax f*(x_j) in top5 f~(x_j))`` (the original's
+answer is still among the candidate's five best) and the mean
+``KL(p* || p~)`` of the class distributions (softmax of the outputs, or the
+outputs themselves when every row is already a distribution).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class OutputComparison:
     top1_agreement_se: float | None
     cosine: float | None = None    # mean cosine similarity, for embeddings (see is_embedding)
     cosine_se: float | None = None
+    top5_containment: float | None = None   # original's top-1 among the candidate's top 5
+    kl_divergence: float | None = None      # mean KL(p_reference || p_candidate), nats
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +75,32 @@ def cosine_similarities(reference: np.ndarray, candidate: np.ndarray) -> np.ndar
     return np.sum(a * b, axis=1) / denom
 
 
+def _distributions(outputs: np.ndarray) -> np.ndarray:
+    """Rows as class distributions: kept when they already are (non-negative, sum 1), else softmax."""
+    if outputs.min() >= 0 and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
+        return outputs
+    shifted = outputs - outputs.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def classifier_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement (+ its standard error), top-5 containment and mean KL for ``[m, C]`` outputs."""
+    ref = np.asarray(reference, np.float64)
+    out = np.asarray(candidate, np.float64)
+    m = ref.shape[0]
+    truth = ref.argmax(axis=1)
+    same = (truth == out.argmax(axis=1)).astype(np.float64)
+    k = min(5, ref.shape[1])
+    top = np.argpartition(-out, k - 1, axis=1)[:, :k]
+    p, q = _distributions(ref), _distributions(out)
+    kl = (p * (np.log(np.maximum(p, 1e-30)) - np.log(np.maximum(q, 1e-30)))).sum(axis=1)
+    return {"top1_agreement": float(same.mean()),
+            "top1_agreement_se": float(math.sqrt(same.var(ddof=1) / m)) if m > 1 else math.nan,
+            "top5_containment": float(np.mean((top == truth[:, None]).any(axis=1))),
+            "kl_divergence": float(np.mean(kl))}
+
+
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> OutputComparison:
     """Compare two outputs of shape ``[m, ...]`` (first axis = samples)."""
     ref = np.asarray(reference, np.float64)
@@ -78,23 +112,32 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> OutputCompa
     losses = (diff ** 2).sum(axis=1)
     se = float(math.sqrt(losses.var(ddof=1) / m)) if m > 1 else math.nan
     norm = float(np.linalg.norm(ref))
-    agreement = agreement_se = cosine = cosine_se = None
+    cosine = cosine_se = None
+    classes: dict[str, float] = {}
     if is_embedding(ref):
         cos = cosine_similarities(ref, out)
         cosine = float(cos.mean())
         cosine_se = float(math.sqrt(cos.var(ddof=1) / m)) if m > 1 else math.nan
     elif ref.ndim == 2 and ref.shape[1] > 1:
-        same = (ref.argmax(axis=1) == out.argmax(axis=1)).astype(np.float64)
-        agreement = float(same.mean())
-        agreement_se = float(math.sqrt(same.var(ddof=1) / m)) if m > 1 else math.nan
+        classes = classifier_agreement(ref, out)
     return OutputComparison(
         samples=int(m),
         max_abs_diff=float(np.abs(diff).max()) if diff.size else 0.0,
         mean_sq_error=float(losses.mean()),
         sq_error_se=se,
         relative_error=float(np.linalg.norm(diff)) / norm if norm else float(np.linalg.norm(diff)),
-        top1_agreement=agreement,
-        top1_agreement_se=agreement_se,
+        top1_agreement=classes.get("top1_agreement"),
+        top1_agreement_se=classes.get("top1_agreement_se"),
+        top5_containment=classes.get("top5_containment"),
+        kl_divergence=classes.get("kl_divergence"),
         cosine=cosine,
         cosine_se=cosine_se,
     )
+
+
+def heldout_comparison(original, candidate, inputs, *, threads: int | None = None) -> dict:
+    """Both models (``ir.Model``) on held-out ``inputs``: the first output compared (``compare_outputs``)."""
+    from pycompress.fidelity.session import run_model
+
+    reference = run_model(original, inputs, threads=threads)[0]
+    return compare_outputs(reference, run_model(candidate, inputs, threads=threads)[0]).to_dict()

@@ -243,8 +243,9 @@ def simplify_model(model: ir.Model, *, where: str = "model") -> None:
     ConstantOfShape is folded too (onnxscript keeps it by default): the legacy
     torch exporter builds every "same" padding from one, and folding it lets
     the optimizer turn Pad + Conv into a Conv with pads. Shared weights
-    (``Gather(codebook, Cast(uint8 indices))``) are kept: folding them would
-    silently turn a shared model back into float weights.
+    (``Gather(codebook, Cast(uint8 indices))``) and int8 weights
+    (``DequantizeLinear``) are kept: folding them would silently turn a shared
+    or quantized model back into float weights.
     """
     import onnxscript.optimizer
 
@@ -253,7 +254,8 @@ def simplify_model(model: ir.Model, *, where: str = "model") -> None:
     def should_fold(node: ir.Node) -> bool | None:
         if node.op_type == "ConstantOfShape":
             return True
-        if is_codebook_lookup(node):
+        if is_codebook_lookup(node) or node.op_type == "DequantizeLinear":
+            # Folding DequantizeLinear(int8 weight) would turn an int8 model back into float.
             return False
         return None
 

@@ -6,7 +6,15 @@ from the *teacher* over calibration data into ``LayerStatistics``, refit by
 ridge least squares (a single linear layer, e.g. the consumer of pruned
 channels, refitted on the kept channels) or by reduced-rank regression (a
 factored pair A -> B at its rank), and keep the refit only if it lowers the
-layer's calibration output error; otherwise the layer is left as it was.
+layer's output error; otherwise the layer is left as it was.
+
+Fit and validation: every ``VALIDATION_EVERY``-th calibration batch is held
+out of the fit. The ridge strength is chosen from ``RIDGE_GRID`` (relative to
+the mean input variance) by the error on those batches, and the refit is kept
+only if it lowers *their* error: judged on the data it was fitted to, a refit
+always looks better, and on EfficientNet-Lite0 the fitted crops' agreement
+rose while other photos' fell. With a single batch there is nothing to hold
+out: fit and judge on it, at the given ``lam``.
 
 Why front to back, one pass per layer: each refit then sees the inputs that
 the already-refitted earlier layers produce, so errors are corrected rather
@@ -30,6 +38,8 @@ from pycompress.recover.linear_view import LinearView, check_refittable, feature
 from pycompress.recover.normal_equations import LayerStatistics
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+VALIDATION_EVERY = 4                        # every 4th batch validates (25%)
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # relative ridge strengths tried on validation
 
 
 @dataclass
@@ -58,6 +68,7 @@ class RefitResult:
     samples: int
     seconds: float
     note: str = ""
+    validation_samples: int = 0     # rows the errors are measured on (0: the fitted ones)
 
 
 @dataclass
@@ -151,9 +162,10 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
             w_now = w_now @ w2
         stats = LayerStatistics(*w_now.shape)
         intercept = views[-1].bias_slot     # a bare MatMul is refitted through the origin
+        held = LayerStatistics(*w_now.shape) if len(teacher_rows[t]) > 1 else stats   # validation
         source = views[0].activation.name
         student_session = None if source in graph_inputs else make_session(truncated(student, [source]))
-        for feeds, (pix, yr) in zip(batches(), teacher_rows[t]):
+        for b, (feeds, (pix, yr)) in enumerate(zip(batches(), teacher_rows[t])):
             x = feeds[source] if student_session is None else run_tensors(student_session, [source], feeds)[0]
             xr, _ = rows(first, x, pixels=pix)
             keep = _token_rows(feeds, token_mask, first, x.shape)
@@ -162,18 +174,21 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
             if xr.shape[0] != yr.shape[0]:
                 raise PycompressError(f"node '{last.name}': teacher tensor '{target.target}' does not align "
                                       f"with the layer's outputs ({yr.shape[0]} vs {xr.shape[0]} rows)")
-            stats.update(xr, yr)
-        before = stats.error(w_now, b_now)
+            (held if held is not stats and b % VALIDATION_EVERY == VALIDATION_EVERY - 1 else stats).update(xr, yr)
+        before = held.error(w_now, b_now)
         note = ""
+        grid = RIDGE_GRID if held is not stats else (lam,)
         try:
             if len(views) == 1:
-                w_new, b_new = stats.ridge(lam, intercept)
-                after = stats.error(w_new, b_new)
+                after, w_new, b_new = min(((held.error(w, b), w, b) for w, b in
+                                           (stats.ridge(r, intercept) for r in grid)), key=lambda fit: fit[0])
                 if after < before:
                     views[0].set(w_new, b_new)
             else:
-                a, bf, b_new = stats.reduced_rank(int(target.rank or w_now.shape[1]), lam, intercept)
-                after = stats.error(a @ bf, b_new)
+                rank = int(target.rank or w_now.shape[1])
+                after, a, bf, b_new = min(((held.error(a @ bf, b), a, bf, b) for a, bf, b in
+                                           (stats.reduced_rank(rank, r, intercept) for r in grid)),
+                                          key=lambda fit: fit[0])
                 if after < before:
                     views[0].set(a, np.zeros(a.shape[1]) if views[0].has_bias else None)
                     views[1].set(bf, b_new)
@@ -181,7 +196,9 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
             after, note = before, f"solve failed: {exc}"
         kept = after < before
         result = RefitResult(list(target.nodes), before, after if kept else before, kept, stats.count,
-                             time.perf_counter() - start, note or ("" if kept else "refit would not lower the error"))
+                             time.perf_counter() - start,
+                             note or ("" if kept else "refit would not lower the validation error"),
+                             validation_samples=held.count if held is not stats else 0)
         report.results.append(result)
         if progress:
             progress(f"refit {'/'.join(target.nodes)}: error {before:.4g} -> {result.error_after:.4g}"

@@ -147,7 +147,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
     fid = report.get("fidelity") or {}
     if fid:
-        lines += ["", "## Fidelity (held-out)", ""]
+        lines += ["", "## Fidelity (on the calibration pool)", ""]
         for key, value in fid.items():
             lines.append(f"- {key}: {_fmt(value)}")
     stages = report.get("stages") or []

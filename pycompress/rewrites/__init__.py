@@ -7,7 +7,7 @@ listing the module in ``_MODULES``.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Any, Callable
 
 import onnx_ir as ir
 
@@ -16,7 +16,7 @@ from pycompress.ir import check_model, infer_model_shapes
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites.base import ActivationSource, ApplyContext, Rewrite, Site
 
-_MODULES: list[str] = ["prune_channels", "svd", "conv_lowrank", "weight_sharing"]
+_MODULES: list[str] = ["prune_channels", "svd", "conv_lowrank", "weight_sharing", "quantize"]
 
 REGISTRY: dict[str, Rewrite] = {}
 for _name in _MODULES:
@@ -52,16 +52,22 @@ def apply_plan(model: ir.Model, plan: Plan, ctx: ApplyContext | None = None, *, 
     validate_plan(model, plan)
     applied = []
     ordered = sorted(enumerate(plan.decisions), key=lambda item: (get_rewrite(item[1].action).order, item[0]))
-    for step, (_, decision) in enumerate(ordered, 1):
+    finished: dict[str, Any] = {}
+    for position, (_, decision) in enumerate(ordered):
         if progress:
-            progress(f"[{step}/{len(ordered)}] {decision.action} {decision.site}")
+            progress(f"[{position + 1}/{len(ordered)}] {decision.action} {decision.site}")
         result = get_rewrite(decision.action).apply(model, decision, ctx)
         applied.append(LayerDecision(decision.site, decision.action, dict(decision.params), decision.note, result))
+        if position + 1 == len(ordered) or ordered[position + 1][1].action != decision.action:
+            done = get_rewrite(decision.action).finish(model, ctx)   # the action's last decision
+            if done:
+                finished[decision.action] = done
     infer_model_shapes(model, where="rewritten model")
     if check:
         check_model(model)
     by_key = {(d.site, d.action): d for d in applied}
-    return Plan([by_key[(d.site, d.action)] for d in plan.decisions], plan.model, dict(plan.meta), plan.version)
+    meta = {**plan.meta, **({"finished": finished} if finished else {})}
+    return Plan([by_key[(d.site, d.action)] for d in plan.decisions], plan.model, meta, plan.version)
 
 
 def all_sites(model: ir.Model, actions: list[str]) -> dict[str, list[Site]]:

@@ -35,10 +35,17 @@ class Site:
     info: dict[str, Any] = field(default_factory=dict)  # r_max, full_rank, width, params, macs ...
 
 
+# Batches of values of a given model on calibration data: for rewrites that
+# read the graph they are rewriting after changing it (quantization), when the
+# caller rewrites copies (searches) and ``activations`` cannot know which.
+ModelActivationSource = Callable[[ir.Model, Sequence[str]], Iterable[dict[str, np.ndarray]]]
+
+
 @dataclass
 class ApplyContext:
     activations: ActivationSource | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    model_activations: ModelActivationSource | None = None
 
 
 class Rewrite(ABC):
@@ -71,6 +78,14 @@ class Rewrite(ABC):
     @abstractmethod
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
         """Apply in place; return what changed (params/MACs before and after...)."""
+
+    def finish(self, model: ir.Model, ctx: ApplyContext) -> dict[str, Any]:
+        """Called once after the plan's last decision of this action (in place); what it did.
+
+        For rewrites that act on the whole graph at once (quantization
+        calibrates every activation range in one pass); others do nothing.
+        """
+        return {}
 
     def starting_decision(self, model: ir.Model, site: Site, **options: Any) -> LayerDecision | None:
         """A sensible default decision for ``pycompress plan`` (None: leave as is)."""
