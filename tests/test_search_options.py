@@ -12,10 +12,9 @@ import pytest
 from conftest import export
 from pycompress.cli import main
 from pycompress.decisions.bo import Dimension, SearchSpace
-from pycompress.fidelity import FidelityEstimator
 from pycompress.fidelity.latency import LatencyProbe, time_model
 from pycompress.ir import load_model, model_cost
-from pycompress.pipeline import CompressionObjective, Measurement, build_search_space
+from pycompress.pipeline import Measurement, build_search_space
 from pycompress.plan import LayerDecision, Plan
 from test_blocks import TinyResNet
 

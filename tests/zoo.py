@@ -6,7 +6,6 @@ sklearn digits (see ``train_digits_mlp``) or use the pretrained CNN.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
