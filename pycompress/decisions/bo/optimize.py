@@ -100,7 +100,9 @@ def _refine(acquisition: Acquisition, start: np.ndarray, iters: int) -> np.ndarr
         steps = np.where(theta + h <= 1.0, h, -h)
         batch = np.repeat(theta[None, :], d + 1, axis=0)
         batch[np.arange(1, d + 1), np.arange(d)] += steps
-        z = acquisition(batch)
+        # Rounded before differencing: last-bit differences of z (e.g. between processes) would
+        # otherwise become different forward-difference gradients at h = 1e-6 and another ascent.
+        z = np.round(acquisition(batch), 8)
         if not np.all(np.isfinite(z)):
             return 1e300, np.zeros(d)
         return -float(z[0]), -(z[1:] - z[0]) / steps
