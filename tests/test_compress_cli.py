@@ -225,7 +225,6 @@ def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, t
     saved state). Not covered here: kills between two GP fits of the search (see docs/pacbo.md)."""
     import os
     import signal
-    import subprocess
     import time
 
     if "svd" not in rewrites.REGISTRY:
