@@ -219,10 +219,10 @@ def _compress_process(argv, env):
 
 
 def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, tmp_path):
-    """Issue 16: kill -9 during start-up, the initial design (gamma not chosen yet), and after the
-    search (recovery, writing), then --resume each time: the same trace, plan and byte-identical
+    """Issue 16: kill -9 during start-up, the initial design (gamma not chosen yet), the search and
+    after it (recovery, writing), then --resume each time: the same trace, plan and byte-identical
     model as one uninterrupted run. Kill instants are random within each phase (read from the run's
-    saved state). Not covered here: kills between two GP fits of the search (see docs/pacbo.md)."""
+    saved state)."""
     import os
     import signal
     import time
@@ -248,11 +248,18 @@ def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, t
             return None
 
     # (phase, condition on the saved state): start-up (no state yet, after a random delay), two
-    # instants inside the initial design, then once the search has ended (recovery or writing).
+    # instants inside the initial design, two in the search, then once the search has ended
+    # (recovery or writing).
     design = int(rng.integers(1, 5))
+    search = [int(v) for v in np.sort(rng.choice(np.arange(1, 9), size=2, replace=False))]
+
+    def in_search(k):
+        return lambda s: s is not None and s.get("meta", {}).get("gamma") is not None and \
+            len(s["observations"]) >= s["design_size"] + k
     phases = [("start-up", lambda s: s is None, float(rng.uniform(0.3, 1.5))),
               ("design", lambda s: s is not None and len(s["observations"]) >= design, 0.0),
               ("design", lambda s: s is not None and len(s["observations"]) >= design + 4, 0.0),
+              ("search", in_search(search[0]), 0.0), ("search", in_search(search[1]), 0.0),
               ("after the search", lambda s: s is not None and s["status"] in ("certificate", "max_evals"),
                float(rng.uniform(0.0, 0.5)))]
     killed = []
@@ -273,7 +280,7 @@ def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, t
             time.sleep(0.01)
     proc = _compress_process([str(path), "-o", str(out), "--resume", str(run_dir), "--quiet"], env)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
-    assert len(killed) >= 3, killed
+    assert len(killed) >= 4 and "search" in killed, killed
     assert out.read_bytes() == (tmp_path / "ref.onnx").read_bytes()
     ref_plan = Plan.load(tmp_path / "ref.plan.json")
     plan = Plan.load(tmp_path / "killed.plan.json")
