@@ -534,7 +534,9 @@ def select_gamma(objective: CompressionObjective, points: np.ndarray, measuremen
     q = np.array([m.quality for m in measurements])
     q_var = np.array([m.quality_var for m in measurements])
     gp = GaussianProcess.fit(np.asarray(points), q, q_var, restarts=2, rng=rng)
-    sobol = qmc.Sobol(space.d, scramble=True, seed=rng).random(candidates)
+    from pycompress.decisions.bo.optimize import sobol_seed
+
+    sobol = qmc.Sobol(space.d, scramble=True, seed=sobol_seed(rng)).random(candidates)
     cands = np.unique(np.vstack([space.snap(sobol), np.asarray(points)]), axis=0)
     # A lower confidence bound, not the mean: with a handful of points the GP
     # reverts to its constant far from the data, which can look better than

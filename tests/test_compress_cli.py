@@ -219,12 +219,12 @@ def _compress_process(argv, env):
 
 
 def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, tmp_path):
-    """Issue 16: kill -9 anywhere (start-up, initial design and gamma choice, search, recovery,
-    writing), then --resume, until it finishes: the same plan and byte-identical model as one
-    uninterrupted run. Kill instants are spread over the uninterrupted run's wall time."""
+    """Issue 16: kill -9 during start-up, the initial design (gamma not chosen yet), the search and
+    after it (recovery, writing), then --resume each time: the same trace, plan and byte-identical
+    model as one uninterrupted run. Kill instants are random within each phase (read from the run's
+    saved state)."""
     import os
     import signal
-    import subprocess
     import time
 
     if "svd" not in rewrites.REGISTRY:
@@ -234,33 +234,53 @@ def test_kill_9_at_random_instants_then_resume_gives_the_same_bytes(small_mlp, t
                                                       + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
     common = ["--data", str(data), "--actions", "svd", "--target-size", "0.3", "--max-evals", "30",
               "--seed", "2", "--recover-samples", "256", "--quiet"]
-
-    started = time.monotonic()
     ref = _compress_process([str(path), *common, "-o", str(tmp_path / "ref.onnx")], env)
     assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()
-    wall = time.monotonic() - started
 
     out = tmp_path / "killed.onnx"
     run_dir = tmp_path / "killed.run"
     rng = np.random.default_rng(16)
-    kills = 0
-    for attempt in range(12):
-        if (run_dir / "compress.json").is_file():
-            argv = [str(path), "-o", str(out), "--resume", str(run_dir), "--quiet"]
-        else:   # killed before the run folder existed: a user starts again
-            argv = [str(path), *common, "-o", str(out)]
+
+    def state():
+        try:
+            return json.loads((run_dir / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    # (phase, condition on the saved state): start-up (no state yet, after a random delay), two
+    # instants inside the initial design, two in the search, then once the search has ended
+    # (recovery or writing).
+    design = int(rng.integers(1, 5))
+    search = [int(v) for v in np.sort(rng.choice(np.arange(1, 9), size=2, replace=False))]
+
+    def in_search(k):
+        return lambda s: s is not None and s.get("meta", {}).get("gamma") is not None and \
+            len(s["observations"]) >= s["design_size"] + k
+    phases = [("start-up", lambda s: s is None, float(rng.uniform(0.3, 1.5))),
+              ("design", lambda s: s is not None and len(s["observations"]) >= design, 0.0),
+              ("design", lambda s: s is not None and len(s["observations"]) >= design + 4, 0.0),
+              ("search", in_search(search[0]), 0.0), ("search", in_search(search[1]), 0.0),
+              ("after the search", lambda s: s is not None and s["status"] in ("certificate", "max_evals"),
+               float(rng.uniform(0.0, 0.5)))]
+    killed = []
+    for name, condition, delay in phases:
+        argv = ([str(path), "-o", str(out), "--resume", str(run_dir), "--quiet"]
+                if (run_dir / "compress.json").is_file() else [str(path), *common, "-o", str(out)])
         proc = _compress_process(argv, env)
-        if attempt < 5:
-            try:
-                proc.wait(timeout=float(rng.uniform(0.2, 1.0)) * wall)
-            except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + 300
+        started = time.monotonic()
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (condition(state()) if name != "start-up" else time.monotonic() - started >= delay):
+                if name == "after the search":
+                    time.sleep(delay)
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                kills += 1
-                continue
-        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
-        break
-    assert kills >= 3
+                killed.append(name)
+                break
+            time.sleep(0.01)
+    proc = _compress_process([str(path), "-o", str(out), "--resume", str(run_dir), "--quiet"], env)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    assert len(killed) >= 4 and "search" in killed, killed
     assert out.read_bytes() == (tmp_path / "ref.onnx").read_bytes()
     ref_plan = Plan.load(tmp_path / "ref.plan.json")
     plan = Plan.load(tmp_path / "killed.plan.json")

@@ -181,6 +181,7 @@ def _config_from_args(args) -> dict[str, Any]:
         "epsilon": args.epsilon, "seed": args.seed, "initial": args.initial,
         "seed_plans": [str(Path(p).resolve()) for p in args.seed_plan], "data": args.data,
         "init": args.init, "energy": args.energy, "points_per_fit": args.points_per_fit,
+        "max_evals": args.max_evals if args.max_evals is not None else 100, "time_limit": args.time_limit,
         "recover_samples": args.recover_samples if args.recover_samples is not None else 512,
         "no_recover": bool(args.no_recover),
     }

@@ -194,8 +194,12 @@ def fit_hyperparameters(x: np.ndarray, y_s: np.ndarray, noise_s: np.ndarray, *, 
             if best is None or value < best[0]:
                 best = (value, result.x)
     assert best is not None
-    v = best[1]
-    return Hyperparameters(float(v[0]), float(math.exp(v[1])), [float(math.exp(t)) for t in v[2:]]), -best[0]
+    # Rounded (1e-4 in the constant and in log scale / lengthscales; far below what changes the
+    # model): numpy's SIMD sums can differ in their last bits between processes and L-BFGS-B
+    # amplifies them; rounding makes a resumed search fit the same GP in all but boundary cases.
+    v = np.round(best[1], 4)
+    value, _ = _negative_lml(v, x, sq, y_s, noise_s)
+    return Hyperparameters(float(v[0]), float(math.exp(v[1])), [float(math.exp(t)) for t in v[2:]]), -value
 
 
 def _cholesky_noise(k: np.ndarray, noise_s: np.ndarray) -> np.ndarray:

@@ -32,6 +32,16 @@ class CandidateSettings:
     refine_iters: int = 25
 
 
+def sobol_seed(rng: np.random.Generator) -> np.random.Generator:
+    """A fresh generator for ``qmc.Sobol``, seeded by one draw of ``rng``.
+
+    Not ``rng`` itself: scipy derives the scrambling from the generator's SeedSequence (spawning),
+    which is not part of ``rng.bit_generator.state``, so a generator restored from a saved state (a
+    resumed search) or reused would scramble differently from the original run.
+    """
+    return np.random.default_rng(int(rng.integers(2 ** 63)))
+
+
 def perturb(points: np.ndarray, count: int, scales: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
     """``count`` Gaussian perturbations of each point, clipped to the cube.
 
@@ -70,7 +80,8 @@ def maximize_acquisition(acquisition: Acquisition, d: int, rng: np.random.Genera
     """
     s = settings or CandidateSettings()
     snap = snap or (lambda x: x)
-    sobol = qmc.Sobol(d, scramble=True, seed=rng).random(1 << max(1, int(np.ceil(np.log2(max(2, s.sobol))))))
+    count = 1 << max(1, int(np.ceil(np.log2(max(2, s.sobol)))))
+    sobol = qmc.Sobol(d, scramble=True, seed=sobol_seed(rng)).random(count)
     anchors = np.atleast_2d(anchors)
     first = snap(np.vstack([sobol, anchors, perturb(anchors, s.perturbations, s.scales, rng)]))
     z_first = acquisition(first)
@@ -100,7 +111,9 @@ def _refine(acquisition: Acquisition, start: np.ndarray, iters: int) -> np.ndarr
         steps = np.where(theta + h <= 1.0, h, -h)
         batch = np.repeat(theta[None, :], d + 1, axis=0)
         batch[np.arange(1, d + 1), np.arange(d)] += steps
-        z = acquisition(batch)
+        # Rounded before differencing: last-bit differences of z (e.g. between processes) would
+        # otherwise become different forward-difference gradients at h = 1e-6 and another ascent.
+        z = np.round(acquisition(batch), 8)
         if not np.all(np.isfinite(z)):
             return 1e300, np.zeros(d)
         return -float(z[0]), -(z[1:] - z[0]) / steps

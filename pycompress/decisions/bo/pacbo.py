@@ -58,7 +58,7 @@ from pycompress.decisions.bo.acquisition import (
     select_incumbent,
 )
 from pycompress.decisions.bo.gp import GaussianProcess, Hyperparameters
-from pycompress.decisions.bo.optimize import CandidateSettings, maximize_acquisition
+from pycompress.decisions.bo.optimize import CandidateSettings, maximize_acquisition, sobol_seed
 from pycompress.decisions.bo.threads import single_threaded
 from pycompress.errors import PycompressError
 
@@ -302,7 +302,8 @@ class PACBO:
             n0 = self.settings.initial_points(self.d)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "balance properties need a power of 2": fine for a design
-                sobol = qmc.Sobol(self.d, scramble=True, seed=self.rng).random(n0) if n0 else np.empty((0, self.d))
+                sobol = (qmc.Sobol(self.d, scramble=True, seed=sobol_seed(self.rng)).random(n0) if n0
+                         else np.empty((0, self.d)))
             initial = [self._point(p) for p in list(self.seeds) + list(sobol)]
             self.pending = [(self.snap(p[None, :])[0], None, None) for p in initial]
             self.design_size = len(self.pending)
