@@ -57,6 +57,22 @@ def test_refit_consumer_lowers_held_out_error(digits_mlp):
     check_model(student)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_refit_with_too_few_batches_to_validate_still_refits(digits_mlp, parts):
+    """Fewer batches than one validation batch needs: fit on all of them (an empty validation set
+    gave a NaN error and rejected every refit)."""
+    path, (xtr, _), (xte, _) = digits_mlp
+    teacher, student = load_model(path), load_model(path)
+    truncate(student, gemms(student)[0], 4)
+    second_t, second_s = gemms(teacher)[1], gemms(student)[1]
+    before = layer_error(teacher, student, second_t.outputs[0].name, second_s.outputs[0].name, xte)
+    report = refit_layers(teacher, student, [RefitTarget([second_s.name], second_t.outputs[0].name)],
+                          lambda: [{"input": b} for b in np.array_split(xtr, parts)])
+    result = report.results[0]
+    assert result.kept and np.isfinite(result.error_before) and result.samples == len(xtr)
+    assert layer_error(teacher, student, second_t.outputs[0].name, second_s.outputs[0].name, xte) < 0.8 * before
+
+
 def factor_first_layer(path, rank, out):
     """The student: layer 1 as MatMul(x, A) -> Gemm(B, bias) from a truncated SVD (weight-only)."""
     proto = onnx.load(path)

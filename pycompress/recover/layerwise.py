@@ -162,7 +162,9 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
             w_now = w_now @ w2
         stats = LayerStatistics(*w_now.shape)
         intercept = views[-1].bias_slot     # a bare MatMul is refitted through the origin
-        held = LayerStatistics(*w_now.shape) if len(teacher_rows[t]) > 1 else stats   # validation
+        # Validation batches only when there are enough batches for one to be every VALIDATION_EVERY-th
+        # (with fewer, an empty validation set would reject every refit on a NaN error).
+        held = LayerStatistics(*w_now.shape) if len(teacher_rows[t]) >= VALIDATION_EVERY else stats
         source = views[0].activation.name
         student_session = None if source in graph_inputs else make_session(truncated(student, [source]))
         for b, (feeds, (pix, yr)) in enumerate(zip(batches(), teacher_rows[t])):
