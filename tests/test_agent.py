@@ -26,16 +26,9 @@ from pycompress.rewrites import apply_plan
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory):
     """A 64-256-256-10 digits MLP, the same at SVD rank 8, and digits inputs."""
-    import torch
-
     folder = tmp_path_factory.mktemp("agent")
     (x_train, y_train), (x_test, _) = zoo.digits()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        module = zoo.train(zoo.MLP((64, 256, 256, 10)), x_train, y_train, epochs=3)
-    finally:
-        torch.set_num_threads(threads)
+    module = zoo.train_one_thread(zoo.MLP((64, 256, 256, 10)), x_train, y_train, epochs=3)
     original = export(module, (1, 64), folder / "mlp.onnx")
     model = load_model(original)
     site = next(n.name for n in model.graph if n.op_type in ("Gemm", "MatMul"))

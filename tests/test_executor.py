@@ -16,16 +16,9 @@ from pycompress.executor import ThreadExecutor, parse_executor
 
 @pytest.fixture(scope="module")
 def digits_mlp(tmp_path_factory):
-    import torch
-
     folder = tmp_path_factory.mktemp("executor")
     (x_train, y_train), _ = zoo.digits()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        module = zoo.train(zoo.MLP((64, 96, 64, 10)), x_train, y_train, epochs=5)
-    finally:
-        torch.set_num_threads(threads)
+    module = zoo.train_one_thread(zoo.MLP((64, 96, 64, 10)), x_train, y_train, epochs=5)
     path = export(module, (1, 64), folder / "mlp.onnx")
     np.savez(folder / "calib.npz", x=x_train.astype(np.float32))
     return path, folder / "calib.npz"

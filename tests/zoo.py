@@ -118,6 +118,17 @@ def train(module: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30, lr:
     return module.eval()
 
 
+def train_one_thread(module: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30, **kwargs):
+    """``train`` with torch on one thread: the same weights whatever the machine's core count
+    (tests that compare two runs, or an agent's timings, need the very same model)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(module, x, y, epochs=epochs, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == y))
 

@@ -141,17 +141,23 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
 
 
-def bench_models(paths: Sequence[str | os.PathLike], *, provider: str = "cpu", threads: int | None = None,
-                 batch: int = 1, warmup: int = 10, iters: int = 100,
-                 data: Mapping[str, np.ndarray] | None = None, progress=None, rounds: int = 10) -> list[ModelBench]:
-    """Measure every model, interleaved; a model that cannot load on the provider gets ``error`` and no timings."""
-    resolve_provider(provider)
+def checked_bench_paths(paths: Sequence[str | os.PathLike], *, batch: int, iters: int, warmup: int) -> list[Path]:
+    """The models to bench as paths, after the checks every bench (local or on a device) makes first."""
     if batch < 1 or iters < 1 or warmup < 0:
         raise PycompressError("--batch and --iters must be >= 1, --warmup >= 0")
     paths = [Path(p) for p in paths]
     for path in paths:
         if not path.is_file():
             raise PycompressError(f"{path}: no such file")
+    return paths
+
+
+def bench_models(paths: Sequence[str | os.PathLike], *, provider: str = "cpu", threads: int | None = None,
+                 batch: int = 1, warmup: int = 10, iters: int = 100,
+                 data: Mapping[str, np.ndarray] | None = None, progress=None, rounds: int = 10) -> list[ModelBench]:
+    """Measure every model, interleaved; a model that cannot load on the provider gets ``error`` and no timings."""
+    resolve_provider(provider)
+    paths = checked_bench_paths(paths, batch=batch, iters=iters, warmup=warmup)
     results: list[ModelBench] = []
     prepared = []
     for path, name in zip(paths, _unique_names(paths)):

@@ -28,6 +28,7 @@ from pycompress.agent.client import (
 from pycompress.bench.measure import (
     ModelBench,
     _unique_names,
+    checked_bench_paths,
     file_bytes,
     model_accounting,
 )
@@ -71,12 +72,7 @@ def bench_models_on_device(paths: Sequence[str | os.PathLike], device: str, *, p
                            progress=None) -> tuple[list[ModelBench], dict]:
     """``bench_models`` with the runs on the agent at ``device``: (rows, the device's description)."""
     wanted = resolve_provider(provider)
-    if batch < 1 or iters < 1 or warmup < 0:
-        raise PycompressError("--batch and --iters must be >= 1, --warmup >= 0")
-    paths = [Path(p) for p in paths]
-    for path in paths:
-        if not path.is_file():
-            raise PycompressError(f"{path}: no such file")
+    paths = checked_bench_paths(paths, batch=batch, iters=iters, warmup=warmup)
     client = DeviceClient(device, token)
     try:
         description = client.describe()

@@ -75,6 +75,14 @@ class Rewrite(ABC):
                 f"site '{site.name}': unknown parameter(s) {sorted(unknown)} for '{self.action}'; "
                 f"allowed: {sorted(self.params)}")
 
+    def checked_site(self, model: ir.Model, decision: LayerDecision) -> Site:
+        """The decision's site, refused (naming it) when the rewrite cannot apply there or its params are wrong."""
+        site = self.site(model, decision.site)
+        if not site.ok:
+            raise PycompressError(f"site '{site.name}': cannot apply '{self.action}': {site.reason}")
+        self.check_params(site, decision.params)
+        return site
+
     @abstractmethod
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
         """Apply in place; return what changed (params/MACs before and after...)."""

@@ -125,10 +125,7 @@ class Quantize(Rewrite):
             raise PycompressError(f"site '{site.name}': 'bits' must be 8 (int8) or 9..32 (float), got {bits!r}")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
-        site = self.site(model, decision.site)
-        if not site.ok:
-            raise PycompressError(f"site '{site.name}': cannot apply '{self.action}': {site.reason}")
-        self.check_params(site, decision.params)
+        site = self.checked_site(model, decision)
         int8 = int(decision.params["bits"]) == INT8_BITS
         if int8 and ctx.activations is None and ctx.model_activations is None:
             raise PycompressError(f"site '{site.name}': int8 needs calibration data for the activation ranges; "

@@ -211,10 +211,7 @@ class WeightSharing(Rewrite):
                 raise PycompressError(f"site '{site.name}': '{flag}' must be true or false, got {value!r}")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
-        site = self.site(model, decision.site)
-        if not site.ok:
-            raise PycompressError(f"site '{site.name}': cannot apply '{self.action}': {site.reason}")
-        self.check_params(site, decision.params)
+        site = self.checked_site(model, decision)
         bits = int(decision.params["bits"])
         fraction = float(decision.params.get("prune_fraction", 0.0))
         node = node_by_name(model, decision.site)
