@@ -42,7 +42,7 @@ class LayerStatistics:
         self._fixed: tuple[int, np.ndarray, np.ndarray] | None = None   # (count, mean, scatter) of a pool
 
     @classmethod
-    def pooled(cls, parts: "list[LayerStatistics]") -> "LayerStatistics":
+    def pooled(cls, parts: list[LayerStatistics]) -> LayerStatistics:
         """The statistics of the union of ``parts`` (disjoint samples), read-only."""
         out = cls(parts[0].d_in, parts[0].d_out)
         n, mean, scatter = 0, np.zeros(out.d_in + out.d_out), np.zeros((out.d_in + out.d_out,) * 2)
