@@ -762,6 +762,12 @@ def recover(teacher: ir.Model, student: ir.Model, plan: Plan, inputs: dict[str, 
     n = len(next(iter(inputs.values())))
     idx = np.sort(np.random.default_rng(seed).choice(n, min(n, samples), replace=False))
     subset = {k: v[idx] for k, v in inputs.items()}
+    # Where the data source knows each sample's source (the photo of a built-in crop), the
+    # recovery validates on whole photos left out (recover/layerwise.py).
+    groups = next((np.asarray(v.groups) for v in inputs.values() if getattr(v, "groups", None) is not None), None)
+    sample_groups = None
+    if groups is not None and len(np.unique(groups[idx])) > 1:
+        sample_groups = [groups[idx][start:start + batch_size] for start in range(0, len(idx), batch_size)]
 
     def batches():
         for start in range(0, len(idx), batch_size):
@@ -769,5 +775,5 @@ def recover(teacher: ir.Model, student: ir.Model, plan: Plan, inputs: dict[str, 
 
     t0 = time.perf_counter()
     report = refit_layers(teacher, student, targets, batches, lam=lam, seed=seed, progress=progress,
-                          token_mask=token_mask_input(teacher))
+                          token_mask=token_mask_input(teacher), sample_groups=sample_groups)
     return {"samples": int(len(idx)), "seconds": time.perf_counter() - t0, "notes": notes, **report.to_dict()}

@@ -11,6 +11,8 @@ from conftest import export
 from pycompress.fidelity import collect_activations, run_model
 from pycompress.ir import check_model, load_model
 from pycompress.recover import RefitTarget, refit_layers
+from pycompress.recover.layerwise import RIDGE_GRID
+from pycompress.recover.normal_equations import LayerStatistics
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +52,11 @@ def test_refit_consumer_lowers_held_out_error(digits_mlp):
                           lambda: [{"input": b} for b in np.array_split(xtr, 4)])
     after = layer_error(teacher, student, second_t.outputs[0].name, second_s.outputs[0].name, xte)
     result = report.results[0]
-    # 4 batches: the 4th validates (chooses the ridge strength, decides keeping); the others fit.
-    assert result.kept and result.samples + result.validation_samples == len(xtr)
-    assert result.validation_samples == len(np.array_split(xtr, 4)[3])
+    # 4 batches, 4 folds: every sample is judged once by a fit that left it out.
+    assert result.kept and result.folds == 4 and result.samples == result.validation_samples == len(xtr)
+    assert result.lam in RIDGE_GRID
     assert after < 0.8 * before
     check_model(student)
-
-
-@pytest.mark.parametrize("parts", [2, 3])
-def test_refit_with_too_few_batches_to_validate_still_refits(digits_mlp, parts):
-    """Fewer batches than one validation batch needs: fit on all of them (an empty validation set
-    gave a NaN error and rejected every refit)."""
-    path, (xtr, _), (xte, _) = digits_mlp
-    teacher, student = load_model(path), load_model(path)
-    truncate(student, gemms(student)[0], 4)
-    second_t, second_s = gemms(teacher)[1], gemms(student)[1]
-    before = layer_error(teacher, student, second_t.outputs[0].name, second_s.outputs[0].name, xte)
-    report = refit_layers(teacher, student, [RefitTarget([second_s.name], second_t.outputs[0].name)],
-                          lambda: [{"input": b} for b in np.array_split(xtr, parts)])
-    result = report.results[0]
-    assert result.kept and np.isfinite(result.error_before) and result.samples == len(xtr)
-    assert layer_error(teacher, student, second_t.outputs[0].name, second_s.outputs[0].name, xte) < 0.8 * before
 
 
 def factor_first_layer(path, rank, out):
@@ -132,3 +118,49 @@ def test_conv_refit_recovers_perturbed_weights_exactly(tmp_path):
     assert report.results[0].kept and report.results[0].error_after < 1e-6 * report.results[0].error_before
     got = run_model(student, {"input": x})[0]
     np.testing.assert_allclose(got, run_model(teacher, {"input": x})[0], atol=1e-4)
+
+
+def test_two_batches_still_refit(digits_mlp):
+    # Every 4th batch used to validate: with 2 batches (the EfficientNet demo's 128 samples)
+    # nothing validated, every error was nan and no layer was ever refitted.
+    path, (xtr, _), (xte, _) = digits_mlp
+    teacher, student = load_model(path), load_model(path)
+    truncate(student, gemms(student)[0], 4)
+    second_t, second_s = gemms(teacher)[1], gemms(student)[1]
+    before = layer_error(teacher, student, second_t.outputs[0].name, second_s.outputs[0].name, xte)
+    result = refit_layers(teacher, student, [RefitTarget([second_s.name], second_t.outputs[0].name)],
+                          lambda: [{"input": b} for b in np.array_split(xtr, 2)]).results[0]
+    assert result.kept and result.folds == 2 and np.isfinite(result.error_after)
+    assert layer_error(teacher, student, second_t.outputs[0].name, second_s.outputs[0].name, xte) < 0.8 * before
+
+
+def test_sample_groups_are_the_folds(digits_mlp):
+    path, (xtr, _), _ = digits_mlp
+    teacher, student = load_model(path), load_model(path)
+    truncate(student, gemms(student)[0], 4)
+    batches = np.array_split(xtr, 3)
+    groups = [np.arange(len(b)) % 5 for b in batches]     # 5 "photos" across 3 batches
+    result = refit_layers(teacher, student, [RefitTarget([gemms(student)[1].name], gemms(teacher)[1].outputs[0].name)],
+                          lambda: [{"input": b} for b in batches], sample_groups=groups).results[0]
+    assert result.folds == 5 and result.kept and result.validation_samples == len(xtr)
+
+
+def test_pooled_statistics_are_exact_and_the_ridge_shrinks_toward_the_prior():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 6)) + 2.0, rng.normal(size=(300, 3)) - 1.0
+    whole, parts = LayerStatistics(6, 3), [LayerStatistics(6, 3) for _ in range(3)]
+    whole.update(x, y)
+    for part, idx in zip(parts, np.array_split(np.arange(300), 3)):
+        part.update(x[idx], y[idx])
+    pooled = LayerStatistics.pooled(parts)
+    assert pooled.count == 300
+    for lam in (0.0, 0.1):
+        for got, want in zip(pooled.ridge(lam), whole.ridge(lam)):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    prior = rng.normal(size=(6, 3))
+    w_far, _ = whole.ridge(1e6, prior=prior)
+    np.testing.assert_allclose(w_far, prior, atol=1e-4)     # a strong ridge leaves the weights as they are
+    w_ls, _ = whole.ridge(0.0, prior=prior)
+    np.testing.assert_allclose(w_ls, whole.ridge(0.0)[0], atol=1e-9)
+    with pytest.raises(ValueError):
+        pooled.update(x, y)

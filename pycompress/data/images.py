@@ -45,8 +45,11 @@ class LazySamples:
     """A read-only ``(n, *sample_shape)`` array whose samples are made on demand by ``make(i)``."""
 
     def __init__(self, n: int, sample_shape: Sequence[int], dtype: np.dtype, make: Callable[[int], np.ndarray],
-                 description: str = ""):
+                 description: str = "", groups: np.ndarray | None = None):
         self._n = int(n)
+        # The source of each sample (e.g. the photo a crop came from), when known: recovery
+        # validates on whole sources left out (recover/layerwise.py). None: unknown.
+        self.groups = None if groups is None else np.asarray(groups, np.int64)
         self._sample_shape = tuple(int(d) for d in sample_shape)
         self.dtype = np.dtype(dtype)
         self._make = make
@@ -294,11 +297,12 @@ def skimage_crops(count: int, input_shape: Sequence[int | None], dtype: np.dtype
 
     def make(i: int) -> np.ndarray:
         rng = np.random.default_rng([seed, i])
-        photo = photos[int(rng.integers(len(photos)))]
+        photo = photos[int(rng.integers(len(photos)))]   # the first draw: ``groups`` below repeats it
         w, h = photo.size
         side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
         y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         return spec.finish(photo.crop((x0, y0, x0 + side, y0 + side)))
 
+    groups = np.array([int(np.random.default_rng([seed, i]).integers(len(photos))) for i in range(count)], np.int64)
     return LazySamples(count, spec.sample_shape, dtype, make,
-                       f"skimage {split} crops of {', '.join(SKIMAGE_SPLITS[split])} [{spec.describe()}]")
+                       f"skimage {split} crops of {', '.join(SKIMAGE_SPLITS[split])} [{spec.describe()}]", groups)

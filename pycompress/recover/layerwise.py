@@ -8,13 +8,22 @@ channels, refitted on the kept channels) or by reduced-rank regression (a
 factored pair A -> B at its rank), and keep the refit only if it lowers the
 layer's output error; otherwise the layer is left as it was.
 
-Fit and validation: every ``VALIDATION_EVERY``-th calibration batch is held
-out of the fit. The ridge strength is chosen from ``RIDGE_GRID`` (relative to
-the mean input variance) by the error on those batches, and the refit is kept
-only if it lowers *their* error: judged on the data it was fitted to, a refit
-always looks better, and on EfficientNet-Lite0 the fitted crops' agreement
-rose while other photos' fell. With a single batch there is nothing to hold
-out: fit and judge on it, at the given ``lam``.
+Fit and validation, by cross-validation over *sources*: the calibration
+samples are split into folds (``sample_groups``: the photo each crop came
+from, when the data source knows it; else the batches, dealt round-robin
+into ``FOLDS`` folds). Each layer's statistics are kept per fold; the refit
+of every ridge strength in ``RIDGE_GRID`` is fitted on all folds but one and
+judged on the one left out (exact, from the pooled statistics: no second
+pass), the strength with the lowest left-out error wins, and the refit
+(then fitted on all folds) is kept only if that left-out error is below the
+original layer's. The ridge shrinks toward the layer's *current* weights, not
+toward 0: a strong ridge leaves the layer as it is (with its intercept
+refitted), so the grid moves between "as compressed" and "fitted to the
+calibration data". Why leave-one-*photo*-out: crops of one photo overlap and
+share its statistics; judged on other crops of the fitted photos, a refit to
+five photos looked better while its agreement on other photos fell (to 0 on
+EfficientNet-Lite0). With a single fold there is nothing to hold out: fit and
+judge on it, at the given ``lam``.
 
 Why front to back, one pass per layer: each refit then sees the inputs that
 the already-refitted earlier layers produce, so errors are corrected rather
@@ -26,7 +35,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -38,8 +47,8 @@ from pycompress.recover.linear_view import LinearView, check_refittable, feature
 from pycompress.recover.normal_equations import LayerStatistics
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-VALIDATION_EVERY = 4                        # every 4th batch validates (25%)
-RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # relative ridge strengths tried on validation
+FOLDS = 4                                            # batch folds when the samples' sources are unknown
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)   # relative strengths toward the current weights
 
 
 @dataclass
@@ -68,7 +77,9 @@ class RefitResult:
     samples: int
     seconds: float
     note: str = ""
-    validation_samples: int = 0     # rows the errors are measured on (0: the fitted ones)
+    validation_samples: int = 0     # rows the errors are measured on, left out of their fit (0: the fitted ones)
+    folds: int = 1                  # cross-validation folds (photos or batch folds); 1: none
+    lam: float | None = None        # the ridge strength chosen
 
 
 @dataclass
@@ -134,8 +145,33 @@ def _validate(student: ir.Model, target: RefitTarget) -> list[ir.Node]:
     return nodes
 
 
+def _row_folds(fold_of_samples: np.ndarray, n_samples: int, n_rows: int, keep: np.ndarray | None) -> np.ndarray:
+    """The fold of every row: rows are sample-major (``rows``/``target_rows``), then filtered by ``keep``."""
+    folds = np.repeat(fold_of_samples, n_rows // max(n_samples, 1))
+    return folds if keep is None else folds[keep]
+
+
+def _cross_validated(parts: list[LayerStatistics], fit, w_now: np.ndarray, b_now: np.ndarray):
+    """(left-out error, lam) of the best ridge strength, and the original layer's error on the same rows.
+
+    ``fit(stats, lam) -> (W, b)``; each fold is judged on a fit to the others.
+    """
+    total = sum(p.count for p in parts)
+    others = [LayerStatistics.pooled([q for j, q in enumerate(parts) if j != i]) for i in range(len(parts))]
+    before = sum(p.count * p.error(w_now, b_now) for p in parts) / total
+    scores = []
+    for lam in RIDGE_GRID:
+        err = 0.0
+        for part, rest in zip(parts, others):
+            w, b = fit(rest, lam)
+            err += part.count * part.error(w, b)
+        scores.append((err / total, lam))
+    return min(scores), before
+
+
 def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget], batches: Batches, *,
                  lam: float = 1e-3, max_pixels: int = 64, seed: int = 0, token_mask: str | None = None,
+                 sample_groups: Sequence[np.ndarray] | None = None,
                  progress: Callable[[str], None] | None = None) -> RecoveryReport:
     """Refit ``targets`` of ``student`` in place, in the given (front-to-back) order.
 
@@ -145,6 +181,8 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
     refit, so each layer takes one pass of the student truncated at its input.
     ``token_mask``: the graph input (``B x T``, 0 at padding) of a token model;
     the rows of padding tokens are left out of the fits.
+    ``sample_groups``: per batch, the source (e.g. photo) of each sample; the
+    validation folds (module docstring). None: batches dealt into ``FOLDS`` folds.
     """
     report = RecoveryReport()
     checked = [_validate(student, target) for target in targets]
@@ -160,47 +198,64 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
             w2 = views[1].weight_matrix().astype(np.float64)
             b_now = b_now @ w2 + views[1].bias()
             w_now = w_now @ w2
-        stats = LayerStatistics(*w_now.shape)
         intercept = views[-1].bias_slot     # a bare MatMul is refitted through the origin
-        # Validation batches only when there are enough batches for one to be every VALIDATION_EVERY-th
-        # (with fewer, an empty validation set would reject every refit on a NaN error).
-        held = LayerStatistics(*w_now.shape) if len(teacher_rows[t]) >= VALIDATION_EVERY else stats
+        parts: dict[int, LayerStatistics] = {}
         source = views[0].activation.name
         student_session = None if source in graph_inputs else make_session(truncated(student, [source]))
+        n_batches = len(teacher_rows[t])
         for b, (feeds, (pix, yr)) in enumerate(zip(batches(), teacher_rows[t])):
             x = feeds[source] if student_session is None else run_tensors(student_session, [source], feeds)[0]
             xr, _ = rows(first, x, pixels=pix)
+            n_rows = xr.shape[0]
             keep = _token_rows(feeds, token_mask, first, x.shape)
             if keep is not None:
                 xr = xr[keep]
             if xr.shape[0] != yr.shape[0]:
                 raise PycompressError(f"node '{last.name}': teacher tensor '{target.target}' does not align "
                                       f"with the layer's outputs ({yr.shape[0]} vs {xr.shape[0]} rows)")
-            (held if held is not stats and b % VALIDATION_EVERY == VALIDATION_EVERY - 1 else stats).update(xr, yr)
-        before = held.error(w_now, b_now)
-        note = ""
-        grid = RIDGE_GRID if held is not stats else (lam,)
-        try:
-            if len(views) == 1:
-                after, w_new, b_new = min(((held.error(w, b), w, b) for w, b in
-                                           (stats.ridge(r, intercept) for r in grid)), key=lambda fit: fit[0])
-                if after < before:
-                    views[0].set(w_new, b_new)
+            n = x.shape[0]
+            if sample_groups is not None:
+                fold_rows = _row_folds(np.asarray(sample_groups[b]), n, n_rows, keep)
             else:
-                rank = int(target.rank or w_now.shape[1])
-                after, a, bf, b_new = min(((held.error(a @ bf, b), a, bf, b) for a, bf, b in
-                                           (stats.reduced_rank(rank, r, intercept) for r in grid)),
-                                          key=lambda fit: fit[0])
-                if after < before:
+                fold_rows = np.full(xr.shape[0], b % min(FOLDS, n_batches))
+            for fold in np.unique(fold_rows):
+                sel = fold_rows == fold
+                parts.setdefault(int(fold), LayerStatistics(*w_now.shape)).update(
+                    np.ascontiguousarray(xr[sel]), np.ascontiguousarray(yr[sel]))
+        folds = [parts[k] for k in sorted(parts)]
+        stats = LayerStatistics.pooled(folds) if len(folds) > 1 else folds[0]
+        rank = int(target.rank or w_now.shape[1])
+
+        def fit(data: LayerStatistics, strength: float, views=views, intercept=intercept, w_now=w_now, rank=rank):
+            if len(views) == 1:
+                return data.ridge(strength, intercept, prior=w_now)
+            a, bf, b = data.reduced_rank(rank, strength, intercept, prior=w_now)
+            return a @ bf, b
+
+        note = ""
+        chosen = lam
+        try:
+            if len(folds) > 1:
+                (after, chosen), before = _cross_validated(folds, fit, w_now, b_now)
+            else:
+                before = stats.error(w_now, b_now)
+                after = stats.error(*fit(stats, lam))
+            if after < before:
+                if len(views) == 1:
+                    views[0].set(*stats.ridge(chosen, intercept, prior=w_now))
+                else:
+                    a, bf, b_new = stats.reduced_rank(rank, chosen, intercept, prior=w_now)
                     views[0].set(a, np.zeros(a.shape[1]) if views[0].has_bias else None)
                     views[1].set(bf, b_new)
         except np.linalg.LinAlgError as exc:
-            after, note = before, f"solve failed: {exc}"
-        kept = after < before
+            before = after = float("nan")
+            note = f"solve failed: {exc}"
+        kept = bool(after < before)
         result = RefitResult(list(target.nodes), before, after if kept else before, kept, stats.count,
                              time.perf_counter() - start,
-                             note or ("" if kept else "refit would not lower the validation error"),
-                             validation_samples=held.count if held is not stats else 0)
+                             note or ("" if kept else "refit would not lower the left-out error"),
+                             validation_samples=stats.count if len(folds) > 1 else 0, folds=len(folds),
+                             lam=chosen if kept else None)
         report.results.append(result)
         if progress:
             progress(f"refit {'/'.join(target.nodes)}: error {before:.4g} -> {result.error_after:.4g}"

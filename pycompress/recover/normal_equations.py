@@ -6,7 +6,10 @@ in the joint covariance of [X, Y], streamed through the covariance kernel
 (float64, memory O((d_in + d_out)^2), independent of the number of samples):
 
     Sxx = scatter of X, Sxy = cross scatter, Syy = scatter of Y (all centred),
-    ridge:          W = (Sxx + lam I)^-1 Sxy,  b = mean_y - mean_x W
+    ridge:          W = (Sxx + lam I)^-1 (Sxy + lam W0),  b = mean_y - mean_x W
+                    (shrunk toward the layer's current weights W0, not toward
+                    0: a large lam leaves the layer as it is, a small one
+                    trusts the calibration data; W0 = 0 is the plain ridge)
     reduced rank K: W_K = W V_K V_K^T with V_K the top-K eigenvectors of
                     W^T Sxx W (the fitted outputs' scatter): the
                     rank-constrained optimum (reduced-rank regression), as
@@ -17,6 +20,10 @@ in the joint covariance of [X, Y], streamed through the covariance kernel
 A layer with no bias to write (a bare MatMul) is fitted through the origin
 (``intercept=False``): the same formulas on the uncentred moments
 (``S + n m m^T``), and ``b = 0``.
+
+Statistics add up: ``pooled`` merges those of disjoint parts of the data
+(e.g. one per photo) exactly, so a fit on all parts but one, judged on the
+one left out, costs no second pass over the data.
 """
 
 from __future__ import annotations
@@ -32,8 +39,33 @@ class LayerStatistics:
     def __init__(self, d_in: int, d_out: int):
         self.d_in, self.d_out = int(d_in), int(d_out)
         self._acc = CovarianceAccumulator(self.d_in + self.d_out)
+        self._fixed: tuple[int, np.ndarray, np.ndarray] | None = None   # (count, mean, scatter) of a pool
+
+    @classmethod
+    def pooled(cls, parts: list[LayerStatistics]) -> LayerStatistics:
+        """The statistics of the union of ``parts`` (disjoint samples), read-only."""
+        out = cls(parts[0].d_in, parts[0].d_out)
+        n, mean, scatter = 0, np.zeros(out.d_in + out.d_out), np.zeros((out.d_in + out.d_out,) * 2)
+        for part in parts:
+            k, m, s = part._moments()
+            if k == 0:
+                continue
+            delta = m - mean
+            # Chan et al.'s pairwise update of a scatter matrix.
+            scatter = scatter + s + np.outer(delta, delta) * (n * k / (n + k))
+            mean = mean + delta * (k / (n + k))
+            n += k
+        out._fixed = (n, mean, scatter)
+        return out
+
+    def _moments(self) -> tuple[int, np.ndarray, np.ndarray]:
+        if self._fixed is not None:
+            return self._fixed
+        return self._acc.count, np.asarray(self._acc.mean, np.float64), np.asarray(self._acc.scatter, np.float64)
 
     def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self._fixed is not None:
+            raise ValueError("pooled statistics are read-only")
         if x.shape[0] != y.shape[0] or x.shape[1] != self.d_in or y.shape[1] != self.d_out:
             raise ValueError(f"expected x (n, {self.d_in}) and y (n, {self.d_out}), got {x.shape}, {y.shape}")
         dtype = np.float32 if x.dtype == np.float32 and y.dtype == np.float32 else np.float64
@@ -41,31 +73,34 @@ class LayerStatistics:
 
     @property
     def count(self) -> int:
-        return self._acc.count
+        return self._moments()[0]
 
     def _parts(self, intercept: bool = True):
-        s = self._acc.scatter
-        mean = self._acc.mean
+        count, mean, s = self._moments()
         if not intercept:   # uncentred moments: the fit through the origin
-            s = s + self._acc.count * np.outer(mean, mean)
+            s = s + count * np.outer(mean, mean)
             mean = np.zeros_like(mean)
         d = self.d_in
         return s[:d, :d], s[:d, d:], s[d:, d:], mean[:d], mean[d:]
 
-    def ridge(self, lam: float = 1e-4, intercept: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(W d_in x d_out, b d_out); ``lam`` is relative to the mean input variance."""
+    def ridge(self, lam: float = 1e-4, intercept: bool = True,
+              prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(W d_in x d_out, b d_out), shrunk toward ``prior`` (d_in x d_out; None: 0); ``lam`` is
+        relative to the input scatter's mean diagonal (the sample count times the mean input variance)."""
         sxx, sxy, _, mx, my = self._parts(intercept)
         reg = lam * max(float(np.trace(sxx)) / self.d_in, 1e-12)
-        w = np.linalg.solve(sxx + reg * np.eye(self.d_in), sxy)
+        rhs = sxy if prior is None else sxy + reg * prior
+        w = np.linalg.solve(sxx + reg * np.eye(self.d_in), rhs)
         return w, my - mx @ w
 
-    def reduced_rank(self, rank: int, lam: float = 1e-4,
-                     intercept: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(A d_in x K, B K x d_out, b d_out): the best rank-K map on the data."""
+    def reduced_rank(self, rank: int, lam: float = 1e-4, intercept: bool = True,
+                     prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A d_in x K, B K x d_out, b d_out): the best rank-K map on the data (the ridge toward
+        ``prior``, then its rank-K projection)."""
         if not 1 <= rank <= min(self.d_in, self.d_out):
             raise ValueError(f"rank {rank} outside [1, {min(self.d_in, self.d_out)}]")
         sxx, _, _, mx, my = self._parts(intercept)
-        w, _ = self.ridge(lam, intercept)
+        w, _ = self.ridge(lam, intercept, prior)
         fitted = w.T @ sxx @ w
         vals, vecs = np.linalg.eigh((fitted + fitted.T) / 2)
         v = vecs[:, np.argsort(vals)[::-1][:rank]]
