@@ -215,11 +215,11 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
     ``align``: channel counts searched are multiples of it (or the full width).
     """
     if not 0 < max_prune <= 1:
-        raise PycompressError(f"--max-prune must be in (0, 1], got {max_prune}")
+        raise PycompressError(f"max_prune must be in (0, 1], got {max_prune}")
     if align < 1:
-        raise PycompressError(f"--align must be a positive integer, got {align}")
+        raise PycompressError(f"align must be a positive integer, got {align}")
     if granularity not in GRANULARITIES:
-        raise PycompressError(f"--granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+        raise PycompressError(f"granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
     labels: dict[str, str] = {}
     if granularity != "layer":
         from pycompress.ir.blocks import block_labels, stage_labels
@@ -343,9 +343,9 @@ class CompressionObjective:
                  gamma: float = 1.0, context: ApplyContext | None = None, objective: str = "size",
                  latency=None):
         if objective not in OBJECTIVES:
-            raise PycompressError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+            raise PycompressError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if objective == "latency" and latency is None:
-            raise PycompressError("--objective latency needs a latency probe (pycompress.fidelity.LatencyProbe)")
+            raise PycompressError("objective latency needs a latency probe (pycompress.fidelity.LatencyProbe)")
         self.model = model
         self.estimator = estimator
         self.gamma = float(gamma)
@@ -529,7 +529,7 @@ def select_gamma(objective: CompressionObjective, points: np.ndarray, measuremen
     from scipy.stats import qmc
 
     if not 0 < target <= 1:
-        raise PycompressError(f"--target-size must be in (0, 1], got {target}")
+        raise PycompressError(f"target size must be in (0, 1], got {target}")
     space = objective.space
     q = np.array([m.quality for m in measurements])
     q_var = np.array([m.quality_var for m in measurements])
@@ -593,7 +593,7 @@ def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], ta
     unreachable for now (the search's later rounds see more points).
     """
     if not 0 < target <= 1:
-        raise PycompressError(f"--target-size must be in (0, 1], got {target}")
+        raise PycompressError(f"target size must be in (0, 1], got {target}")
     q = np.asarray(quality, np.float64)
     inv_r = 1.0 / np.asarray(ratio, np.float64)
     # Walk the hull from gamma = 0 (the smallest ratio, best 1/R) upwards.

@@ -189,7 +189,7 @@ def test_max_prune_and_align_bound_the_search(resnet):
         assert dim.low == math.ceil(0.75 * dim.high) and all(v % 4 == 0 or v == dim.high for v in dim.levels)
     # Groups of 8 channels: 0.25 of them is 2, but no multiple of 4 lies in [6, 8): left out, with the reason.
     assert len(bounded.dimensions) < len(full.dimensions) and any("--align 4" in n for n in notes)
-    with pytest.raises(Exception, match="--max-prune"):
+    with pytest.raises(Exception, match="max_prune must be in"):
         build_search_space(model, ["prune"], max_prune=0.0)
 
 

@@ -121,6 +121,10 @@ else:
         return fn(candidates, train_x, lengthscales, outputscale, mean_constant, chol, beta, incumbent, delta,
                   var_floor, threads)
 
+# The covariance the compiled acquisition fuses, for the GP fit on the training points (small:
+# numpy is enough there); public so that the GP does not reach into the reference module.
+matern52 = reference.matern52
+
 __all__ = [
     "BACKEND",
     "CUDA_ERROR",
@@ -131,6 +135,7 @@ __all__ = [
     "CovarianceAccumulator",
     "cuda",
     "gp_acquisition",
+    "matern52",
     "huffman_code_lengths",
     "huffman_decode",
     "huffman_encode",

@@ -30,7 +30,7 @@ from scipy.linalg import cho_factor, solve_triangular
 from pycompress.decisions.bo.acquisition import Posterior
 from pycompress.decisions.bo.threads import single_threaded
 from pycompress.kernels import gp_acquisition
-from pycompress.kernels._reference import matern52
+from pycompress.kernels import matern52
 
 # Search box for ML-II, in units of the unit cube / of standardized y. The
 # lower lengthscale bound keeps the GP from explaining each point alone.

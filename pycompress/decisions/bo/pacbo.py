@@ -219,11 +219,11 @@ class PACBO:
         self.settings = settings or PACBOSettings()
         s = self.settings
         if not 0 < s.epsilon < 1:
-            raise PycompressError(f"--epsilon must be in (0, 1), got {s.epsilon}")
+            raise PycompressError(f"PAC-BO epsilon must be in (0, 1), got {s.epsilon}")
         if s.delta < 0:
-            raise PycompressError(f"--delta must be >= 0, got {s.delta}")
+            raise PycompressError(f"PAC-BO delta must be >= 0, got {s.delta}")
         if s.max_evals < 1 or s.batch_size < 1:
-            raise PycompressError("--max-evals and the batch size must be at least 1")
+            raise PycompressError("PAC-BO max_evals and batch_size must be at least 1")
         self.snap = snap or (lambda x: np.clip(x, 0.0, 1.0))
         self.lattice = snap is not None   # integer decisions: the incumbent has lattice neighbours
         self.executor = executor or LocalExecutor()
