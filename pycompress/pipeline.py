@@ -241,14 +241,11 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
         if action == "quant":
             dims += _quant_dimensions(rewrite.sites(model), taken_by_share, group_of, notes)
             continue
-        if "rank" in rewrite.params:
-            kind = "rank"
-        elif "keep" in rewrite.params:
-            kind = "keep"
-        elif "bits" in rewrite.params:
-            kind = "bits"
-        else:
-            raise PycompressError(f"action '{action}' has no 'rank', 'keep' or 'bits' parameter to search")
+        searched = rewrite.searchable_param()
+        kind = searched.name if searched is not None else ""
+        if kind not in ("rank", "keep", "bits"):
+            # The dimensions below know how to bound these three (r_max, width, SHARE_BITS).
+            raise PycompressError(f"action '{action}' has no searchable 'rank', 'keep' or 'bits' parameter")
         for site in rewrite.sites(model):
             if not site.ok:
                 notes.append(f"{site.name} ({action}): {site.reason}")

@@ -6,8 +6,9 @@ Generic over the rewrite registry: for each action it lists
 **options)`` for a default decision; the options (``energy``, ``keep``,
 ``bits``, ``align``, ``data_aware``) are forwarded to every rewrite, each reads
 the ones it understands. A rewrite that declines a site may say why in
-``site.info["plan_note"]``. ``--explain`` prints each site's ``info`` generically
-(numbers, names, lists), so a new rewrite's sites explain themselves.
+``site.info["plan_note"]``. ``--explain`` prints each action's parameters from
+its rewrite's ``ParamSpec``s (as ``--help`` does) and each site's ``info``
+generically (numbers, names, lists), so a new rewrite explains itself.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from pycompress.rewrites.compose import _weight_only, check_plan_composes
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="list the sites each action can take (and why not) and write a starting plan")
+    import argparse
+
+    p = sub.add_parser("plan", help="list the sites each action can take (and why not) and write a starting plan",
+                       epilog=parameters_text(sorted(REGISTRY)), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="path to a .onnx file")
     p.add_argument("--actions", required=True,
                    help=f"comma-separated actions to plan (known: {', '.join(sorted(REGISTRY)) or 'none'})")
@@ -48,6 +52,16 @@ def add_parser(sub) -> None:
                    help="low rank: start from data-aware decisions (apply then needs --data)")
     p.add_argument("--json", action="store_true", help="print the sites and the plan as JSON")
     p.set_defaults(func=run)
+
+
+def parameters_text(actions: list[str]) -> str:
+    """Each action's decision parameters, from its rewrite's specs (for --help and --explain)."""
+    lines = ["decision parameters (the \"params\" of a plan's decisions):"]
+    for action in actions:
+        rewrite = get_rewrite(action)
+        lines.append(f"  {action}: {rewrite.summary}")
+        lines += [f"    {spec.line()}" for spec in rewrite.params.values()]
+    return "\n".join(lines)
 
 
 def parse_actions(text: str) -> list[str]:
@@ -135,6 +149,8 @@ def _run(args, actions: list[str]) -> int:
                    "plan": plan.to_dict(), "output": args.output})
         return 0
     if args.explain:
+        print(parameters_text(actions))
+        print()
         for row in rows:
             _explain(row)
         print()

@@ -41,7 +41,7 @@ from pycompress.errors import PycompressError
 from pycompress.ir import attr_int, attr_ints, attr_str, constant_array, node_by_name, shape_of
 from pycompress.plan import LayerDecision
 from pycompress.rewrites import factorization as fz
-from pycompress.rewrites.base import ApplyContext, Rewrite, Site
+from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, Site, param_specs
 
 STRUCTURES = ("tai", "channel")
 
@@ -162,13 +162,15 @@ def _structure(params: dict[str, Any]) -> str:
 class LowRankConv(Rewrite):
     action = "lowrank_conv"
     summary = "factor a k x k Conv (group=1) into a rank-K pair (Tai's vertical+horizontal, or k x k + 1x1)"
-    params = {
-        "rank": "K, the number of intermediate channels (1 .. full rank of the structure)",
-        "structure": "'tai' (kh x 1 then 1 x kw; default) or 'channel' (kh x kw to K channels then 1x1)",
-        "data_aware": "true: fit the 'channel' structure to the conv's outputs on calibration data (needs "
-                      "--data; implies structure 'channel'); absent: data-aware when the apply context asks "
-                      "and the structure is 'channel'",
-    }
+    params = param_specs(
+        ParamSpec("rank", int, "K, the number of intermediate channels (1 .. full rank of the structure)",
+                  low=1, high="full_rank", required=True, searchable=True, checked_by_rewrite=True),
+        ParamSpec("structure", str, "'tai' (kh x 1 then 1 x kw) or 'channel' (kh x kw to K channels then 1x1)",
+                  default="tai", choices=STRUCTURES, nullable=True, checked_by_rewrite=True),
+        ParamSpec("data_aware", bool, "true: fit the 'channel' structure to the conv's outputs on calibration "
+                  "data (needs --data; implies structure 'channel'); absent: data-aware when the apply context "
+                  "asks and the structure is 'channel'", nullable=True),
+    )
     # Factorizations run after pruning (which changes shapes), before sharing / quantization.
     order = 50
 
@@ -187,11 +189,11 @@ class LowRankConv(Rewrite):
 
     def check_params(self, site: Site, params: dict[str, Any]) -> None:
         super().check_params(site, params)
-        data_aware = fz.check_flag(site, params, "data_aware")
-        structure = params.get("structure")
-        if structure is not None and structure not in STRUCTURES:
+        data_aware, structure = params.get("data_aware"), params.get("structure")
+        if structure is not None and structure not in STRUCTURES:  # wording older than the specs (tests match it)
             raise PycompressError(f"site '{site.name}': structure must be one of {list(STRUCTURES)}, "
                                   f"got {structure!r}")
+        # Which structure's full rank bounds the rank depends on the other params: checked here.
         if data_aware and structure == "tai":
             raise PycompressError(f"site '{site.name}': data_aware needs structure 'channel' "
                                   "(the output projection gives a k x k conv to K channels + a 1x1 conv)")

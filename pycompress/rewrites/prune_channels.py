@@ -39,7 +39,7 @@ from pycompress.ir import add_initializer, attr_float, constant_array, node_macs
 from pycompress.ir.channels import ChannelGroup, channel_group, channel_groups
 from pycompress.ir.heads import AttentionHeads, attention_head_group, attention_heads
 from pycompress.plan import LayerDecision
-from pycompress.rewrites.base import ApplyContext, Rewrite, Site
+from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, Site, param_specs
 
 
 def l1_scores(group: ChannelGroup) -> np.ndarray:
@@ -453,10 +453,12 @@ def _statistics_for(group, ctx: ApplyContext) -> dict[str, FeatureStatistics] | 
 class PruneChannels(Rewrite):
     action = "prune"
     summary = "remove channels of a coupled channel group from all its layers (structured pruning)"
-    params = {
-        "keep": "number of the group's channels to keep; the ones with the largest weight L1 norm",
-        "keep_indices": "exactly which group channels to keep (0-based, e.g. from PFA)",
-    }
+    params = param_specs(
+        ParamSpec("keep", int, "number of the group's channels to keep; the ones with the largest weight L1 norm",
+                  low=1, high="width", searchable=True),
+        ParamSpec("keep_indices", list, "exactly which group channels to keep (0-based, e.g. from PFA)",
+                  checked_by_rewrite=True),
+    )
     order = 10      # pruning changes shapes: before factorizations, sharing and quantization
 
     def sites(self, model: ir.Model) -> list[Site]:
@@ -484,10 +486,7 @@ class PruneChannels(Rewrite):
         if ("keep" in params) == ("keep_indices" in params):
             raise PycompressError(f"{where}: give exactly one of 'keep' or 'keep_indices'")
         if "keep" in params:
-            keep = params["keep"]
-            if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= width:
-                raise PycompressError(f"{where}: 'keep' must be an integer in [1, {width}], got {keep!r}")
-            return
+            return   # checked by its spec (1 .. the group's width)
         indices = params["keep_indices"]
         if not isinstance(indices, list) or not indices:
             raise PycompressError(f"{where}: 'keep_indices' must be a non-empty list of channel indices")

@@ -49,7 +49,7 @@ import onnx_ir as ir
 from pycompress.errors import PycompressError
 from pycompress.ir import attr_int, constant_array, consumers, node_by_name
 from pycompress.plan import LayerDecision
-from pycompress.rewrites.base import ApplyContext, Rewrite, Site
+from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, Site, param_specs
 from pycompress.rewrites.weight_sharing import _initializer, correct_bias, output_shift
 
 _LAYERS = ("Conv", "Gemm", "MatMul")
@@ -73,7 +73,11 @@ class Quantize(Rewrite):
     action = "quant"
     summary = ("int8 QDQ via onnxruntime.quantization (per-channel int8 weights, uint8 activations calibrated "
                "on data), after cross-layer equalization and bias correction; or keep the layer float")
-    params = {"bits": "8: int8 weights and activations (QDQ); 32 (any value above 8): keep the layer float"}
+    params = param_specs(
+        ParamSpec("bits", int, "8: int8 weights and activations (QDQ); 32 (any value above 8): keep the layer float",
+                  low=INT8_BITS, high=FLOAT_BITS, required=True, searchable=True,
+                  expect=f"{INT8_BITS} (int8) or 9..{FLOAT_BITS} (float)"),
+    )
     # Last: quantization sees the final float weights (after pruning, factorization, sharing).
     order = 90
 
@@ -117,12 +121,6 @@ class Quantize(Rewrite):
         return Site(name, self.action, [n for s in parts for n in s.nodes], ok=bad is None,
                     reason=bad.reason if bad else "",
                     info={"op": parts[0].info["op"], "params": sum(s.info.get("params", 0) for s in parts)})
-
-    def check_params(self, site: Site, params: dict[str, Any]) -> None:
-        super().check_params(site, params)
-        bits = params.get("bits")
-        if isinstance(bits, bool) or not isinstance(bits, int) or not INT8_BITS <= bits <= FLOAT_BITS:
-            raise PycompressError(f"site '{site.name}': 'bits' must be 8 (int8) or 9..32 (float), got {bits!r}")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
         site = self.checked_site(model, decision)

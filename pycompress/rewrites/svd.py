@@ -39,7 +39,7 @@ from pycompress.errors import PycompressError
 from pycompress.ir import attr_float, attr_int, constant_array, node_by_name, opset_version, shape_of
 from pycompress.plan import LayerDecision
 from pycompress.rewrites import factorization as fz
-from pycompress.rewrites.base import ApplyContext, Rewrite, Site
+from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, Site, param_specs
 
 _OPS = ("Gemm", "MatMul", "Conv")
 
@@ -161,12 +161,13 @@ def _site_for(node: ir.Node) -> Site:
 class SVD(Rewrite):
     action = "svd"
     summary = "factor a Gemm / MatMul with a constant weight / 1x1 Conv into two rank-K layers"
-    params = {
-        "rank": "K, the number of kept components (1 .. min(in, out)); below r_max = floor(in*out/(in+out)) "
-                "the layer shrinks",
-        "data_aware": "true: project the layer's outputs on their top-K principal directions (needs --data); "
-                      "false: weight-only SVD; absent: follow the apply context",
-    }
+    params = param_specs(
+        ParamSpec("rank", int, "K, the number of kept components (1 .. min(in, out)); below "
+                  "r_max = floor(in*out/(in+out)) the layer shrinks",
+                  low=1, high="full_rank", required=True, searchable=True, checked_by_rewrite=True),
+        ParamSpec("data_aware", bool, "true: project the layer's outputs on their top-K principal directions "
+                  "(needs --data); false: weight-only SVD; absent: follow the apply context", nullable=True),
+    )
     # Factorizations run after pruning (which changes shapes), before sharing / quantization.
     order = 50
 
@@ -187,8 +188,8 @@ class SVD(Rewrite):
 
     def check_params(self, site: Site, params: dict[str, Any]) -> None:
         super().check_params(site, params)
+        # The rank's bound is this layer's: its messages predate the specs (tests match them).
         fz.check_rank(site, params, site.info["full_rank"])
-        fz.check_flag(site, params, "data_aware")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
         site, skipped = fz.prepare(self, model, decision, ctx)

@@ -62,7 +62,7 @@ from pycompress.errors import PycompressError
 from pycompress.ir import (attr_float, attr_int, constant_array, consumers, is_codebook_lookup, node_by_name,
                            node_macs, unique_name)
 from pycompress.plan import LayerDecision
-from pycompress.rewrites.base import ApplyContext, Rewrite, Site
+from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, Site, param_specs
 
 # Weight input of each supported op (MatMul: whichever input is constant, B first).
 _WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (1,), "MatMul": (1, 0)}
@@ -143,17 +143,26 @@ class WeightSharing(Rewrite):
     action = "share"
     summary = ("k-means weight sharing: the weight becomes Gather(codebook[2^bits], uint8 indices); "
                "1 byte per weight in ONNX, Huffman-coded by `export --to packed`")
-    params = {
-        "bits": "index bits b (1..8): the layer keeps 2^b distinct weight values",
-        "prune_fraction": ("fraction (0..1) of smallest-magnitude weights set to 0 before sharing "
-                           "(file size only: onnxruntime still runs dense weights)"),
-        "per_channel": ("scale each output channel by its RMS before clustering (default true; needed "
-                        "for BN-folded convs); false = Deep Compression's plain per-layer codebook"),
-        "bias_correction": ("subtract the mean output shift dW . E[x] on calibration data from the bias "
-                            "(Conv, Gemm); default: on when apply has --data (not --weight-only)"),
-    }
+    params = param_specs(
+        ParamSpec("bits", int, "index bits b: the layer keeps 2^b distinct weight values",
+                  low=1, high=MAX_BITS, required=True, searchable=True, checked_by_rewrite=True,
+                  expect=f"an integer in 1..{MAX_BITS}"),
+        ParamSpec("prune_fraction", float, "fraction of smallest-magnitude weights set to 0 before sharing "
+                  "(file size only: onnxruntime still runs dense weights)", default=0.0, low=0.0, high=1.0,
+                  high_open=True),
+        ParamSpec("per_channel", bool, "scale each output channel by its RMS before clustering (needed for "
+                  "BN-folded convs); false = Deep Compression's plain per-layer codebook", default=True,
+                  nullable=True),
+        ParamSpec("bias_correction", bool, "subtract the mean output shift dW . E[x] on calibration data from "
+                  "the bias (Conv, Gemm); absent: on when apply has --data (not --weight-only)", nullable=True),
+    )
     # After pruning (which changes shapes) and factorizations, before quantization.
     order = 70
+
+    def check_params(self, site: Site, params: dict[str, Any]) -> None:
+        super().check_params(site, params)
+        # A missing 'bits' reads as None: one wording for absent and wrong (tests match it).
+        self.params["bits"].check(site, params.get("bits"))
 
     def _weight_input(self, node: ir.Node) -> int | None:
         for index in _WEIGHT_INPUTS[node.op_type]:
@@ -195,20 +204,6 @@ class WeightSharing(Rewrite):
             elif value.is_graph_output() or len(consumers(value)) > 1:
                 site.ok, site.reason = False, "weight is also used by other nodes or is a graph output"
         return out
-
-    def check_params(self, site: Site, params: dict[str, Any]) -> None:
-        super().check_params(site, params)
-        bits = params.get("bits")
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-            raise PycompressError(f"site '{site.name}': 'bits' must be an integer in 1..{MAX_BITS}, got {bits!r}")
-        fraction = params.get("prune_fraction", 0.0)
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
-            raise PycompressError(f"site '{site.name}': 'prune_fraction' must be a number in [0, 1), "
-                                  f"got {fraction!r}")
-        for flag in ("per_channel", "bias_correction"):
-            value = params.get(flag, True)
-            if value is not None and not isinstance(value, bool):
-                raise PycompressError(f"site '{site.name}': '{flag}' must be true or false, got {value!r}")
 
     def apply(self, model: ir.Model, decision: LayerDecision, ctx: ApplyContext) -> dict[str, Any]:
         site = self.checked_site(model, decision)
