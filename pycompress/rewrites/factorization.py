@@ -134,13 +134,6 @@ def check_rank(site: Site, params: dict[str, Any], full_rank: int, what: str = "
     return rank
 
 
-def check_flag(site: Site, params: dict[str, Any], name: str) -> bool | None:
-    value = params.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise PycompressError(f"site '{site.name}': '{name}' must be true or false, got {value!r}")
-    return value
-
-
 def wants_data_aware(params: dict[str, Any], ctx: ApplyContext) -> bool:
     """The decision's ``data_aware`` if given, else the context's option (needs activations)."""
     if params.get("data_aware") is not None:
