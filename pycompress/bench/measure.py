@@ -196,10 +196,21 @@ def _prepare(row: ModelBench, path: Path, provider: str, threads: int | None, ba
     except ProviderUnavailable as exc:
         row.error = str(exc)
         return None
+    row.error = batch_mismatch(session, path, batch)
+    return None if row.error else (session, timed_feeds(session, path, batch, data))
+
+
+def batch_mismatch(session, path: Path, batch: int) -> str | None:
+    """Why ``--batch`` cannot run this model (its batch is fixed at another size), or None."""
     fixed = static_batch(session)
     if fixed is not None and fixed != batch:
-        row.error = f"{path}: the model's batch is fixed at {fixed}; run with --batch {fixed}"
-        return None
+        return f"{path}: the model's batch is fixed at {fixed}; run with --batch {fixed}"
+    return None
+
+
+def timed_feeds(session, path: Path, batch: int, data: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The inputs of every timed run, here or on a device: the data's first batch, else random
+    inputs (token ids within the embedding's vocabulary); ``session`` lists the inputs."""
     if data is not None:
         available = len(next(iter(data.values())))
         if available < batch:
@@ -207,4 +218,4 @@ def _prepare(row: ModelBench, path: Path, provider: str, threads: int | None, ba
         feeds = batches(data, batch)[0]
     else:
         feeds = random_inputs(session, batch, vocabulary=token_vocabulary(path))
-    return session, {i.name: feeds[i.name] for i in session.get_inputs()}
+    return {i.name: feeds[i.name] for i in session.get_inputs()}

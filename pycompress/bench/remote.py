@@ -28,14 +28,14 @@ from pycompress.agent.client import (
 from pycompress.bench.measure import (
     ModelBench,
     _unique_names,
+    batch_mismatch,
     checked_bench_paths,
     file_bytes,
     model_accounting,
+    timed_feeds,
 )
 from pycompress.bench.runtime import (
-    batches,
     open_session,
-    random_inputs,
     resolve_provider,
     static_batch,
 )
@@ -121,19 +121,12 @@ def _measure_on_device(client: DeviceClient, row: ModelBench, path: Path, provid
                        batch: int, warmup: int, iters: int, data: Mapping[str, np.ndarray] | None):
     # The feeds are made on the host, from the same input metadata and seed as a local bench.
     local = _GraphInputs(path) if path.suffix == ".onnx" else open_session(path, "cpu")
-    fixed = static_batch(local)
-    if fixed is not None and fixed != batch:
-        row.error = f"{path}: the model's batch is fixed at {fixed}; run with --batch {fixed}"
+    row.error = batch_mismatch(local, path, batch)
+    if row.error:
         return None
-    names = [i.name for i in local.get_inputs()]
-    if data is not None:
-        available = len(next(iter(data.values())))
-        if available < batch:
-            raise PycompressError(f"--batch {batch}: the data has only {available} samples")
-        feeds = batches(data, batch)[0]
-    else:
-        feeds = random_inputs(local, batch)
-    feeds = {n: feeds[n] for n in names}
+    fixed = static_batch(local)
+    feeds = timed_feeds(local, path, batch, data)
+    names = list(feeds)
     try:
         run = client.run(model_file_bytes(path, row.file_bytes), feeds, data={n: data[n] for n in names} if data else None,
                          provider=provider, threads=int(threads or 0), warmup=warmup, runs=iters,
