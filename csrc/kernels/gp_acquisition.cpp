@@ -298,13 +298,14 @@ void pack_linv(const std::vector<double>& chol_inv, int64_t n, int rows, std::ve
 }
 
 // Distances as (c - x)^2 summed over d, not as ||c||^2 + ||x||^2 - 2 c.x
-// with a GEMM: the expanded form loses ~eps (||c||^2 + ||x||^2) absolutely
-// (up to ~1e-13 here, scaled coordinates reach 1 / lengthscale ~ 3), which
-// is all of r^2 for a candidate next to an observation, where the posterior
-// variance is smallest and z most sensitive; it would save one subtraction
-// per coordinate, which on the machines measured (AMD Zen, separate add and
-// FMA pipes) runs beside the FMA, and the sweep is ~10% of the time anyway
-// (the exp and the triangular multiply dominate).
+// with a GEMM: the expanded form would save one subtraction per coordinate,
+// which on the machine measured (AMD Zen, separate add and FMA pipes) runs
+// beside the FMA, and the distance loop is ~10% of the time (the exp and the
+// triangular multiply dominate, perf on 2026-11-29). Its rounding (~1e-14 in
+// r^2 at d = 16, so it must be clamped at 0 or sqrt gives NaN next to an
+// observation) would have been harmless: k is smooth in r^2 there (checked
+// in numpy on tests/test_gp_kernel.py's near-duplicate case: 1e-3 of its
+// tolerance).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 namespace lanes_avx512 {
