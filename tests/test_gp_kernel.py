@@ -86,6 +86,28 @@ def test_near_duplicates_and_far_candidates_equal_reference(path, monkeypatch):
     np.testing.assert_allclose(native[3][80:85], 0.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_values_are_accurate_to_their_conditioning(path, monkeypatch):
+    """k(c, t^) from 0 to r = 300 (exp down to 1e-290) against long double.
+
+    With one observation of huge noise (L = 1e150) the posterior is the prior,
+    so ``cov`` is the Matern value itself: this checks the vectorised exp and
+    sqrt of every path. k's relative condition number in r^2 is ~a / 2
+    (a = sqrt5 r), so the error allowed is a few ulps times (1 + a).
+    """
+    monkeypatch.setenv("PYCOMPRESS_GP_PATH", path)
+    ls = np.array([0.5, 1.0, 2.0])
+    r = np.concatenate([[0.0], np.geomspace(1e-10, 300, 2000)])
+    cands = r[:, None] * ls / np.sqrt(3)
+    x = np.zeros((1, 3))
+    cov = kernels.gp_acquisition(cands, x, ls, 1.3, 0.0, np.array([[1e150]]), np.zeros(1), x[0], 0.0)[3]
+    c = cands.astype(np.longdouble) / ls.astype(np.longdouble)
+    a = np.sqrt(np.longdouble(5)) * np.sqrt((c * c).sum(1))
+    exact = np.longdouble(1.3) * (1 + a + a * a / 3) * np.exp(-a)
+    err = np.abs(cov - exact) / exact / (1 + a)
+    assert float(err.max()) < 4 * np.finfo(np.float64).eps
+
+
 def test_native_backend_is_in_use():
     assert kernels.BACKEND == "native", kernels.IMPORT_ERROR
 
