@@ -261,8 +261,9 @@ void tri_dots_avx2(const double* kc, int64_t cols, int64_t n, const double* linv
 // What the lane kernels (gp_acquisition_lanes.inc) read; shared read-only by the threads.
 struct LanesPlan {
     int64_t n = 0, d = 0, m = 0;
-    const double* xs = nullptr;           // (n + 1) x d: training points, then the incumbent, / lengthscales
-    const double* inv_l = nullptr;        // d
+    // Coordinates times sqrt5 / lengthscale, so that squared distances are a^2 = 5 r^2.
+    const double* xs = nullptr;                // (n + 1) x d: training points, then the incumbent
+    const double* coordinate_scale = nullptr;  // d: sqrt5 / lengthscale
     const double* candidates = nullptr;   // m x d, unscaled
     const double* linv_packed = nullptr;  // L^-1 in row tiles, see pack_linv
     const int64_t* packed_offset = nullptr;
@@ -313,10 +314,12 @@ constexpr int kVectors = 2, kRows = 8;  // 16 accumulators of the 32 zmm registe
 #define LANES_W 8
 #define LANES_SQRT(x) ((vd)_mm512_sqrt_pd((__m512d)(x)))
 #define LANES_SET1(x) _mm512_set1_pd(x)
+#define LANES_MIN(a, b) _mm512_min_pd(a, (__m512d)(b))
 #include "gp_acquisition_lanes.inc"
 #undef LANES_W
 #undef LANES_SQRT
 #undef LANES_SET1
+#undef LANES_MIN
 }  // namespace lanes_avx512
 #pragma GCC pop_options
 
@@ -327,10 +330,12 @@ constexpr int kVectors = 2, kRows = 4;  // 8 accumulators of the 16 ymm register
 #define LANES_W 4
 #define LANES_SQRT(x) ((vd)_mm256_sqrt_pd((__m256d)(x)))
 #define LANES_SET1(x) _mm256_set1_pd(x)
+#define LANES_MIN(a, b) _mm256_min_pd(a, (__m256d)(b))
 #include "gp_acquisition_lanes.inc"
 #undef LANES_W
 #undef LANES_SQRT
 #undef LANES_SET1
+#undef LANES_MIN
 }  // namespace lanes_avx2
 #pragma GCC pop_options
 
@@ -436,16 +441,17 @@ void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t 
         std::copy(gp.beta, gp.beta + n, beta_p.begin());
         std::copy(w.begin(), w.end(), w_p.begin());
         // The scaled training points and, as row n, the incumbent.
-        std::vector<double> xs(static_cast<size_t>((n + 1) * d));
+        std::vector<double> scale(static_cast<size_t>(d)), xs(static_cast<size_t>((n + 1) * d));
+        for (int64_t k = 0; k < d; ++k) scale[k] = kSqrt5 * inv_l[k];
         for (int64_t i = 0; i < n; ++i)
-            for (int64_t k = 0; k < d; ++k) xs[i * d + k] = gp.train[i * d + k] * inv_l[k];
-        std::copy(inc.begin(), inc.end(), xs.begin() + n * d);
+            for (int64_t k = 0; k < d; ++k) xs[i * d + k] = gp.train[i * d + k] * scale[k];
+        for (int64_t k = 0; k < d; ++k) xs[n * d + k] = incumbent[k] * scale[k];
         LanesPlan plan;
         plan.n = n;
         plan.d = d;
         plan.m = m;
         plan.xs = xs.data();
-        plan.inv_l = inv_l.data();
+        plan.coordinate_scale = scale.data();
         plan.candidates = candidates;
         plan.linv_packed = packed.data();
         plan.packed_offset = offset.data();
