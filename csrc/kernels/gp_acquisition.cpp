@@ -405,7 +405,13 @@ void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t 
     const char* blas_threaded = std::getenv("PYCOMPRESS_GP_BLAS_THREADED");
     const bool parallel_blocks = nthreads > 1 && nblocks > 1 && can_pin_blas &&
                                  !(blas_threaded && *blas_threaded == '1');
-    BlasThreadsGuard single_blas(parallel_blocks || threads == 1 ? 1 : 0);
+    // The lanes path (below) calls BLAS once, for L^-1 (n^3 / 3, small):
+    // single-threaded, so that no BLAS thread is left spinning beside the
+    // OpenMP threads of the sweep.
+    const char* path = std::getenv("PYCOMPRESS_GP_PATH");
+    const bool columns_path = path && std::strcmp(path, "columns") == 0;
+    const bool use_lanes = m >= n && b.dtrmm && has_avx2_fma() && !columns_path;
+    BlasThreadsGuard single_blas(parallel_blocks || threads == 1 || use_lanes ? 1 : 0);
 
     // V = L^-1 k(Theta, C). OpenBLAS's dtrsm with many right-hand sides runs
     // at 2-15 GFLOP/s here while dtrmm runs at 20-40 (measured, 1 core,
@@ -426,9 +432,7 @@ void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t 
     // the previous per-candidate path below (for comparison, as
     // tools/bench_acquisition.py does); =avx2 the AVX2 lanes where AVX-512
     // exists (so that both are tested on one machine).
-    const char* path = std::getenv("PYCOMPRESS_GP_PATH");
-    const bool columns_path = path && std::strcmp(path, "columns") == 0;
-    if (use_inverse && has_avx2_fma() && !columns_path) {
+    if (use_lanes) {
         const bool wide = has_avx512f() && !(path && std::strcmp(path, "avx2") == 0);
         const int rows = wide ? lanes_avx512::kRows : lanes_avx2::kRows;
         const int64_t strip = wide ? lanes_avx512::kS : lanes_avx2::kS;
