@@ -307,8 +307,15 @@ void pack_linv(const std::vector<double>& chol_inv, int64_t n, int rows, std::ve
 // observation) would have been harmless: k is smooth in r^2 there (checked
 // in numpy on tests/test_gp_kernel.py's near-duplicate case: 1e-3 of its
 // tolerance).
+// Each ISA's copy is compiled for that ISA by a target region (GCC; clang
+// spells it as an attribute region, not tried here: the build machines have
+// GCC only) and picked at run time by CPU features, as above.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
+#endif
 namespace lanes_avx512 {
 constexpr int kVectors = 2, kRows = 8;  // 16 accumulators of the 32 zmm registers
 #define LANES_W 8
@@ -321,10 +328,18 @@ constexpr int kVectors = 2, kRows = 8;  // 16 accumulators of the 32 zmm registe
 #undef LANES_SET1
 #undef LANES_MIN
 }  // namespace lanes_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 namespace lanes_avx2 {
 constexpr int kVectors = 2, kRows = 4;  // 8 accumulators of the 16 ymm registers
 #define LANES_W 4
@@ -337,7 +352,11 @@ constexpr int kVectors = 2, kRows = 4;  // 8 accumulators of the 16 ymm register
 #undef LANES_SET1
 #undef LANES_MIN
 }  // namespace lanes_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 bool has_avx512f() {
     static const bool yes = [] {
