@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import pycompress.kernels as kernels
+from pycompress import kernels
 from pycompress.decisions.bo import GaussianProcess, Hyperparameters
 from pycompress.decisions.bo.gp import NOISE_FLOOR, fit_hyperparameters
 from pycompress.kernels import reference
