@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import pycompress.kernels as kernels
+from pycompress import kernels
 from pycompress.decisions.bo import GaussianProcess, Hyperparameters
 from pycompress.decisions.bo.gp import NOISE_FLOOR, fit_hyperparameters
 from pycompress.kernels import reference
@@ -30,9 +30,20 @@ def test_matern52_reference_matches_the_formula():
     assert reference.matern52(a, b, ls, 1.7)[0, 0] == pytest.approx(expected, rel=1e-14)
 
 
-@pytest.mark.parametrize("n,d,m", [(1, 1, 3), (7, 3, 5), (40, 16, 1000), (300, 16, 200), (120, 4, 5000)])
+# The compiled kernel's paths (csrc/kernels/gp_acquisition.cpp): "" the default
+# (candidates in AVX-512 lanes where the CPU has it, else AVX2), "avx2" the
+# AVX2 lanes on any AVX2 machine, "columns" the per-candidate path (also what
+# runs with fewer candidates than observations). On a CPU without AVX2 all
+# three run the portable path.
+KERNEL_PATHS = ["", "avx2", "columns"]
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("n,d,m", [(1, 1, 3), (7, 3, 5), (40, 16, 1000), (300, 16, 200), (120, 4, 5000),
+                                   (9, 2, 17)])
 @pytest.mark.parametrize("threads", [0, 1])
-def test_native_kernel_equals_reference(n, d, m, threads):
+def test_native_kernel_equals_reference(n, d, m, threads, path, monkeypatch):
+    monkeypatch.setenv("PYCOMPRESS_GP_PATH", path)
     rng = np.random.default_rng(n * 1000 + d + m)
     x, ls, s, mean, chol, beta = _random_posterior(rng, n, d)
     cands = rng.random((m, d))
@@ -43,6 +54,58 @@ def test_native_kernel_equals_reference(n, d, m, threads):
     ref = reference.gp_acquisition(*args)
     for got, want in zip(native, ref):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_near_duplicates_and_far_candidates_equal_reference(path, monkeypatch):
+    """Candidates at, next to (1e-12 .. 1e-6 in scaled units) and far from the observations.
+
+    Next to an observation r^2 is ~1e-24 .. 1e-12 (distances expanded as
+    ||c||^2 + ||x||^2 - 2 c.x would be rounding error there, negative without
+    a clamp: NaN) and the posterior variance is near the noise level. Far
+    away (r ~ 1e3) the exp underflows and the kernel must give k = 0.
+    """
+    monkeypatch.setenv("PYCOMPRESS_GP_PATH", path)
+    rng = np.random.default_rng(11)
+    n, d = 60, 16
+    x, ls, s, mean, chol, beta = _random_posterior(rng, n, d)
+    near = [x[i % 40] + eps * ls * rng.normal(size=d) for i, eps in enumerate(np.repeat([0.0, 1e-12, 1e-9, 1e-6], 20))]
+    far = [x[0] + 1e3 * ls * rng.normal(size=d) for _ in range(5)]
+    cands = np.array(near + far + list(rng.random((50, d))))
+    # The incumbent is an observation but none of the near candidates' own:
+    # next to the incumbent var + var(t^) - 2 cov cancels to ~1e-11 and z is
+    # ill-conditioned in any implementation (the reference's own rounding).
+    args = (cands, x, ls, s, mean, chol, beta, x[50], 0.07)
+    native = kernels.gp_acquisition(*args)
+    ref = reference.gp_acquisition(*args)
+    for got, want in zip(native, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+    var = native[2]
+    assert np.all(var[:20] < 1e-2 * s)                 # at observations: near the noise level
+    np.testing.assert_allclose(var[80:85], s, rtol=1e-12)  # far away: the prior variance
+    np.testing.assert_allclose(native[3][80:85], 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_values_are_accurate_to_their_conditioning(path, monkeypatch):
+    """k(c, t^) from 0 to r = 300 (exp down to 1e-290) against long double.
+
+    With one observation of huge noise (L = 1e150) the posterior is the prior,
+    so ``cov`` is the Matern value itself: this checks the vectorised exp and
+    sqrt of every path. k's relative condition number in r^2 is ~a / 2
+    (a = sqrt5 r), so the error allowed is a few ulps times (1 + a).
+    """
+    monkeypatch.setenv("PYCOMPRESS_GP_PATH", path)
+    ls = np.array([0.5, 1.0, 2.0])
+    r = np.concatenate([[0.0], np.geomspace(1e-10, 300, 2000)])
+    cands = r[:, None] * ls / np.sqrt(3)
+    x = np.zeros((1, 3))
+    cov = kernels.gp_acquisition(cands, x, ls, 1.3, 0.0, np.array([[1e150]]), np.zeros(1), x[0], 0.0)[3]
+    c = cands.astype(np.longdouble) / ls.astype(np.longdouble)
+    a = np.sqrt(np.longdouble(5)) * np.sqrt((c * c).sum(1))
+    exact = np.longdouble(1.3) * (1 + a + a * a / 3) * np.exp(-a)
+    err = np.abs(cov - exact) / exact / (1 + a)
+    assert float(err.max()) < 4 * np.finfo(np.float64).eps
 
 
 def test_native_backend_is_in_use():

@@ -258,6 +258,114 @@ void tri_dots_avx2(const double* kc, int64_t cols, int64_t n, const double* linv
     for (; j < cols; ++j) tri_dots_tile<1>(kc + j * n, n, linvT, np, beta_p, w_p, vb + j, vv + j, vw + j);
 }
 
+// What the lane kernels (gp_acquisition_lanes.inc) read; shared read-only by the threads.
+struct LanesPlan {
+    int64_t n = 0, d = 0, m = 0;
+    // Coordinates times sqrt5 / lengthscale, so that squared distances are a^2 = 5 r^2.
+    const double* xs = nullptr;                // (n + 1) x d: training points, then the incumbent
+    const double* coordinate_scale = nullptr;  // d: sqrt5 / lengthscale
+    const double* candidates = nullptr;   // m x d, unscaled
+    const double* linv_packed = nullptr;  // L^-1 in row tiles, see pack_linv
+    const int64_t* packed_offset = nullptr;
+    int64_t row_blocks = 0;
+    const double* beta_padded = nullptr;  // row_blocks * R, zeros past n
+    const double* w_padded = nullptr;
+    double outputscale = 1.0, mean_constant = 0.0, mu_hat = 0.0, var_hat = 0.0, delta = 0.0, var_floor = 0.0;
+    PacScores out{};
+};
+
+// L^-1 (column-major chol_inv, chol_inv[k n + i] = Linv_ik) packed for tiles
+// of R outputs: block b holds, for k < min(n, (b + 1) R), the R values
+// Linv_{bR + r, k} (zero above the diagonal and past n) contiguously, so the
+// tile's k loop reads one short row per step.
+void pack_linv(const std::vector<double>& chol_inv, int64_t n, int rows, std::vector<double>& packed,
+               std::vector<int64_t>& offset) {
+    const int64_t blocks = (n + rows - 1) / rows;
+    offset.assign(static_cast<size_t>(blocks), 0);
+    int64_t total = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+        offset[b] = total;
+        total += std::min(n, (b + 1) * rows) * rows;
+    }
+    packed.assign(static_cast<size_t>(total), 0.0);
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t kmax = std::min(n, (b + 1) * rows);
+        for (int64_t k = 0; k < kmax; ++k)
+            for (int r = 0; r < rows; ++r) {
+                const int64_t i = b * rows + r;
+                if (i < n && k <= i) packed[offset[b] + k * rows + r] = chol_inv[k * n + i];
+            }
+    }
+}
+
+// Distances as (c - x)^2 summed over d, not as ||c||^2 + ||x||^2 - 2 c.x
+// with a GEMM: the expanded form would save one subtraction per coordinate,
+// which on the machine measured (AMD Zen, separate add and FMA pipes) runs
+// beside the FMA, and the distance loop is ~10% of the time (the exp and the
+// triangular multiply dominate, perf on 2026-11-29). Its rounding (~1e-14 in
+// r^2 at d = 16, so it must be clamped at 0 or sqrt gives NaN next to an
+// observation) would have been harmless: k is smooth in r^2 there (checked
+// in numpy on tests/test_gp_kernel.py's near-duplicate case: 1e-3 of its
+// tolerance).
+// Each ISA's copy is compiled for that ISA by a target region (GCC; clang
+// spells it as an attribute region, not tried here: the build machines have
+// GCC only) and picked at run time by CPU features, as above.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#endif
+namespace lanes_avx512 {
+constexpr int kVectors = 2, kRows = 8;  // 16 accumulators of the 32 zmm registers
+#define LANES_W 8
+#define LANES_SQRT(x) ((vd)_mm512_sqrt_pd((__m512d)(x)))
+#define LANES_SET1(x) _mm512_set1_pd(x)
+#define LANES_MIN(a, b) _mm512_min_pd(a, (__m512d)(b))
+#include "gp_acquisition_lanes.inc"
+#undef LANES_W
+#undef LANES_SQRT
+#undef LANES_SET1
+#undef LANES_MIN
+}  // namespace lanes_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace lanes_avx2 {
+constexpr int kVectors = 2, kRows = 4;  // 8 accumulators of the 16 ymm registers
+#define LANES_W 4
+#define LANES_SQRT(x) ((vd)_mm256_sqrt_pd((__m256d)(x)))
+#define LANES_SET1(x) _mm256_set1_pd(x)
+#define LANES_MIN(a, b) _mm256_min_pd(a, (__m256d)(b))
+#include "gp_acquisition_lanes.inc"
+#undef LANES_W
+#undef LANES_SQRT
+#undef LANES_SET1
+#undef LANES_MIN
+}  // namespace lanes_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+bool has_avx512f() {
+    static const bool yes = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && has_avx2_fma();
+    }();
+    return yes;
+}
+
 // Candidates per block: the n x B block of V stays near 1 MB (cache), and
 // dtrsm still gets enough columns to run at its full rate.
 int64_t block_columns(int64_t n) {
@@ -316,7 +424,13 @@ void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t 
     const char* blas_threaded = std::getenv("PYCOMPRESS_GP_BLAS_THREADED");
     const bool parallel_blocks = nthreads > 1 && nblocks > 1 && can_pin_blas &&
                                  !(blas_threaded && *blas_threaded == '1');
-    BlasThreadsGuard single_blas(parallel_blocks || threads == 1 ? 1 : 0);
+    // The lanes path (below) calls BLAS once, for L^-1 (n^3 / 3, small):
+    // single-threaded, so that no BLAS thread is left spinning beside the
+    // OpenMP threads of the sweep.
+    const char* path = std::getenv("PYCOMPRESS_GP_PATH");
+    const bool columns_path = path && std::strcmp(path, "columns") == 0;
+    const bool use_lanes = m >= n && b.dtrmm && has_avx2_fma() && !columns_path;
+    BlasThreadsGuard single_blas(parallel_blocks || threads == 1 || use_lanes ? 1 : 0);
 
     // V = L^-1 k(Theta, C). OpenBLAS's dtrsm with many right-hand sides runs
     // at 2-15 GFLOP/s here while dtrmm runs at 20-40 (measured, 1 core,
@@ -330,6 +444,74 @@ void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t 
         for (int64_t i = 0; i < n; ++i) chol_inv[i * n + i] = 1.0;
         // Column-major identity; chol row-major lower == column-major upper of L^T.
         b.dtrsm("L", "U", "T", "N", &ni, &ni, &one, gp.chol, &ni, chol_inv.data(), &ni);
+    }
+    // Many candidates on AVX-512 or AVX2: candidates in vector lanes, the
+    // Matern block of each strip consumed by the triangular multiply while it
+    // is in L1 (gp_acquisition_lanes.inc). PYCOMPRESS_GP_PATH=columns keeps
+    // the previous per-candidate path below (for comparison, as
+    // tools/bench_acquisition.py does); =avx2 the AVX2 lanes where AVX-512
+    // exists (so that both are tested on one machine).
+    if (use_lanes) {
+        const bool wide = has_avx512f() && !(path && std::strcmp(path, "avx2") == 0);
+        const int rows = wide ? lanes_avx512::kRows : lanes_avx2::kRows;
+        const int64_t strip = wide ? lanes_avx512::kS : lanes_avx2::kS;
+        std::vector<double> packed, beta_p, w_p;
+        std::vector<int64_t> offset;
+        pack_linv(chol_inv, n, rows, packed, offset);
+        const int64_t row_blocks = static_cast<int64_t>(offset.size());
+        beta_p.assign(static_cast<size_t>(row_blocks * rows), 0.0);
+        w_p.assign(static_cast<size_t>(row_blocks * rows), 0.0);
+        std::copy(gp.beta, gp.beta + n, beta_p.begin());
+        std::copy(w.begin(), w.end(), w_p.begin());
+        // The scaled training points and, as row n, the incumbent.
+        std::vector<double> scale(static_cast<size_t>(d)), xs(static_cast<size_t>((n + 1) * d));
+        for (int64_t k = 0; k < d; ++k) scale[k] = kSqrt5 * inv_l[k];
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t k = 0; k < d; ++k) xs[i * d + k] = gp.train[i * d + k] * scale[k];
+        for (int64_t k = 0; k < d; ++k) xs[n * d + k] = incumbent[k] * scale[k];
+        LanesPlan plan;
+        plan.n = n;
+        plan.d = d;
+        plan.m = m;
+        plan.xs = xs.data();
+        plan.coordinate_scale = scale.data();
+        plan.candidates = candidates;
+        plan.linv_packed = packed.data();
+        plan.packed_offset = offset.data();
+        plan.row_blocks = row_blocks;
+        plan.beta_padded = beta_p.data();
+        plan.w_padded = w_p.data();
+        plan.outputscale = gp.outputscale;
+        plan.mean_constant = gp.mean_constant;
+        plan.mu_hat = mu_hat;
+        plan.var_hat = var_hat;
+        plan.delta = delta;
+        plan.var_floor = var_floor;
+        plan.out = out;
+        const auto run = wide ? lanes_avx512::run_strips : lanes_avx2::run_strips;
+        const int64_t strips = (m + strip - 1) / strip;
+        const size_t scratch = static_cast<size_t>((d + n + 1) * strip);
+        // No BLAS call inside: OpenMP threads over chunks of strips (dynamic,
+        // so a thread slowed by other work on a shared machine takes fewer).
+        constexpr int64_t kChunk = 8;
+        const int64_t chunks = (strips + kChunk - 1) / kChunk;
+        auto run_chunk = [&](int64_t c, std::vector<double>& buf) {
+            run(plan, c * kChunk, std::min(strips, (c + 1) * kChunk), buf.data());
+        };
+        if (nthreads > 1 && chunks > 1) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(nthreads, chunks)))
+            {
+                std::vector<double> buf(scratch);
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t c = 0; c < chunks; ++c) run_chunk(c, buf);
+            }
+#endif
+        } else {
+            std::vector<double> buf(scratch);
+            for (int64_t c = 0; c < chunks; ++c) run_chunk(c, buf);
+        }
+        return;
     }
     // With AVX2: the fused triangular multiply + dots (tri_dots_avx2) instead
     // of dtrmm; PYCOMPRESS_GP_DTRMM=1 keeps dtrmm (for comparison).

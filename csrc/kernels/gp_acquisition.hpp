@@ -34,8 +34,11 @@ struct PacScores {
 
 // Scores M candidates (row-major M x d) against ``incumbent`` (d). Writes M
 // values to each output; returns mu(t^) and var(t^) through the pointers.
-// threads <= 0: all cores (OpenMP over candidate blocks, single-threaded BLAS
-// inside each block when the BLAS allows it).
+// threads <= 0: all cores (OpenMP over candidate strips; BLAS, used only for
+// L^-1 or the per-block solve, single-threaded when the BLAS allows it).
+// With m >= n on AVX-512 / AVX2: candidates in vector lanes, see
+// gp_acquisition_lanes.inc; PYCOMPRESS_GP_PATH=columns|avx2 picks the
+// per-candidate path / the AVX2 lanes (comparison and tests).
 void gp_pac_scores(const GpPosteriorData& gp, const double* candidates, int64_t m,
                    const double* incumbent, double delta, double var_floor, PacScores out,
                    double* mu_incumbent, double* var_incumbent, int threads);
