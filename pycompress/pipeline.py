@@ -42,6 +42,7 @@ from pycompress.fidelity import Estimate, FidelityEstimator
 from pycompress.ir import model_cost, token_mask_input
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
+from pycompress.rewrites.base import Rewrite, SearchRange, SearchSettings, Site
 
 # Quality from the fidelity loss: Q is maximized.
 QUALITY = {"norm": "-log relative function norm", "error": "accuracy",
@@ -189,23 +190,16 @@ def objective_from_extras(gamma: float, extras: dict[str, Any]) -> tuple[float, 
 
 
 GRANULARITIES = ("layer", "block", "stage")
-# Index bits searched for ``share``: below 2 bits even large FC layers collapse.
-SHARE_BITS = (2, 8)
-# ``quant``: 8 = int8, 9 = the layer stays float (the "untouched" end of the coordinate).
-QUANT_BITS = (8, 9)
-# Time of an int8 MAC relative to a float one in onnxruntime's CPU kernels (VNNI):
-# EfficientNet-Lite0 all int8 ran 2.6 ms against 8.6 ms fp32 (docs/quantization.md).
-INT8_MAC_COST = 0.35
 
 
 def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str = "layer", *,
                        max_prune: float = 1.0, align: int = 1) -> tuple[SearchSpace, list[str]]:
-    """One dimension per applicable site: a rank (``svd``, ``lowrank_conv``: ``[1, r_max]``),
-    a channel count (``prune``: ``[1, width]``) or index bits (``share``:
-    ``SHARE_BITS``, only on layers no factorization searches). A node already
-    searched by an earlier action is not searched again. Actions are taken in
-    their rewrite order (prune, factorizations, share). Returns the space and
-    notes on the sites left out (with the reason).
+    """One dimension per applicable site, as its rewrite declares it (``Rewrite.search_dimension``:
+    e.g. a rank ``[1, r_max]``, a channel count, index bits). Actions are taken in their
+    rewrite order (``Rewrite.order``); a site an earlier action searched is
+    left out where the rewrite says it cannot follow that action (``Rewrite.excluded_by``:
+    a layer is factored once, a factored layer is not shared). Returns the space and notes on
+    the sites left out (with the reason).
 
     ``granularity`` "block" / "stage" makes the sites of one action inside one
     residual block / resolution stage (``pycompress.ir.blocks``) share one
@@ -220,117 +214,52 @@ def build_search_space(model: ir.Model, actions: Sequence[str], granularity: str
         raise PycompressError(f"align must be a positive integer, got {align}")
     if granularity not in GRANULARITIES:
         raise PycompressError(f"granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+    settings = SearchSettings(max_prune=max_prune, align=align)
     labels: dict[str, str] = {}
     if granularity != "layer":
         from pycompress.ir.blocks import block_labels, stage_labels
 
         labels = block_labels(model) if granularity == "block" else stage_labels(model)
     dims: list[Dimension] = []
+    ranges: list[SearchRange] = []
     notes: list[str] = []
-    taken: set[str] = set()
-    factored: dict[str, str] = {}
-    taken_by_share: set[str] = set()
+    taken: dict[str, list[Rewrite]] = {}    # site -> the rewrites that searched it so far
 
     def group_of(site, action: str) -> str | None:
         return f"{labels[site.nodes[0]]}:{action}" if site.nodes and site.nodes[0] in labels else None
 
-    # Sharing comes last: the layers left whole by the factorizations.
     actions = sorted(actions, key=lambda a: get_rewrite(a).order)
     for action in actions:
         rewrite = get_rewrite(action)
-        if action == "quant":
-            dims += _quant_dimensions(rewrite.sites(model), taken_by_share, group_of, notes)
-            continue
-        searched = rewrite.searchable_param()
-        kind = searched.name if searched is not None else ""
-        if kind not in ("rank", "keep", "bits"):
-            # The dimensions below know how to bound these three (r_max, width, SHARE_BITS).
-            raise PycompressError(f"action '{action}' has no searchable 'rank', 'keep' or 'bits' parameter")
+        if rewrite.searchable_param() is None:
+            raise PycompressError(f"action '{action}' has no searchable parameter")
         for site in rewrite.sites(model):
             if not site.ok:
                 notes.append(f"{site.name} ({action}): {site.reason}")
                 continue
-            if kind == "rank" and site.name in taken:
-                notes.append(f"{site.name} ({action}): already searched by another action")
+            excluded = next((why for earlier in taken.get(site.name, [])
+                             if (why := rewrite.excluded_after(earlier))), None)
+            if excluded:
+                notes.append(f"{site.name} ({action}): {excluded}")
                 continue
-            if kind == "bits":
-                if site.name in factored:
-                    notes.append(f"{site.name} ({action}): factored by {factored[site.name]}; not shared")
-                    continue
-                dims.append(Dimension(site.name, action, "bits", "keep", high=SHARE_BITS[1], low=SHARE_BITS[0],
-                                      group=group_of(site, action)))
-                taken_by_share.add(site.name)
+            found = rewrite.search_dimension(model, site, settings)
+            if isinstance(found, str):
+                notes.append(f"{site.name} ({action}): {found}")
                 continue
-            high = int(site.info.get("r_max" if kind == "rank" else "width", 0) or 0)
-            if high < (1 if kind == "rank" else 2):
-                notes.append(f"{site.name} ({action}): nothing to reduce")
-                continue
-            group = group_of(site, action)
-            if kind == "rank":
-                dims.append(Dimension(site.name, action, "rank", "rank", high=high, group=group))
-            else:
-                low = max(1, min(high, math.ceil(round((1.0 - max_prune) * high, 9))))
-                if low >= high or -(-low // align) * align >= high:
-                    notes.append(f"{site.name} ({action}): --max-prune {max_prune:g} / --align {align} "
-                                 "leave nothing to remove")
-                    continue
-                dims.append(Dimension(site.name, action, "keep", "keep", high=high, low=low, untouched_from=high,
-                                      group=group, align=align))
-            taken.add(site.name)
-            if kind == "rank":
-                factored[site.name] = action
+            dims.append(Dimension(site.name, action, found.param, found.kind, high=found.high, low=found.low,
+                                  untouched_from=found.untouched_from, group=group_of(site, action),
+                                  align=found.align))
+            ranges.append(found)
+            taken.setdefault(site.name, []).append(rewrite)
     if not dims:
         raise PycompressError(f"no site of the model can take {', '.join(actions)}"
                               + (f" ({notes[0]}{', ...' if len(notes) > 1 else ''})" if notes else ""))
     sizes = Counter(d.group for d in dims)
     dims = [replace(d, group=None) if sizes[d.group] == 1 else d for d in dims]   # a group of one is a layer
-    dims = [replace(d, positions=rank_positions(model, d)) for d in dims]
+    # Warped coordinates only for a site searched on its own (a group shares one fraction).
+    dims = [replace(d, positions=r.positions() if r.positions is not None and d.group is None else None)
+            for d, r in zip(dims, ranges)]
     return SearchSpace(dims), notes
-
-
-def rank_positions(model: ir.Model, dim: Dimension) -> tuple[float, ...] | None:
-    """Coordinates of an SVD layer's ranks ``1..r_max``: 3/4 by ``log`` of the weight energy
-    the rank discards (scaled to [0, 1]), 1/4 evenly spaced (so every rank keeps a
-    step); None (even spacing) for other dimensions. Why: ``encoding`` module doc."""
-    if dim.kind != "rank" or dim.action != "svd" or dim.group is not None or dim.high < 3:
-        return None
-    from pycompress.ir import node_by_name
-    from pycompress.rewrites import factorization as fz
-    from pycompress.rewrites.svd import matrix_layer
-
-    layer = matrix_layer(node_by_name(model, dim.site))
-    if isinstance(layer, str):
-        return None
-    # truncated_svd's decomposition is the one every evaluation reuses (cached): computed once here.
-    values = fz.truncated_svd(layer.matrix, 1)[2]
-    power = values.astype(np.float64) ** 2
-    total = float(power.sum())
-    if total <= 0:
-        return None
-    discarded = np.maximum(1.0 - np.cumsum(power)[: dim.high] / total, 1e-12)
-    even = np.arange(dim.high) / (dim.high - 1)
-    span = math.log(discarded[0] / discarded[-1])
-    warped = np.log(discarded[0] / discarded) / span if span > 1e-9 else even
-    positions = 0.75 * warped + 0.25 * even
-    positions[0], positions[-1] = 0.0, 1.0
-    return tuple(float(v) for v in positions)
-
-
-def _quant_dimensions(sites, shared: set[str], group_of, notes: list[str]) -> list:
-    """``quant``: one int8-or-float coordinate per layer (bits 8 = int8, 9 = left float), after the others.
-
-    A factored layer's coordinate covers the layers it becomes (``Quantize.site``).
-    """
-    dims = []
-    for site in sites:
-        if not site.ok:
-            notes.append(f"{site.name} (quant): {site.reason}")
-        elif site.name in shared:
-            notes.append(f"{site.name} (quant): weights shared (no constant left to quantize)")
-        else:
-            dims.append(Dimension(site.name, "quant", "bits", "keep", high=QUANT_BITS[1], low=QUANT_BITS[0],
-                                  untouched_from=QUANT_BITS[1], group=group_of(site, "quant")))
-    return dims
 
 
 class CompressionObjective:
@@ -377,24 +306,32 @@ class CompressionObjective:
         return model, plan
 
     def _measure_costs(self, space: SearchSpace) -> dict[tuple[str, str], SiteCost]:
-        """Each site's cost function, from the rewrite applied alone at two values."""
+        """Each site's cost function: predicted where the rewrite says (``Rewrite.predicted_cost``),
+        else measured by applying the rewrite alone at two values."""
         before = self.node_costs
         costs = {}
         for dim in space.dimensions:
-            if dim.action == "quant":
-                costs[(dim.site, dim.action)] = self._quant_cost(dim)
+            rewrite = get_rewrite(dim.action)
+            site_nodes = self._site_nodes[(dim.site, dim.action)]
+            predicted = rewrite.predicted_cost(self.objective)
+            if predicted is not None:
+                # The low end costs `predicted` of the layers as they are; the high end leaves them.
+                nodes = [n for n in site_nodes if n in before]
+                costs[(dim.site, dim.action)] = SiteCost(
+                    {n: Linear.fit(before[n], [dim.low, dim.high], [predicted * before[n], before[n]])
+                     for n in nodes}, Linear(0.0, 0.0, 0.0), [])
                 continue
             values = sorted({dim.high, max(dim.low if dim.kind == "keep" else 1, dim.high // 2)})
             afters = [self._node_costs(self._apply([LayerDecision(dim.site, dim.action, {dim.param: v})])[0])
                       for v in values]
             replaced = [n for n in before if n not in afters[0]]
             added = [sum(c for n, c in after.items() if n not in before) for after in afters]
-            main = next((n for n in self._site_nodes[(dim.site, dim.action)] if n in before), None)
-            if not replaced and main is not None and any(added):
-                # Weight sharing keeps the layer and adds its codebook lookup:
-                # the new nodes' cost belongs to the layer they feed.
+            owner = rewrite.cost_owner(Site(dim.site, dim.action, list(site_nodes)))
+            if owner is not None and owner in before:
+                # The new nodes' cost belongs to the layer the rewrite names (e.g. a codebook
+                # lookup to the layer it feeds), not to nodes it replaced.
                 for after, extra in zip(afters, added):
-                    after[main] = after.get(main, 0) + extra
+                    after[owner] = after.get(owner, 0) + extra
                 added = [0.0 for _ in afters]
             changed = sorted({n for after in afters for n in after if n in before and after[n] != before[n]})
             costs[(dim.site, dim.action)] = SiteCost(
@@ -402,27 +339,14 @@ class CompressionObjective:
                 Linear.fit(sum(before[n] for n in replaced), values, added), replaced)
         return costs
 
-    def _quant_cost(self, dim: Dimension) -> SiteCost:
-        """int8 (bits 8) stores a byte per weight, MACs stay; float (9) is the layer as it is.
-
-        Not measured by applying it: quantizing calibrates the whole graph, per site too slow.
-        For "latency" (predicted from MACs before timing) an int8 MAC counts
-        ``INT8_MAC_COST`` of a float one, else the gamma choice would see no gain.
-        """
-        scale = (0.25 if self.counted in ("bytes", "packed_bytes") else
-                 INT8_MAC_COST if self.objective == "latency" else 1.0)
-        nodes = [n for n in self._site_nodes[(dim.site, dim.action)] if n in self.node_costs]
-        lo, hi = QUANT_BITS
-        return SiteCost({n: Linear.fit(self.node_costs[n], [lo, hi], [scale * self.node_costs[n],
-                                                                    self.node_costs[n]]) for n in nodes},
-                        Linear(0.0, 0.0, 0.0), [])
-
     def _node_costs(self, model: ir.Model) -> dict[str, int]:
         return {name: getattr(layer, self.counted) for name, layer in model_cost(model).by_name().items()}
 
     def _untouched_from(self, dim: Dimension) -> int | None:
-        if dim.action == "quant":
-            return dim.untouched_from   # int8 changes latency even where the counted cost (MACs) stays
+        if get_rewrite(dim.action).predicted_cost(self.objective) is not None:
+            # A predicted cost may not change (MACs of int8) where the rewrite still changes the
+            # model (its latency): keep the rewrite's own untouched end.
+            return dim.untouched_from
         cost = self.costs[(dim.site, dim.action)]
         for v in range(dim.low if dim.kind == "keep" else 1, dim.high + 1):
             if cost.after(v) >= cost.before:
@@ -661,17 +585,16 @@ def recovery_targets(teacher: ir.Model, student: ir.Model, plan: Plan) -> tuple[
     """The layers of ``student`` (``teacher`` compressed by ``plan``) that the
     closed-form recovery refits, front to back, and notes on what it skips.
 
-    Each applied decision's result lists what to refit (``result["refit"]``:
-    the tensor a rewritten layer produces, and its rank for a factored pair);
-    the nodes are found from that tensor in the student, never from the names
-    a rewrite gave them (they may be renamed since):
+    Each applied decision's rewrite says what to refit from what its ``apply``
+    returned (``Rewrite.refit_spec``: the tensor a rewritten layer produces, its
+    rank for a factored pair, the teacher channels a pruned tensor keeps, and
+    notes on what it leaves alone); the nodes are found from that tensor in the
+    student, never from the names a rewrite gave them (they may be renamed since):
 
-    - ``svd`` and the channel structure of ``lowrank_conv``: the factored pair
-      producing the tensor, refitted at its rank (reduced-rank regression)
-      against the teacher's tensor of the same name;
-    - ``prune``: each consumer of the pruned channels that is a plain linear
-      layer (Gemm, MatMul with a constant weight on either side, Conv with
-      group 1), refitted on the kept channels.
+    - a factored pair producing the tensor is refitted at its rank (reduced-rank
+      regression) against the teacher's tensor of the same name;
+    - a single layer (e.g. a consumer of pruned channels: Gemm, MatMul with a
+      constant weight on either side, Conv with group 1) is refitted on its inputs.
     A MatMul followed by the Add of its bias is one layer (the bias is refitted
     too, the target is the teacher's tensor after it). Tai's vertical/horizontal
     pair is not a product of two matrices on the same rows and is not refitted.
@@ -688,14 +611,11 @@ def recovery_targets(teacher: ir.Model, student: ir.Model, plan: Plan) -> tuple[
     kept_outputs: dict[str, list[int]] = {}
     specs: dict[str, int | None] = {}      # tensor -> rank (None: a single layer)
     for decision in plan.decisions:
-        result = decision.result or {}
-        if decision.action == "prune" and "kept_indices" in result:
-            for output in result.get("producer_outputs", []):
-                # attention heads: the kept columns of Q/K/V, not the head numbers
-                kept_outputs[output] = result.get("kept_channels", result["kept_indices"])
-        if decision.action == "lowrank_conv" and result.get("structure") == "tai":
-            notes.append(f"{decision.site}: Tai's vertical/horizontal pair is not refitted")
-        for spec in result.get("refit", []):
+        # What the rewrite's apply returned, read by the rewrite itself (no action named here).
+        refit = get_rewrite(decision.action).refit_spec(decision.site, decision.result or {})
+        kept_outputs.update(refit.teacher_channels)
+        notes += refit.notes
+        for spec in refit.layers:
             rank = spec.get("rank")
             if rank is not None or spec["output"] not in specs:
                 specs[spec["output"]] = rank     # a factored pair wins over a single-layer refit
