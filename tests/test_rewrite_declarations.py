@@ -89,3 +89,14 @@ def test_a_factored_layer_may_be_quantized_but_not_shared(mlp):
     svd_share = Plan([LayerDecision(LAYERS[0], "svd", {"rank": 4}), LayerDecision(LAYERS[0], "share", {"bits": 4})])
     with pytest.raises(PycompressError, match="two actions cannot rewrite one layer"):
         check_plan_composes(model, svd_share)
+
+
+@pytest.mark.parametrize("action, params", [("svd", {"rank": 4}), ("share", {"bits": 4})])
+def test_created_names_declare_what_apply_creates(mlp, action, params):
+    """The scan in test_import_contracts.py looks for these fragments: they must be the real ones."""
+    model = load_model(mlp[0])
+    before = {n.name for n in model.graph} | set(model.graph.initializers)
+    apply_plan(model, Plan([LayerDecision(LAYERS[0], action, params)]))
+    created = ({n.name for n in model.graph} | set(model.graph.initializers)) - before
+    fragments = REGISTRY[action].created_names
+    assert created and all(any(f in name for f in fragments) for name in created), (created, fragments)

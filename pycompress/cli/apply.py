@@ -18,7 +18,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from pycompress.cli.common import (AT_LEAST_ONE, NON_NEGATIVE, check_numbers, data_inputs, emit_json, human, model_inputs,
                                    output_policy, print_table)
@@ -26,6 +25,7 @@ from pycompress.data import Calibration, load_data
 from pycompress.data.synthetic import synthetic_inputs
 from pycompress.errors import PycompressError
 from pycompress.fidelity import collect_activations, run_model
+from pycompress.fidelity.session import upstream_of  # noqa: F401  (tools import it from here)
 from pycompress.fidelity.compare import cosine_similarities, is_embedding
 from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, load_model, model_cost, save_model, token_mask_input
 from pycompress.plan import Plan
@@ -74,22 +74,6 @@ def _sizes(model: ir.Model) -> dict[str, int]:
     # A token model: MACs per sequence of SEQUENCE_LENGTH tokens (ir.accounting).
     cost = model_cost(model, SEQUENCE_LENGTH if has_sequence_axis(model) else None)
     return {"params": cost.params, "macs": cost.macs, "weight_bytes": cost.bytes}
-
-
-def upstream_of(model: ir.Model, names: Sequence[str]) -> ir.Model:
-    """A copy of ``model`` whose outputs are ``names``, without the nodes they do not depend on.
-
-    onnxruntime runs every node of a session whatever outputs are asked for,
-    so reading an early layer through the whole model costs a full forward pass.
-    """
-    copy = model.clone()
-    produced = {v.name: v for node in copy.graph for v in node.outputs}
-    if any(name not in produced for name in names):
-        return model  # e.g. a graph input: let collect_activations handle it
-    copy.graph.outputs.clear()
-    copy.graph.outputs.extend(produced[name] for name in dict.fromkeys(names))
-    RemoveUnusedNodesPass()(copy)
-    return copy
 
 
 def _activation_source(model: ir.Model, calibration: Calibration, batch_size: int):

@@ -84,6 +84,24 @@ def collect_activations(model: ir.Model, names: Sequence[str], batches: Iterable
         yield dict(zip(output_names, run_tensors(session, output_names, feeds)))
 
 
+def upstream_of(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` whose outputs are ``names``, without the nodes they do not depend on.
+
+    onnxruntime runs every node of a session whatever outputs are asked for,
+    so reading an early layer through the whole model costs a full forward pass.
+    """
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    copy = model.clone()
+    produced = {v.name: v for node in copy.graph for v in node.outputs}
+    if any(name not in produced for name in names):
+        return model  # e.g. a graph input: let collect_activations handle it
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(produced[name] for name in dict.fromkeys(names))
+    RemoveUnusedNodesPass()(copy)
+    return copy
+
+
 def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *, batch_size: int = 256,
               threads: int | None = None) -> list[np.ndarray]:
     """All graph outputs on ``inputs`` (batched, concatenated)."""

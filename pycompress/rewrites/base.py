@@ -222,8 +222,15 @@ class Rewrite(ABC):
     # Applied after closed-form recovery (which refits float layers) rather than
     # with the rest of the plan: quantization must see the recovered weights.
     after_recovery: ClassVar[bool] = False
+    # The search objectives whose cost this rewrite reduces ("size": parameters, "bytes":
+    # packed bytes, "macs", "latency"); searching it under another objective is refused.
+    reduces: ClassVar[tuple[str, ...]] = ("size", "bytes", "macs", "latency")
     # The encoding of the searched parameter for the default search_dimension.
     search_kind: ClassVar[str] = "keep"
+    # Fragments of the names apply gives the nodes and values it creates. Only for
+    # checking that nothing outside the rewrite matches them: the pipeline reads what
+    # apply returned instead (tests/test_import_contracts.py scans it for these).
+    created_names: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -312,6 +319,18 @@ class Rewrite(ABC):
         site's layers (sharing's codebook lookup belongs to the layer it feeds);
         None (default): added nodes replace the removed ones, at their cost."""
         return None
+
+    def prepare(self, model: ir.Model, decisions: list[LayerDecision] | None, activations: ActivationSource,
+                log: Callable[[str], None]) -> dict[str, Any]:
+        """``ApplyContext`` options computed once per run on the original ``model`` (its values
+        through ``activations``; nothing runs until called), for a plan's ``decisions`` of this
+        action, or for a search over it (``decisions`` None); ``log`` takes a progress line.
+        E.g. pruning's channel statistics. Default: nothing."""
+        return {}
+
+    def describe(self, decisions: list[LayerDecision]) -> str:
+        """A progress line for applying ``decisions`` of this action at once (after recovery)."""
+        return f"{self.action}: {len(decisions)} decision(s)"
 
     def refit_spec(self, site: str, result: dict[str, Any]) -> RefitSpec:
         """What recovery refits after this rewrite applied a decision at ``site``

@@ -176,6 +176,7 @@ class LowRankConv(Rewrite):
     order = 50
     changes = fz.CHANGES
     excluded_by = fz.EXCLUDED_BY
+    created_names = ("/lowrank_a", "/lowrank_b", "/lowrank_v", "/lowrank_h")
 
     def sites(self, model: ir.Model) -> list[Site]:
         return [_site_for(node) for node in model.graph if node.op_type == "Conv"]

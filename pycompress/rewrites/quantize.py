@@ -31,7 +31,7 @@ Through Weight Equalization and Bias Correction", ICCV 2019):
 
 Calibration data: the model inputs read through ``ctx.model_activations`` or
 ``ctx.activations`` (at most ``CALIBRATION_SAMPLES``, or the context's
-``quant_calibration_samples``: searches calibrate each candidate on fewer);
+``calibration_samples``: searches calibrate each candidate on fewer);
 without data the rewrite refuses int8 with a clear error (static activation
 ranges need data).
 """
@@ -86,9 +86,15 @@ class Quantize(Rewrite):
     # Last: quantization sees the final float weights (after pruning, factorization, sharing).
     order = 90
     changes = "precision"
+    created_names = ("_equalized",)
     excluded_by: ClassVar[dict[str, str]] = {"weights": "weights shared (no constant left to quantize)"}
     # Closed-form recovery refits float layers: quantize the recovered weights.
     after_recovery = True
+    reduces = ("bytes", "latency")     # int8 weights are a quarter of the bytes; MACs and parameters stay
+
+    def describe(self, decisions: list[LayerDecision]) -> str:
+        return (f"quantizing: {sum(d.params.get('bits') == INT8_BITS for d in decisions)} layer(s) (or factored "
+                "layers) int8, the rest float (cross-layer equalization, bias correction, onnxruntime QDQ)")
 
     def search_dimension(self, model: ir.Model, site: Site, settings: SearchSettings) -> SearchRange | str:
         """One int8-or-float coordinate per layer: ``SEARCH_BITS`` (8 = int8, 9 = the layer stays float,
@@ -321,7 +327,7 @@ def _calibration_batches(model: ir.Model, ctx: ApplyContext) -> tuple[list[dict[
     fixed = {v.shape[0] for v in inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
     size = fixed.pop() if len(fixed) == 1 else 16
     batches, seen = [], 0
-    limit = int(ctx.options.get("quant_calibration_samples", CALIBRATION_SAMPLES))
+    limit = int(ctx.options.get("calibration_samples", CALIBRATION_SAMPLES))
     for batch in _reader(model, ctx)(names):
         n = len(batch[names[0]])
         for start in range(0, n - n % size, size):

@@ -172,6 +172,7 @@ class SVD(Rewrite):
     order = 50
     changes = fz.CHANGES
     excluded_by = fz.EXCLUDED_BY
+    created_names = ("/svd_a", "/svd_b")
 
     def sites(self, model: ir.Model) -> list[Site]:
         return [_site_for(node) for node in model.graph

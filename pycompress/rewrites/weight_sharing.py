@@ -161,6 +161,8 @@ class WeightSharing(Rewrite):
     # After pruning (which changes shapes) and factorizations, before quantization.
     order = 70
     changes = "weights"
+    reduces = ("bytes",)       # the layer keeps its parameters and MACs; its indices take fewer bits
+    created_names = ("_codebook", "_indices", "_shared", "_channel_scale", "_weight_scale", "_corrected")
     excluded_by: ClassVar[dict[str, str]] = {"replace": "factored by {action}; not shared"}
 
     def search_dimension(self, model: ir.Model, site: Site, settings: SearchSettings) -> SearchRange | str:
