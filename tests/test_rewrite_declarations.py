@@ -100,3 +100,21 @@ def test_created_names_declare_what_apply_creates(mlp, action, params):
     created = ({n.name for n in model.graph} | set(model.graph.initializers)) - before
     fragments = REGISTRY[action].created_names
     assert created and all(any(f in name for f in fragments) for name in created), (created, fragments)
+
+
+def test_compress_hands_the_rewrites_activations_where_a_decision_asks_for_data(mlp, tmp_path, capsys):
+    """A given plan's data-aware svd and bias-corrected sharing get the calibration data inside
+    compress; decisions that do not ask stay weight-only (the default, as before)."""
+    path, data = mlp
+    plan_path = tmp_path / "given.plan.json"
+    Plan([LayerDecision(LAYERS[0], "svd", {"rank": 4, "data_aware": True}),
+          LayerDecision(LAYERS[1], "svd", {"rank": 4}),
+          LayerDecision("/net/net.4/Gemm", "share", {"bits": 3, "bias_correction": True})], str(path)).save(plan_path)
+    out = tmp_path / "data.onnx"
+    assert main(["compress", str(path), "--data", str(data), "--method", str(plan_path), "-o", str(out),
+                 "--no-recover", "--quiet", "--json"]) == 0
+    capsys.readouterr()
+    results = {d.site: d.result for d in Plan.load(tmp_path / "data.plan.json").decisions}
+    assert results[LAYERS[0]]["data_aware"] is True and results[LAYERS[0]]["calibration_rows"] == 200
+    assert results[LAYERS[1]]["data_aware"] is False
+    assert results["/net/net.4/Gemm"]["bias_corrected"] is True

@@ -102,6 +102,35 @@ def upstream_of(model: ir.Model, names: Sequence[str]) -> ir.Model:
     return copy
 
 
+def activation_source(model: ir.Model, inputs: Mapping[str, Any], batch_size: int, *,
+                      materialize_bytes: int = 2 << 30):
+    """``names -> batches`` of ``model``'s values on ``inputs`` as the model is being rewritten in
+    place (later sites see earlier changes): ``rewrites.ApplyContext.activations``.
+
+    Lazy inputs (builtin:skimage, image folders) are made once, at the first call, not once per
+    rewritten layer (every site reads the same samples again), unless they would not fit in
+    memory comfortably (``materialize_bytes``).
+    """
+    import math
+    import sys
+
+    from tqdm import tqdm
+
+    arrays: dict[str, Any] = {}
+
+    def activations(names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        if not arrays:
+            small = sum(v.dtype.itemsize * int(np.prod(v.shape)) for v in inputs.values()) < materialize_bytes
+            arrays.update({k: np.asarray(v[:]) for k, v in inputs.items()} if small else inputs)
+        n = len(next(iter(arrays.values())))
+        batches = tqdm(({k: v[start:start + batch_size] for k, v in arrays.items()} for start in range(0, n, batch_size)),
+                       total=math.ceil(n / batch_size), desc=f"calibrating {names[0]}", file=sys.stderr,
+                       leave=False, disable=None)
+        yield from collect_activations(upstream_of(model, names), names, batches)
+
+    return activations
+
+
 def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *, batch_size: int = 256,
               threads: int | None = None) -> list[np.ndarray]:
     """All graph outputs on ``inputs`` (batched, concatenated)."""

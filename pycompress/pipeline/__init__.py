@@ -41,7 +41,8 @@ from pycompress.pipeline.search_space import (
 from pycompress.pipeline.stages import STAGES, Run, Settings, compress
 from pycompress.pipeline.statistics import teacher_channel_statistics
 
-__all__ = ["PLANNERS", "STAGES", "Decided", "Planner", "Run", "Settings", "compress", "planner_for", "COUNTED", "GRANULARITIES", "LOG_QUALITY", "OBJECTIVES", "QUALITY", "RELATIVE_FLOOR", "CompressionObjective",
-           "GammaChoice", "Linear", "Measurement", "SiteCost", "build_search_space", "describe_point",
-           "gamma_from_observations", "objective_from_extras", "objective_value", "quality_of", "quality_scale",
+__all__ = ["COUNTED", "GRANULARITIES", "LOG_QUALITY", "OBJECTIVES", "PLANNERS", "QUALITY", "RELATIVE_FLOOR",
+           "STAGES", "CompressionObjective", "Decided", "GammaChoice", "Linear", "Measurement", "Planner", "Run",
+           "Settings", "SiteCost", "build_search_space", "compress", "describe_point", "gamma_from_observations",
+           "objective_from_extras", "objective_value", "planner_for", "quality_of", "quality_scale",
            "quality_target", "recover", "recovery_targets", "select_gamma", "teacher_channel_statistics"]

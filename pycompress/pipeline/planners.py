@@ -97,13 +97,13 @@ def apply_once(run: Run, plan_in: Plan) -> tuple[ir.Model, Plan]:
     """A plan applied to a copy of the model, its after-recovery decisions appended unapplied
     (the ``after recovery`` stage applies them). The rewrites get the run's activations
     (where a decision asks for data, e.g. ``data_aware``) and what they prepare once."""
-    from pycompress.pipeline.statistics import activation_source
+    from pycompress.pipeline.statistics import run_activations
 
     compressed = run.model.clone()
     options = prepared_options(run, plan_in.decisions, sorted({d.action for d in plan_in.decisions}))
     # data_aware False: the rewrites' defaults stay weight-only as before; a decision that asks
     # for data (data_aware / bias_correction true) reads the activations.
-    ctx = ApplyContext(activations=activation_source(compressed, run.data), options={"data_aware": False, **options})
+    ctx = ApplyContext(activations=run_activations(compressed, run.data), options={"data_aware": False, **options})
     structure, late = without_after_recovery(plan_in)
     plan = apply_plan(compressed, structure, ctx)
     plan.decisions += late

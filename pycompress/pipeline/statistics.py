@@ -65,13 +65,9 @@ def model_activations(data, samples: int, seed: int):
     return activations
 
 
-def activation_source(model: ir.Model, data, batch_size: int = 32):
-    """``names -> batches`` of ``model``'s values as it is being rewritten in place (later
-    sites see earlier changes), on the whole calibration data (``ApplyContext.activations``)."""
-    from pycompress.fidelity import collect_activations
-    from pycompress.fidelity.session import upstream_of
+def run_activations(model: ir.Model, data, batch_size: int = 32):
+    """``names -> batches`` of ``model``'s values as it is being rewritten in place, on the whole
+    calibration data (``ApplyContext.activations``; nothing runs until a rewrite asks)."""
+    from pycompress.fidelity.session import activation_source
 
-    def activations(names):
-        yield from collect_activations(upstream_of(model, names), names, data.batches(batch_size))
-
-    return activations
+    return activation_source(model, data.inputs, batch_size)
