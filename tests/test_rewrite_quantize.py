@@ -177,7 +177,8 @@ def test_efficientnet_int8_agrees_on_other_photos(efficientnet_onnx, tmp_path):
 
 
 def test_quant_is_a_searched_dimension_after_the_structure():
-    from pycompress.pipeline import QUANT_BITS, build_search_space
+    from pycompress.pipeline import build_search_space
+    from pycompress.rewrites.quantize import SEARCH_BITS as QUANT_BITS
 
     path, _, _, _ = digits()
     space, _ = build_search_space(load_model(path), ["quant", "prune"])

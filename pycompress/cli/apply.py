@@ -11,22 +11,21 @@ output difference is measured on them; without it, on random inputs.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from pycompress.cli.common import (AT_LEAST_ONE, NON_NEGATIVE, check_numbers, data_inputs, emit_json, human, model_inputs,
                                    output_policy, print_table)
 from pycompress.data import Calibration, load_data
 from pycompress.data.synthetic import synthetic_inputs
 from pycompress.errors import PycompressError
-from pycompress.fidelity import collect_activations, run_model
+from pycompress.fidelity import run_model
 from pycompress.fidelity.compare import cosine_similarities, is_embedding
+from pycompress.fidelity.session import activation_source, upstream_of  # noqa: F401  (tools import upstream_of here)
 from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, load_model, model_cost, save_model, token_mask_input
 from pycompress.plan import Plan
 from pycompress.rewrites import ApplyContext, apply_plan
@@ -76,39 +75,9 @@ def _sizes(model: ir.Model) -> dict[str, int]:
     return {"params": cost.params, "macs": cost.macs, "weight_bytes": cost.bytes}
 
 
-def upstream_of(model: ir.Model, names: Sequence[str]) -> ir.Model:
-    """A copy of ``model`` whose outputs are ``names``, without the nodes they do not depend on.
-
-    onnxruntime runs every node of a session whatever outputs are asked for,
-    so reading an early layer through the whole model costs a full forward pass.
-    """
-    copy = model.clone()
-    produced = {v.name: v for node in copy.graph for v in node.outputs}
-    if any(name not in produced for name in names):
-        return model  # e.g. a graph input: let collect_activations handle it
-    copy.graph.outputs.clear()
-    copy.graph.outputs.extend(produced[name] for name in dict.fromkeys(names))
-    RemoveUnusedNodesPass()(copy)
-    return copy
-
-
 def _activation_source(model: ir.Model, calibration: Calibration, batch_size: int):
     """Streams intermediate values of ``model`` as it is being rewritten (later sites see earlier changes)."""
-    from tqdm import tqdm
-
-    # Lazy image sources (builtin:skimage, folders) are made once here, not
-    # once per rewritten layer: every site reads the same samples again
-    # (unless they would not fit in memory comfortably).
-    if sum(v.dtype.itemsize * int(np.prod(v.shape)) for v in calibration.inputs.values()) < 2 << 30:
-        calibration = Calibration({k: np.asarray(v[:]) for k, v in calibration.inputs.items()},
-                                  calibration.labels, calibration.source)
-
-    def activations(names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
-        batches = tqdm(calibration.batches(batch_size), total=math.ceil(len(calibration) / batch_size),
-                       desc=f"calibrating {names[0]}", file=sys.stderr, leave=False, disable=None)
-        yield from collect_activations(upstream_of(model, names), names, batches)
-
-    return activations
+    return activation_source(model, calibration.inputs, batch_size)
 
 
 def output_difference(reference: ir.Model, model: ir.Model, inputs: dict[str, np.ndarray],

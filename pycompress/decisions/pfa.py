@@ -47,6 +47,9 @@ DEFAULT_TAUS = (0.9, 0.95, 0.98, 0.99)
 # (parameters or MACs) with those widths, counting consumers' lost inputs.
 CostModel = Callable[[Mapping[str, int]], float]
 
+# The rewrite action of PFA's decisions (channels kept per group, ``keep_indices``).
+ACTION = "prune"
+
 
 class Scatter(Protocol):
     """What ``pooled_covariance`` needs from a ``CovarianceAccumulator``."""
@@ -335,5 +338,5 @@ def build_plan(layers: Sequence[LayerSpectrum], recipe: Recipe, *, model: str = 
         indices = layer.keep_indices(keep)
         note = (f"{recipe.describe()}: keep {keep}/{layer.width} "
                 f"(spectral entropy {layer.normalized_entropy:.3f} of max, {len(layer.inactive)} inactive)")
-        plan.add(LayerDecision(layer.site, "prune", {"keep_indices": indices}, note=note))
+        plan.add(LayerDecision(layer.site, ACTION, {"keep_indices": indices}, note=note))
     return plan

@@ -84,6 +84,53 @@ def collect_activations(model: ir.Model, names: Sequence[str], batches: Iterable
         yield dict(zip(output_names, run_tensors(session, output_names, feeds)))
 
 
+def upstream_of(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` whose outputs are ``names``, without the nodes they do not depend on.
+
+    onnxruntime runs every node of a session whatever outputs are asked for,
+    so reading an early layer through the whole model costs a full forward pass.
+    """
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    copy = model.clone()
+    produced = {v.name: v for node in copy.graph for v in node.outputs}
+    if any(name not in produced for name in names):
+        return model  # e.g. a graph input: let collect_activations handle it
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(produced[name] for name in dict.fromkeys(names))
+    RemoveUnusedNodesPass()(copy)
+    return copy
+
+
+def activation_source(model: ir.Model, inputs: Mapping[str, Any], batch_size: int, *,
+                      materialize_bytes: int = 2 << 30):
+    """``names -> batches`` of ``model``'s values on ``inputs`` as the model is being rewritten in
+    place (later sites see earlier changes): ``rewrites.ApplyContext.activations``.
+
+    Lazy inputs (builtin:skimage, image folders) are made once, at the first call, not once per
+    rewritten layer (every site reads the same samples again), unless they would not fit in
+    memory comfortably (``materialize_bytes``).
+    """
+    import math
+    import sys
+
+    from tqdm import tqdm
+
+    arrays: dict[str, Any] = {}
+
+    def activations(names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        if not arrays:
+            small = sum(v.dtype.itemsize * int(np.prod(v.shape)) for v in inputs.values()) < materialize_bytes
+            arrays.update({k: np.asarray(v[:]) for k, v in inputs.items()} if small else inputs)
+        n = len(next(iter(arrays.values())))
+        batches = tqdm(({k: v[start:start + batch_size] for k, v in arrays.items()} for start in range(0, n, batch_size)),
+                       total=math.ceil(n / batch_size), desc=f"calibrating {names[0]}", file=sys.stderr,
+                       leave=False, disable=None)
+        yield from collect_activations(upstream_of(model, names), names, batches)
+
+    return activations
+
+
 def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *, batch_size: int = 256,
               threads: int | None = None) -> list[np.ndarray]:
     """All graph outputs on ``inputs`` (batched, concatenated)."""

@@ -141,6 +141,66 @@ def param_specs(*specs: ParamSpec) -> dict[str, ParamSpec]:
     return {spec.name: spec for spec in specs}
 
 
+@dataclass(frozen=True)
+class SearchSettings:
+    """What a search asks of every searched site (the compress settings of the same names).
+
+    ``max_prune``: the largest fraction of a channel count the search may
+    remove; ``align``: channel counts are searched in multiples of it.
+    """
+
+    max_prune: float = 1.0
+    align: int = 1
+
+
+# The encodings of a searched parameter (pycompress.decisions.bo.encoding.Dimension's kinds).
+SEARCH_KINDS = ("rank", "keep")
+
+
+@dataclass(frozen=True)
+class SearchRange:
+    """The values a search tries for one site's searchable parameter: what
+    ``Rewrite.search_dimension`` declares and the pipeline turns into one
+    coordinate of the search space.
+
+    ``kind`` "rank": values ``1..high``, one lattice step each (a factorization's
+    rank; ``positions``, when given, returns the coordinate of each rank, or
+    None for even spacing; it is only called for a site searched on its own).
+    ``kind`` "keep": values ``low..high`` in multiples of ``align`` plus ``high``
+    (channel counts, bit widths). ``untouched_from``: values at or above it
+    leave the layer as it is.
+    """
+
+    param: str
+    kind: str
+    high: int
+    low: int = 1
+    untouched_from: int | None = None
+    align: int = 1
+    positions: Callable[[], tuple[float, ...] | None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SEARCH_KINDS:
+            raise PycompressError(f"search range of '{self.param}': unknown kind '{self.kind}' "
+                                  f"(one of {', '.join(SEARCH_KINDS)})")
+
+
+@dataclass
+class RefitSpec:
+    """What closed-form recovery reads from one applied decision (``Rewrite.refit_spec``).
+
+    ``layers``: ``{"output": tensor, "rank": r}`` for each rewritten layer to refit,
+    found by the tensor it produces (never by node name); ``rank`` for a factored
+    pair, absent for a single layer. ``teacher_channels``: tensors of the compressed
+    model that hold only these channels of the teacher's tensor of the same name
+    (pruned producers). ``notes``: what recovery will not refit, and why.
+    """
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    teacher_channels: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
 class Rewrite(ABC):
     action: ClassVar[str]
     summary: ClassVar[str]
@@ -150,6 +210,27 @@ class Rewrite(ABC):
     # Application order when several actions meet: pruning first (it changes
     # shapes), then factorizations, then weight sharing, then quantization.
     order: ClassVar[int] = 50
+    # What this rewrite does to a site's layer, for exclusions between actions:
+    # "shape" (widths change, the layers stay: pruning), "replace" (the layer
+    # becomes new nodes: factorizations), "weights" (the weight constant becomes
+    # computed values: sharing), "precision" (quantization).
+    changes: ClassVar[str] = ""
+    # The changes (above) of an earlier action on the same site that rule this
+    # rewrite out there, each with the reason ("{action}": the earlier action).
+    # The search space skips such sites; check_plan_composes refuses such plans.
+    excluded_by: ClassVar[dict[str, str]] = {}
+    # Applied after closed-form recovery (which refits float layers) rather than
+    # with the rest of the plan: quantization must see the recovered weights.
+    after_recovery: ClassVar[bool] = False
+    # The search objectives whose cost this rewrite reduces ("size": parameters, "bytes":
+    # packed bytes, "macs", "latency"); searching it under another objective is refused.
+    reduces: ClassVar[tuple[str, ...]] = ("size", "bytes", "macs", "latency")
+    # The encoding of the searched parameter for the default search_dimension.
+    search_kind: ClassVar[str] = "keep"
+    # Fragments of the names apply gives the nodes and values it creates. Only for
+    # checking that nothing outside the rewrite matches them: the pipeline reads what
+    # apply returned instead (tests/test_import_contracts.py scans it for these).
+    created_names: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -159,8 +240,15 @@ class Rewrite(ABC):
             # untyped specs, searchable the one named rank / keep / bits as the search
             # space guessed before the specs.
             searched = next((n for n in ("rank", "keep", "bits") if n in params), None)
-            cls.params = param_specs(*(ParamSpec(name, object, text, searchable=name == searched)
+            # The search bounds the guess implied: a rank up to the site's r_max, a
+            # channel count up to its width (checked by the rewrite, as before).
+            bounds = {"rank": (1, "r_max"), "keep": (1, "width")}.get(searched or "", (None, None))
+            cls.params = param_specs(*(ParamSpec(name, object, text, searchable=name == searched,
+                                                 **({"low": bounds[0], "high": bounds[1], "checked_by_rewrite": True}
+                                                    if name == searched else {}))
                                        for name, text in params.items()))
+            if searched == "rank" and "search_kind" not in cls.__dict__:
+                cls.search_kind = "rank"
 
     @abstractmethod
     def sites(self, model: ir.Model) -> list[Site]:
@@ -192,6 +280,62 @@ class Rewrite(ABC):
     def searchable_param(cls) -> ParamSpec | None:
         """The parameter a search space varies for this action (None: not searchable)."""
         return next((spec for spec in cls.params.values() if spec.searchable), None)
+
+    def search_dimension(self, model: ir.Model, site: Site, settings: SearchSettings) -> SearchRange | str:
+        """The values a search tries at ``site`` (an applicable one), or why it searches nothing there.
+
+        Default, from the searchable ParamSpec: its bounds at the site (``high``
+        may name a ``site.info`` key), encoded as ``search_kind``; "keep" leaves
+        the site untouched at ``high``. Override for ranges a bound cannot say.
+        """
+        spec = self.searchable_param()
+        if spec is None:
+            raise PycompressError(f"action '{self.action}' has no searchable parameter")
+        low, high = spec.bounds(site)
+        low, high = int(low if low is not None else 1), int(high or 0)
+        if self.search_kind == "rank":
+            return SearchRange(spec.name, "rank", high) if high >= 1 else "nothing to reduce"
+        if high <= low:
+            return "nothing to reduce"
+        return SearchRange(spec.name, "keep", high, low, untouched_from=high)
+
+    def excluded_after(self, earlier: Rewrite) -> str | None:
+        """Why this rewrite cannot take a site ``earlier`` already took (None: they compose)."""
+        reason = self.excluded_by.get(earlier.changes) if earlier.changes else None
+        return None if reason is None else reason.format(action=earlier.action)
+
+    def predicted_cost(self, objective: str) -> float | None:
+        """For rewrites too slow to apply once per site while the search measures
+        costs (quantization calibrates the whole graph): the cost a site's layers
+        count under ``objective`` ("size", "bytes", "macs", "latency") at the
+        searched parameter's low end, relative to the high end (the layer as it
+        is). None (default): the pipeline applies the rewrite at two values and
+        measures the rewritten graph.
+        """
+        return None
+
+    def cost_owner(self, site: Site) -> str | None:
+        """The node that owns the cost of nodes ``apply`` adds while keeping the
+        site's layers (sharing's codebook lookup belongs to the layer it feeds);
+        None (default): added nodes replace the removed ones, at their cost."""
+        return None
+
+    def prepare(self, model: ir.Model, decisions: list[LayerDecision] | None, activations: ActivationSource,
+                log: Callable[[str], None]) -> dict[str, Any]:
+        """``ApplyContext`` options computed once per run on the original ``model`` (its values
+        through ``activations``; nothing runs until called), for a plan's ``decisions`` of this
+        action, or for a search over it (``decisions`` None); ``log`` takes a progress line.
+        E.g. pruning's channel statistics. Default: nothing."""
+        return {}
+
+    def describe(self, decisions: list[LayerDecision]) -> str:
+        """A progress line for applying ``decisions`` of this action at once (after recovery)."""
+        return f"{self.action}: {len(decisions)} decision(s)"
+
+    def refit_spec(self, site: str, result: dict[str, Any]) -> RefitSpec:
+        """What recovery refits after this rewrite applied a decision at ``site``
+        with ``result`` (what ``apply`` returned). Default: ``result["refit"]``."""
+        return RefitSpec(layers=list(result.get("refit", [])))
 
     def checked_site(self, model: ir.Model, decision: LayerDecision) -> Site:
         """The decision's site, refused (naming it) when the rewrite cannot apply there or its params are wrong."""

@@ -7,7 +7,10 @@ an svd rank above the rank of the layer once pruned, or a share of a layer an
 svd already replaced. ``check_plan_composes`` finds those before anything is
 fitted (``apply`` used to report them after minutes of data-aware fitting):
 
-- one decision per site: two actions rewriting the same layer do not compose;
+- two actions on one site compose only where the later rewrite allows it
+  (``Rewrite.excluded_by``: a layer is factored once; a factored layer is not
+  shared; a shared layer is not quantized; a factored layer may be quantized,
+  the quantization covers the layers it became);
 - each order level (``Rewrite.order``) is checked against the model as the
   earlier levels leave it, applying those levels weight-only on a copy (no
   data, no fitting: the shapes are what matters). The last level is only
@@ -30,19 +33,26 @@ def _weight_only(decision: LayerDecision) -> LayerDecision:
     return LayerDecision(decision.site, decision.action, params, decision.note)
 
 
+def _excluded(first: str, second: str) -> bool:
+    """Whether two actions cannot share a site, as the rewrites declare it (``Rewrite.excluded_by``)."""
+    a, b = sorted((get_rewrite(first), get_rewrite(second)), key=lambda r: r.order)
+    return bool(b.excluded_after(a) or (a.order == b.order and a.excluded_after(b)))
+
+
 def check_plan_composes(model: ir.Model, plan: Plan, *, where: str = "plan") -> None:
     """Raise PycompressError naming the plan and site when the plan as a whole would not apply."""
     try:
         validate_plan(model, plan)
     except PycompressError as exc:
         raise PycompressError(f"{where}: {exc}") from None
-    by_site: dict[str, str] = {}
+    by_site: dict[str, list[str]] = {}
     for d in plan.decisions:
-        if d.site in by_site and by_site[d.site] != d.action:
-            raise PycompressError(f"{where}: site '{d.site}' has both '{by_site[d.site]}' and '{d.action}': two "
-                                  "actions cannot rewrite one layer (the second would not find the layer the "
-                                  "first replaced); keep one")
-        by_site[d.site] = d.action
+        for other in by_site.get(d.site, []):
+            if other != d.action and _excluded(other, d.action):
+                raise PycompressError(f"{where}: site '{d.site}' has both '{other}' and '{d.action}': two "
+                                      "actions cannot rewrite one layer (the second would not find the layer the "
+                                      "first replaced); keep one")
+        by_site.setdefault(d.site, []).append(d.action)
     ordered = sorted(plan.decisions, key=lambda d: get_rewrite(d.action).order)
     levels = [list(g) for _, g in groupby(ordered, key=lambda d: get_rewrite(d.action).order)]
     if len(levels) < 2:

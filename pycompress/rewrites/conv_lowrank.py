@@ -41,7 +41,8 @@ from pycompress.errors import PycompressError
 from pycompress.ir import attr_int, attr_ints, attr_str, constant_array, node_by_name, shape_of
 from pycompress.plan import LayerDecision
 from pycompress.rewrites import factorization as fz
-from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, Site, param_specs
+from pycompress.rewrites.base import (ApplyContext, ParamSpec, RefitSpec, Rewrite, SearchRange, SearchSettings, Site,
+                                      param_specs)
 
 STRUCTURES = ("tai", "channel")
 
@@ -173,9 +174,22 @@ class LowRankConv(Rewrite):
     )
     # Factorizations run after pruning (which changes shapes), before sharing / quantization.
     order = 50
+    changes = fz.CHANGES
+    excluded_by = fz.EXCLUDED_BY
+    created_names = ("/lowrank_a", "/lowrank_b", "/lowrank_v", "/lowrank_h")
 
     def sites(self, model: ir.Model) -> list[Site]:
         return [_site_for(node) for node in model.graph if node.op_type == "Conv"]
+
+    def search_dimension(self, model: ir.Model, site: Site, settings: SearchSettings) -> SearchRange | str:
+        """Ranks ``1..r_max`` of the default structure (Tai's)."""
+        return fz.rank_range(site)
+
+    def refit_spec(self, site: str, result: dict[str, Any]) -> RefitSpec:
+        spec = super().refit_spec(site, result)
+        if result.get("structure") == "tai":
+            spec.notes.append(f"{site}: Tai's vertical/horizontal pair is not refitted")
+        return spec
 
     def site(self, model: ir.Model, name: str) -> Site:
         try:

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from pycompress.errors import PycompressError
 from pycompress.ir import add_initializer, unique_name
 from pycompress.kernels import CovarianceAccumulator
-from pycompress.rewrites.base import ApplyContext, Site
+from pycompress.rewrites.base import ApplyContext, SearchRange, Site
 
 
 def one_blas_thread() -> ContextManager:
@@ -186,6 +186,17 @@ def output_projection(site: Site, ctx: ApplyContext, value_name: str, features: 
     total = values.sum()
     kept = 1.0 if total <= 0 else float(values[:rank].sum() / total)
     return OutputProjection(vectors[:, :rank], mean if centered else None, int(acc.count), kept)
+
+
+# A factorization replaces the layer; two of them cannot take one site.
+CHANGES = "replace"
+EXCLUDED_BY = {"replace": "already searched by another action"}
+
+
+def rank_range(site: Site) -> SearchRange | str:
+    """The ranks a search tries for a factorization: ``1..r_max`` (above, the layer would not shrink)."""
+    high = int(site.info.get("r_max", 0) or 0)
+    return SearchRange("rank", "rank", high) if high >= 1 else "nothing to reduce"
 
 
 def refit_spec(output: str, rank: int) -> dict[str, Any]:

@@ -35,11 +35,13 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import add_initializer, attr_float, constant_array, node_macs, remove_unused_initializers
+from pycompress.ir import (add_initializer, attr_float, constant_array, node_macs, remove_unused_initializers,
+                           token_mask_input)
 from pycompress.ir.channels import ChannelGroup, channel_group, channel_groups
 from pycompress.ir.heads import AttentionHeads, attention_head_group, attention_heads
 from pycompress.plan import LayerDecision
-from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, Site, param_specs
+from pycompress.rewrites.base import (ApplyContext, ParamSpec, RefitSpec, Rewrite, SearchRange, SearchSettings, Site,
+                                      param_specs)
 
 
 def l1_scores(group: ChannelGroup) -> np.ndarray:
@@ -460,6 +462,40 @@ class PruneChannels(Rewrite):
                   checked_by_rewrite=True),
     )
     order = 10      # pruning changes shapes: before factorizations, sharing and quantization
+    changes = "shape"
+    created_names = ("_pruned", "_compensated")
+
+    def search_dimension(self, model: ir.Model, site: Site, settings: SearchSettings) -> SearchRange | str:
+        """Channels kept, ``ceil((1 - max_prune) width) .. width`` in multiples of ``align`` (width: untouched)."""
+        high = int(site.info.get("width", 0) or 0)
+        if high < 2:
+            return "nothing to reduce"
+        max_prune, align = settings.max_prune, settings.align
+        low = max(1, min(high, math.ceil(round((1.0 - max_prune) * high, 9))))
+        if low >= high or -(-low // align) * align >= high:
+            return f"--max-prune {max_prune:g} / --align {align} leave nothing to remove"
+        return SearchRange("keep", "keep", high, low, untouched_from=high, align=align)
+
+    def prepare(self, model: ir.Model, decisions: list[LayerDecision] | None, activations,
+                log) -> dict[str, Any]:
+        """FLAP: channels kept by fluctuation (with bias compensation), from one pass on the original,
+        for a search or for decisions that give a count (``keep``), not explicit channels."""
+        if decisions is not None and not any("keep" in d.params for d in decisions):
+            return {}
+        log(f"pruning criterion: fluctuation statistics of the {'prunable' if decisions is None else 'pruned'} "
+            "groups' consumers (one pass)")
+        groups = [g for g in channel_groups(model) if g.prunable] + attention_heads(model)
+        return {"channel_statistics": channel_statistics(groups, activations, token_mask_input(model))
+                if groups else {}}
+
+    def refit_spec(self, site: str, result: dict[str, Any]) -> RefitSpec:
+        """The consumers and linear producers (``result["refit"]``); the producers' outputs
+        keep the teacher's channels ``kept_indices`` (attention heads: ``kept_channels``)."""
+        spec = super().refit_spec(site, result)
+        if "kept_indices" in result:
+            kept = result.get("kept_channels", result["kept_indices"])
+            spec.teacher_channels = {output: kept for output in result.get("producer_outputs", [])}
+        return spec
 
     def sites(self, model: ir.Model) -> list[Site]:
         sites = []

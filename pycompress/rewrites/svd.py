@@ -39,7 +39,7 @@ from pycompress.errors import PycompressError
 from pycompress.ir import attr_float, attr_int, constant_array, node_by_name, opset_version, shape_of
 from pycompress.plan import LayerDecision
 from pycompress.rewrites import factorization as fz
-from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, Site, param_specs
+from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, SearchRange, SearchSettings, Site, param_specs
 
 _OPS = ("Gemm", "MatMul", "Conv")
 
@@ -170,10 +170,21 @@ class SVD(Rewrite):
     )
     # Factorizations run after pruning (which changes shapes), before sharing / quantization.
     order = 50
+    changes = fz.CHANGES
+    excluded_by = fz.EXCLUDED_BY
+    created_names = ("/svd_a", "/svd_b")
 
     def sites(self, model: ir.Model) -> list[Site]:
         return [_site_for(node) for node in model.graph
                 if node.op_type in ("Gemm", "MatMul") or (node.op_type == "Conv" and is_pointwise_conv(node))]
+
+    def search_dimension(self, model: ir.Model, site: Site, settings: SearchSettings) -> SearchRange | str:
+        """Ranks ``1..r_max``, placed on the coordinate by the weight energy they discard (``rank_positions``)."""
+        found = fz.rank_range(site)
+        if isinstance(found, str):
+            return found
+        return SearchRange(found.param, found.kind, found.high, positions=lambda: rank_positions(model, site.name,
+                                                                                                   found.high))
 
     def site(self, model: ir.Model, name: str) -> Site:
         try:
@@ -306,6 +317,30 @@ def _emit(model: ir.Model, layer: MatrixLayer, name: str, a: np.ndarray, b: np.n
         inputs.append(node.inputs[2] if new_bias is None else fz.weight(model, f"{name}/svd_b/bias", new_bias, dtype))
     second = fz.new_node(model, f"{name}/svd_b", "Conv", inputs, [ir.AttrInt64s("kernel_shape", ones)], ir_dtype)
     return [first, second]
+
+
+def rank_positions(model: ir.Model, name: str, high: int) -> tuple[float, ...] | None:
+    """Coordinates of layer ``name``'s ranks ``1..high`` (``high = r_max``): 3/4 by ``log`` of the
+    weight energy the rank discards (scaled to [0, 1]), 1/4 evenly spaced (so every rank keeps a
+    step); None (even spacing) when that says nothing. Why: ``decisions.bo.encoding`` module doc."""
+    if high < 3:
+        return None
+    layer = matrix_layer(node_by_name(model, name))
+    if isinstance(layer, str):
+        return None
+    # truncated_svd's decomposition is the one every evaluation reuses (cached): computed once here.
+    values = fz.truncated_svd(layer.matrix, 1)[2]
+    power = values.astype(np.float64) ** 2
+    total = float(power.sum())
+    if total <= 0:
+        return None
+    discarded = np.maximum(1.0 - np.cumsum(power)[:high] / total, 1e-12)
+    even = np.arange(high) / (high - 1)
+    span = math.log(discarded[0] / discarded[-1])
+    warped = np.log(discarded[0] / discarded) / span if span > 1e-9 else even
+    positions = 0.75 * warped + 0.25 * even
+    positions[0], positions[-1] = 0.0, 1.0
+    return tuple(float(v) for v in positions)
 
 
 REWRITE = SVD()

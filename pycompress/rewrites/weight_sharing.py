@@ -52,7 +52,7 @@ so it does not speed inference up.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -62,12 +62,14 @@ from pycompress.errors import PycompressError
 from pycompress.ir import (attr_float, attr_int, constant_array, consumers, is_codebook_lookup, node_by_name,
                            node_macs, unique_name)
 from pycompress.plan import LayerDecision
-from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, Site, param_specs
+from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, SearchRange, SearchSettings, Site, param_specs
 
 # Weight input of each supported op (MatMul: whichever input is constant, B first).
 _WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (1,), "MatMul": (1, 0)}
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 MAX_BITS = 8
+# Index bits a search tries: below 2 bits even large FC layers collapse.
+SEARCH_BITS = (2, 8)
 MEAN_SAMPLES = 64   # calibration samples (at least; whole batches) behind each layer's input mean
 
 
@@ -158,6 +160,18 @@ class WeightSharing(Rewrite):
     )
     # After pruning (which changes shapes) and factorizations, before quantization.
     order = 70
+    changes = "weights"
+    reduces = ("bytes",)       # the layer keeps its parameters and MACs; its indices take fewer bits
+    created_names = ("_codebook", "_indices", "_shared", "_channel_scale", "_weight_scale", "_corrected")
+    excluded_by: ClassVar[dict[str, str]] = {"replace": "factored by {action}; not shared"}
+
+    def search_dimension(self, model: ir.Model, site: Site, settings: SearchSettings) -> SearchRange | str:
+        """Index bits ``SEARCH_BITS`` (a shared layer is never left as it is)."""
+        return SearchRange("bits", "keep", SEARCH_BITS[1], SEARCH_BITS[0])
+
+    def cost_owner(self, site: Site) -> str | None:
+        """The codebook lookup (Gather, Cast) is the layer's weight: its cost is the layer's."""
+        return site.nodes[0]
 
     def check_params(self, site: Site, params: dict[str, Any]) -> None:
         super().check_params(site, params)

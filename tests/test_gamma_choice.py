@@ -1,0 +1,50 @@
+"""``select_gamma`` on a known trade-off: the predicted optimum's ratio lands near the
+target, and an unexplored region (where the GP knows nothing) never holds it.
+
+Two coordinates, ratio ``R = 0.05 + 0.95 (t1 + t2) / 2`` and quality
+``Q = -0.05 / R^2`` (so the optimum of ``gamma Q + 1/R`` is at ``R = 0.1 gamma``),
+measured only on the diagonal ``t1 = t2``. Off the diagonal the same ratios exist
+but nothing is known. A confidence bound taken on the wrong side (mean + 2 sd
+instead of mean - 2 sd) makes that unknown region look better than the measured
+points of the same ratio, and the predicted optimum moves there.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pycompress.decisions.bo import Dimension, SearchSpace
+from pycompress.pipeline import select_gamma
+
+
+class KnownTradeOff:
+    """What select_gamma reads from an objective: the space and predicted ratios."""
+
+    def __init__(self):
+        self.space = SearchSpace([Dimension(f"layer{i}", "test", "keep", "keep", high=100, low=1) for i in (1, 2)])
+
+    def predicted_ratio(self, thetas: np.ndarray) -> np.ndarray:
+        return 0.05 + 0.95 * np.asarray(thetas, np.float64).mean(axis=1)
+
+
+def _measured():
+    objective = KnownTradeOff()
+    diagonal = np.linspace(0.0, 1.0, 21)
+    points = objective.space.snap(np.column_stack([diagonal, diagonal]))
+    quality = -0.05 / objective.predicted_ratio(points) ** 2
+    measurements = [SimpleNamespace(quality=float(q), quality_var=1e-6) for q in quality]
+    return objective, points, measurements
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.75])
+def test_select_gamma_puts_the_predicted_optimum_near_the_target_where_it_was_measured(target):
+    objective, points, measurements = _measured()
+    choice = select_gamma(objective, points, measurements, target, rng=np.random.default_rng(0))
+    assert choice.reachable and choice.gamma > 0
+    assert choice.predicted_ratio == pytest.approx(target, abs=0.05)    # measured ratios are 0.0475 apart
+    # Never in the unexplored region: the optimum is (next to) a measured point.
+    distance = np.min(np.linalg.norm(points - choice.point, axis=1))
+    assert distance <= 0.1, (choice.point, distance)
