@@ -33,15 +33,15 @@ def weights():
     layers = []
     for i in range(L):
         p = f"encoder.layer.{i}."
-        g = lambda s: sd[p + s].clone()  # noqa: E731
-        layers.append(dict(q=g("attention.self.query.weight"), qb=g("attention.self.query.bias"),
-                           k=g("attention.self.key.weight"), kb=g("attention.self.key.bias"),
-                           v=g("attention.self.value.weight"), vb=g("attention.self.value.bias"),
-                           o=g("attention.output.dense.weight"), ob=g("attention.output.dense.bias"),
-                           ln1w=g("attention.output.LayerNorm.weight"), ln1b=g("attention.output.LayerNorm.bias"),
-                           i=g("intermediate.dense.weight"), ib=g("intermediate.dense.bias"),
-                           d=g("output.dense.weight"), db=g("output.dense.bias"),
-                           ln2w=g("output.LayerNorm.weight"), ln2b=g("output.LayerNorm.bias"), heads=H))
+        g = lambda s, p=p: sd[p + s].clone()  # noqa: E731
+        layers.append({"q": g("attention.self.query.weight"), "qb": g("attention.self.query.bias"),
+                           "k": g("attention.self.key.weight"), "kb": g("attention.self.key.bias"),
+                           "v": g("attention.self.value.weight"), "vb": g("attention.self.value.bias"),
+                           "o": g("attention.output.dense.weight"), "ob": g("attention.output.dense.bias"),
+                           "ln1w": g("attention.output.LayerNorm.weight"), "ln1b": g("attention.output.LayerNorm.bias"),
+                           "i": g("intermediate.dense.weight"), "ib": g("intermediate.dense.bias"),
+                           "d": g("output.dense.weight"), "db": g("output.dense.bias"),
+                           "ln2w": g("output.LayerNorm.weight"), "ln2b": g("output.LayerNorm.bias"), "heads": H})
     emb = {k[len("embeddings."):]: v for k, v in sd.items() if k.startswith("embeddings.")}
     return emb, layers
 
@@ -77,7 +77,7 @@ def layer_parts(p, x, addmask):
     act = torch.nn.functional.gelu(h1 @ p["i"].T + p["ib"])
     f = act @ p["d"].T + p["db"]
     y = ln(f + h1, p["ln2w"], p["ln2b"])
-    return dict(x=x, ctx=ctx, a=a, h1=h1, act=act, f=f, y=y)
+    return {"x": x, "ctx": ctx, "a": a, "h1": h1, "act": act, "f": f, "y": y}
 
 
 def addmask_of(mask):
@@ -123,7 +123,7 @@ def scores(teacher_caps, layers, mask, criterion):
     for c, p in zip(teacher_caps, layers):
         res = []
         for name, w in (("ctx", p["o"]), ("act", p["d"])):
-            mu, var, sq = moments(c[name], mask)
+            _mu, var, sq = moments(c[name], mask)
             col = (w * w).sum(0)
             if criterion == "flap":
                 s = var * col

@@ -591,6 +591,10 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
     else:
         # A kill before the first state was saved resumes from scratch: same seed, same design.
         seeds = _seed_points(args, config, space, model, data, log)
+        # Token models: the global FLAP widths first (rewrites/allocation.py).
+        from pycompress.rewrites.allocation import search_seeds
+        seeds += [space.encode(p, strict=False) for p in search_seeds(
+            model, options.get("channel_statistics"), config["target_size"] if objective.objective == "macs" else None)]
         if feasible is not None:
             seeds.insert(0, _target_point(objective, config["target_size"]))
         planner.seeds = [planner._point(p) for p in seeds]

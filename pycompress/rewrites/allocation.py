@@ -36,7 +36,11 @@ from pycompress.ir.accounting import has_sequence_axis
 from pycompress.ir.channels import channel_groups
 from pycompress.ir.heads import attention_heads
 from pycompress.plan import LayerDecision, Plan
-from pycompress.rewrites.prune_channels import FeatureStatistics, fluctuation_scores, head_scores
+from pycompress.rewrites.prune_channels import (
+    FeatureStatistics,
+    fluctuation_scores,
+    head_scores,
+)
 
 MIN_KEEP_FRACTION = 1 / 16      # no site is cut below this share of its width (at least one unit)
 
@@ -59,8 +63,9 @@ def site_units(model: ir.Model, stats: dict[str, FeatureStatistics]) -> list[Sit
     """Every prunable site with data-aware scores (sites without statistics are left out)."""
     per_node = model_cost(model, SEQUENCE_LENGTH if has_sequence_axis(model) else None).by_name()
     units = []
-    sites = [(h.id, h.nodes, head_scores(h, stats) if stats.get(h.output.inputs[0].name) else None)
-             for h in attention_heads(model)]
+    # A head also costs its share of the attention products (q k^T, softmax(.) v).
+    sites = [(h.id, [n.name for n in h.nodes_between + h.projections],
+              head_scores(h, stats) if stats.get(h.output.inputs[0].name) else None) for h in attention_heads(model)]
     sites += [(g.id, g.nodes, fluctuation_scores(g, stats)) for g in channel_groups(model) if g.prunable]
     for name, nodes, scores in sites:
         if scores is None or len(scores) < 2:
@@ -110,3 +115,21 @@ def allocation_plan(model: ir.Model, stats: dict[str, FeatureStatistics], ratio:
                                     f"MACs {ratio:g}x)")
                  for u in units if keep[u.site] < u.width]
     return Plan(decisions)
+
+
+SEED_RATIOS = (0.9, 0.8, 0.7)     # MACs ratios of the seeds when the search has no target
+
+
+def search_seeds(model: ir.Model, stats: dict[str, FeatureStatistics] | None,
+                 target: float | None = None) -> list[Plan]:
+    """Allocation plans a search over a token model evaluates first (its initial design is
+    otherwise a Sobol sequence, which in 24 dimensions starts far too compressed for an
+    encoder: docs/transformers.md): at the target MACs ratio, else at ``SEED_RATIOS``.
+    Empty for other models (measured on transformer encoders only) or without statistics."""
+    if not stats or not has_sequence_axis(model):
+        return []
+    ratios = [target] if target is not None and 0 < target < 1 else list(SEED_RATIOS)
+    try:
+        return [allocation_plan(model, stats, r) for r in ratios]
+    except PycompressError:
+        return []      # nothing rankable: the search runs from its own design
