@@ -33,7 +33,7 @@ def weights():
     layers = []
     for i in range(L):
         p = f"encoder.layer.{i}."
-        g = lambda s, p=p: sd[p + s].clone()  # noqa: E731
+        g = lambda s, p=p: sd[p + s].clone()
         layers.append({"q": g("attention.self.query.weight"), "qb": g("attention.self.query.bias"),
                            "k": g("attention.self.key.weight"), "kb": g("attention.self.key.bias"),
                            "v": g("attention.self.value.weight"), "vb": g("attention.self.value.bias"),
@@ -156,6 +156,7 @@ def prune(layers, teacher_caps, mask, keep_heads, keep_neurons, compensate=True)
             p[n + "b"] = p[n + "b"][cols]
         p["o"] = p["o"][:, cols]
         p["heads"] = len(hk)
+        p["cols"], p["neurons"] = cols, nk
         gone = np.setdiff1d(np.arange(F), nk)
         if compensate and len(gone):
             mu = rows(c["act"], mask).mean(0)
@@ -347,7 +348,8 @@ def obs_global(plan, caps, mask, budget, norm="residual", min_heads=1, min_neuro
     return heads, neurons
 
 
-def sequential_refit(emb, teacher_caps, student, ids, mask, target, mode, folds=4, which=("o", "d")):
+def sequential_refit(emb, teacher_caps, student, ids, mask, target, mode, folds=4, which=("o", "d"),
+                     teacher_full=None):
     """Front to back: the student's own inputs, the teacher's outputs (target 'layer': the linear's
     own output; 'residual': the teacher's residual sum minus the student's residual input)."""
     x = embed(emb, ids)
@@ -358,6 +360,11 @@ def sequential_refit(emb, teacher_caps, student, ids, mask, target, mode, folds=
     out = []
     for p, c in zip(student, teacher_caps):
         p = dict(p)
+        if "qkv" in which and p["heads"] > 0:
+            for n in ("q", "k", "v"):
+                tw = teacher_full[len(out)]
+                Y = (c["x"] @ tw[n].T + tw[n + "b"])[:, :, p["cols"]][m]
+                p[n], p[n + "b"], lam = refit(x[m], Y, p[n], p[n + "b"], sent, mode)
         ctx, a = attention(p, x, am)
         if "o" in which and p["heads"] > 0:
             Y = c["a"][m] if target == "layer" else (c["a"] + c["x"])[m] - x[m]
@@ -365,6 +372,10 @@ def sequential_refit(emb, teacher_caps, student, ids, mask, target, mode, folds=
             chosen.append(lam)
             a = ctx @ p["o"].T + p["ob"]
         h1 = ln(a + x, p["ln1w"], p["ln1b"])
+        if "i" in which:
+            tw = teacher_full[len(out)]
+            Y = (c["h1"] @ tw["i"].T + tw["ib"])[:, :, p["neurons"]][m]
+            p["i"], p["ib"], lam = refit(h1[m], Y, p["i"], p["ib"], sent, mode)
         act = torch.nn.functional.gelu(h1 @ p["i"].T + p["ib"])
         if "d" in which:
             Y = c["f"][m] if target == "layer" else (c["f"] + c["h1"])[m] - h1[m]
@@ -439,6 +450,22 @@ def main():
                 t0 = time.perf_counter()
                 st, lams = sequential_refit(emb, caps, st, ci["input_ids"], mask, "residual", "cv")
                 evaluate(st, tag + " +refit", sec=round(time.perf_counter() - t0, 1))
+        if "more" in exps:
+            sc = scores(caps, teacher, mask, "flap")
+            for budget in (0.70,):
+                base = prune(teacher, caps, mask, *global_alloc(sc, budget, "none", caps, mask))
+                for which in (("o", "d"), ("qkv", "o", "i", "d"), ("o", "i", "d")):
+                    for target in ("layer", "residual"):
+                        st, _ = sequential_refit(emb, caps, base, ci["input_ids"], mask, target, "cv", which=which,
+                                                 teacher_full=teacher)
+                        evaluate(st, f"flap global {budget} refit {'+'.join(which)} {target}")
+        if "frontier" in exps:
+            sc = scores(caps, teacher, mask, "flap")
+            for budget in (0.75, 0.80, 0.85):
+                base = prune(teacher, caps, mask, *global_alloc(sc, budget, "none", caps, mask))
+                evaluate(base, f"flap global {budget}")
+                st, _ = sequential_refit(emb, caps, base, ci["input_ids"], mask, "layer", "cv")
+                evaluate(st, f"flap global {budget} refit o+d layer")
         if "refit" in exps:
             sc = scores(caps, teacher, mask, "flap")
             for hh, nn in ((12, 1152), (8, 1152), (12, 768)):
