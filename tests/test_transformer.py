@@ -308,3 +308,22 @@ def test_global_allocation_prunes_the_layer_that_matters_least_and_meets_the_mac
     # A search over a token model is seeded at the target ratio, else at a few ratios.
     assert len(search_seeds(teacher, stats, 0.6)) == 1 and len(search_seeds(teacher, stats)) == 3
     assert search_seeds(teacher, None) == []
+
+
+def test_compress_seeds_a_token_model_search_with_the_global_allocation(encoder, tmp_path, capsys):
+    """A search over a token model evaluates the allocation plans (MACs 0.9, 0.8, 0.7 without a
+    target) before its own design."""
+    import json
+
+    from pycompress.cli import main
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, **token_batch(64, seed=31))
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(encoder), "--data", str(data), "--actions", "prune", "--granularity", "block",
+                 "--objective", "macs", "--gamma", "1", "--method", "random", "--max-evals", "4", "--initial", "1",
+                 "--no-recover", "--heldout", "none", "-o", str(out), "--quiet", "--json"])
+    assert code == 0
+    trace = json.loads((tmp_path / "small.trace.json").read_text())["search"]["trace"]
+    # (one head of this tiny encoder is 4% of its MACs: the ratios land within a head)
+    assert [e["ratio"] for e in trace[:3]] == pytest.approx([0.9, 0.8, 0.7], abs=0.05)
