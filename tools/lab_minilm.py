@@ -459,6 +459,12 @@ def main():
                         st, _ = sequential_refit(emb, caps, base, ci["input_ids"], mask, target, "cv", which=which,
                                                  teacher_full=teacher)
                         evaluate(st, f"flap global {budget} refit {'+'.join(which)} {target}")
+        if "cal70" in exps:      # the same plan with more calibration text (--calib)
+            sc = scores(caps, teacher, mask, "flap")
+            base = prune(teacher, caps, mask, *global_alloc(sc, 0.70, "none", caps, mask))
+            evaluate(base, "flap global 0.7")
+            st, _ = sequential_refit(emb, caps, base, ci["input_ids"], mask, "layer", "cv")
+            evaluate(st, "flap global 0.7 refit o+d layer")
         if "frontier" in exps:
             sc = scores(caps, teacher, mask, "flap")
             for budget in (0.75, 0.80, 0.85):
