@@ -271,3 +271,59 @@ def test_head_pruning_by_fluctuation_with_bias_compensation(encoder):
     b = constant_array(add.inputs[slot]) + (st.mean[removed] @ w[removed]).astype(np.float32)
     add.replace_input_with(slot, add_initializer(expected, "b_o_compensated", b))
     assert close(run_model(expected, data)[0], run_model(student, data)[0])
+
+
+def test_global_allocation_prunes_the_layer_that_matters_least_and_meets_the_macs_ratio(encoder):
+    """rewrites/allocation.py: one ranking of every head and FFN channel by fluctuation per
+    MAC. With layer 1's FFN output scaled down 1000x its channels are the cheapest to
+    remove, so that FFN is cut far more than layer 0's; the applied plan lands on the
+    MACs ratio (within one unit) and runs in onnxruntime with the cosine kept high."""
+    from pycompress.ir import SEQUENCE_LENGTH
+    from pycompress.ir.heads import attention_heads
+    from pycompress.rewrites.allocation import allocation_plan, search_seeds, site_units
+
+    teacher = load_model(encoder)
+    down = next(n for n in teacher.graph if n.name == "/layers.1/down/MatMul")
+    down.replace_input_with(1, add_initializer(teacher, "w_small", constant_array(down.inputs[1]) * 1e-3))
+    data = token_batch(64, seed=21)
+    groups = [g for g in channel_groups(teacher) if g.prunable] + attention_heads(teacher)
+    stats = channel_statistics(groups, source(teacher, data), token_mask="attention_mask")
+    units = {u.site: u for u in site_units(teacher, stats)}
+    assert set(units) == {FFN_GROUP, "group:/layers.1/up/MatMul", "heads:/layers.0/out/MatMul",
+                          "heads:/layers.1/out/MatMul"}
+    assert units[FFN_GROUP].unit_macs == SEQUENCE_LENGTH * 2 * HIDDEN      # up column + down row per token
+    base = model_cost(teacher, SEQUENCE_LENGTH).macs
+    plan = allocation_plan(teacher, stats, 0.75)
+    keep = {d.site: d.params["keep"] for d in plan.decisions}
+    assert keep["group:/layers.1/up/MatMul"] < keep.get(FFN_GROUP, FFN) - 16
+    student = teacher.clone()
+    applied = apply_plan(student, plan, ApplyContext(options={"channel_statistics": stats}))
+    assert all(d.result["criterion"] == "fluctuation" for d in applied.decisions)
+    ratio = model_cost(student, SEQUENCE_LENGTH).macs / base
+    largest_unit = max(u.unit_macs for u in units.values()) / base
+    assert 0.75 - largest_unit <= ratio <= 0.75 + 1e-9
+    held = token_batch(50, seed=22)
+    cos = compare_outputs(run_model(teacher, held)[0], run_model(student, held)[0]).cosine
+    assert cos > 0.9
+    # A search over a token model is seeded at the target ratio, else at a few ratios.
+    assert len(search_seeds(teacher, stats, 0.6)) == 1 and len(search_seeds(teacher, stats)) == 3
+    assert search_seeds(teacher, None) == []
+
+
+def test_compress_seeds_a_token_model_search_with_the_global_allocation(encoder, tmp_path, capsys):
+    """A search over a token model evaluates the allocation plans (MACs 0.9, 0.8, 0.7 without a
+    target) before its own design."""
+    import json
+
+    from pycompress.cli import main
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, **token_batch(64, seed=31))
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(encoder), "--data", str(data), "--actions", "prune", "--granularity", "block",
+                 "--objective", "macs", "--gamma", "1", "--method", "random", "--max-evals", "4", "--initial", "1",
+                 "--no-recover", "--heldout", "none", "-o", str(out), "--quiet", "--json"])
+    assert code == 0
+    trace = json.loads((tmp_path / "small.trace.json").read_text())["search"]["trace"]
+    # (one head of this tiny encoder is 4% of its MACs: the ratios land within a head)
+    assert [e["ratio"] for e in trace[:3]] == pytest.approx([0.9, 0.8, 0.7], abs=0.05)

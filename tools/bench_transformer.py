@@ -27,6 +27,7 @@ from pycompress.pipeline import recover, teacher_channel_statistics
 from pycompress.plan import LayerDecision, Plan
 from pycompress.pretrained import export_minilm, minilm_inputs, stdlib_sentences
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
+from pycompress.rewrites.allocation import allocation_plan
 
 
 def latency_ms(paths: list[Path], feeds: dict, runs: int) -> list[float]:
@@ -49,6 +50,9 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=1152, help="FFN channels kept per layer (of 1536)")
     p.add_argument("--rank", type=int, default=0, help="rank of the attention projections (0: not factored)")
     p.add_argument("--heads", type=int, default=12, help="attention heads kept per layer (of 12)")
+    p.add_argument("--allocate", type=float, default=0.0,
+                   help="instead of --heads/--keep: heads and FFN widths per layer from the global fluctuation "
+                        "ranking (pycompress.rewrites.allocation) at this MACs ratio")
     p.add_argument("--lam", type=float, default=1e-3, help="recovery ridge (relative to the mean input variance)")
     p.add_argument("--calib", type=int, default=400)
     p.add_argument("--held", type=int, default=200)
@@ -70,16 +74,19 @@ def main() -> None:
     def keep(site) -> int:
         return args.heads if site.name.startswith("heads:") else args.keep
 
-    decisions = [LayerDecision(s.name, "prune", {"keep": keep(s)}) for s in get_rewrite("prune").sites(teacher)
-                 if s.ok and keep(s) < s.info["width"]]
+    stats = teacher_channel_statistics(teacher, calib)
+    if args.allocate:
+        decisions = list(allocation_plan(teacher, stats, args.allocate).decisions)
+    else:
+        decisions = [LayerDecision(s.name, "prune", {"keep": keep(s)}) for s in get_rewrite("prune").sites(teacher)
+                     if s.ok and keep(s) < s.info["width"]]
     if args.rank:
         decisions += [LayerDecision(s.name, "svd", {"rank": args.rank}) for s in get_rewrite("svd").sites(teacher)
                       if s.ok and "/attention/" in s.name]
-    stats = teacher_channel_statistics(teacher, calib)
     plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
     before = run_model(student, held)[0]
     report = recover(teacher, student, plan, calib, samples=args.calib, lam=args.lam)
-    tag = f"h{args.heads}_k{args.keep}_r{args.rank}_l{args.lam:g}"
+    tag = f"a{args.allocate:g}_r{args.rank}" if args.allocate else f"h{args.heads}_k{args.keep}_r{args.rank}_l{args.lam:g}"
     compressed = out / f"minilm_{tag}.onnx"
     save_model(student, compressed)
     seconds = time.perf_counter() - t0
@@ -92,7 +99,8 @@ def main() -> None:
     paths = [original, int8, compressed, both]
     lat = latency_ms(paths, held, args.runs)
     base = model_cost(teacher, SEQUENCE_LENGTH)
-    setting = {"heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held,
+    setting = {"allocate": args.allocate, "widths": {d.site: d.params["keep"] for d in decisions if d.action == "prune"},
+               "heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held,
                "lam": args.lam}
     print(json.dumps({"setting": setting,
                       "compress_seconds": round(seconds, 1),

@@ -287,6 +287,10 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
     else:
         # A kill before the first state was saved resumes from scratch: same seed, same design.
         seeds = _seed_points(run, space)
+        target_macs = config["target_size"] if objective.objective == "macs" else None
+        for action in config["actions"]:
+            seeds += [space.encode(p, strict=False)
+                      for p in get_rewrite(action).search_seeds(model, options, target_macs)]
         if feasible is not None:
             seeds.insert(0, _target_point(objective, config["target_size"]))
         planner.seeds = [planner._point(p) for p in seeds]

@@ -328,6 +328,13 @@ class Rewrite(ABC):
         E.g. pruning's channel statistics. Default: nothing."""
         return {}
 
+    def search_seeds(self, model: ir.Model, options: dict[str, Any], target_macs: float | None) -> list:
+        """Plans a search over this action evaluates before its own initial design (what ``prepare``
+        computed is in ``options``; ``target_macs`` is the MACs target, if the objective is MACs).
+        E.g. pruning's global allocation of attention heads and FFN widths on a token model.
+        Default: none."""
+        return []
+
     def describe(self, decisions: list[LayerDecision]) -> str:
         """A progress line for applying ``decisions`` of this action at once (after recovery)."""
         return f"{self.action}: {len(decisions)} decision(s)"

@@ -488,6 +488,13 @@ class PruneChannels(Rewrite):
         return {"channel_statistics": channel_statistics(groups, activations, token_mask_input(model))
                 if groups else {}}
 
+    def search_seeds(self, model: ir.Model, options: dict[str, Any], target_macs: float | None) -> list:
+        """Token models: the global FLAP allocation of heads and FFN widths (``rewrites/allocation.py``):
+        a Sobol design in ~24 dimensions starts far too compressed for an encoder."""
+        from pycompress.rewrites.allocation import search_seeds
+
+        return search_seeds(model, options.get("channel_statistics"), target_macs)
+
     def refit_spec(self, site: str, result: dict[str, Any]) -> RefitSpec:
         """The consumers and linear producers (``result["refit"]``); the producers' outputs
         keep the teacher's channels ``kept_indices`` (attention heads: ``kept_channels``)."""
