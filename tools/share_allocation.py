@@ -81,6 +81,8 @@ def main() -> int:
                                    {int(b): v for b, v in c["error"].items()},
                                    {int(b): v for b, v in c["weight_error"].items()}, c["probe_error"]))
     else:
+        # Probe errors are measured on other calibration crops than the bias correction and error
+        # compensation read, so that a layer that fits its crops does not look better than it is.
         probe = calibration[:args.probe_samples]
         reference = run_model(model, {name: probe})[0]
 
@@ -90,7 +92,8 @@ def main() -> int:
 
         t0 = time.monotonic()
         costs = layer_costs(model, sites, measure, bits=bits, probe_bits=args.probe_bits,
-                            ctx=data_context(model, probe, name), params=params,
+                            ctx=data_context(model, calibration[args.probe_samples:args.probe_samples + 64], name),
+                            params=params,
                             progress=lambda line: print(line, file=sys.stderr, flush=True))
         print(f"layer costs: {time.monotonic() - t0:.0f} s", file=sys.stderr)
         if costs_path is not None:

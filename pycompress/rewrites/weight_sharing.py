@@ -360,6 +360,9 @@ def compensable(node: ir.Node, index: int, weights: np.ndarray) -> bool:
     return node.op_type == "Conv" and attr_int(node, "group", 1) == 1 and all(k == 1 for k in weights.shape[2:])
 
 
+# E[x x^T] shrunk halfway to its diagonal: the calibration photos' input correlations carry only in
+# part to other photos (Lite0's conv head at 5 bits, held-out output error: plain 0.049, full H 0.056, half 0.049).
+COMPENSATION_SHRINKAGE = 0.5
 COMPENSATION_DAMPING = 0.01   # fraction of mean(diag H) added to the diagonal (GPTQ's default) ...
 # ... at least inputs / rows: H from fewer rows than inputs is singular and the feedback then fits the
 # calibration samples, not the layer (EfficientNet-Lite0's classifier, 1280 inputs, 64 crops: output
@@ -390,13 +393,16 @@ def compensated_indices(node: ir.Node, weights: np.ndarray, codebook: np.ndarray
     h, rows = np.array(second_moment[0], np.float64), second_moment[1]
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
+    h = (1.0 - COMPENSATION_SHRINKAGE) * h + COMPENSATION_SHRINKAGE * np.diag(np.diag(h))
     h[np.diag_indices_from(h)] += max(COMPENSATION_DAMPING, h.shape[0] / rows) * float(np.mean(np.diag(h)))
     try:
         upper = np.linalg.cholesky(np.linalg.inv(h)).T                         # H^-1 = U^T U
     except np.linalg.LinAlgError:
         upper = None   # not positive definite even damped: plain nearest-centroid assignment
+    # Inputs never active on the calibration data keep their weights (rounded to the nearest value):
+    # GPTQ zeroes them, but other inputs can switch them on (EfficientNet-Lite0's last project conv:
+    # held-out output error 0.06 -> 0.32 with them zeroed).
     work = matrix.copy()
-    work[:, dead] = 0.0
     values = np.asarray(codebook, np.float64)
     out = np.empty(matrix.shape, np.uint8)
     for i in range(matrix.shape[1]):
