@@ -1,0 +1,134 @@
+"""Per-layer share bits on EfficientNet-Lite0 under a packed-bytes budget (issue 14).
+
+1. Per shareable layer: k-means at each bit width (packed bytes from the index
+   entropy) and the model's output error with only that layer shared at the
+   probe width (bias correction included), on calibration crops
+   (``builtin:skimage``) only: ``rewrites.share_allocation.layer_costs``.
+2. For each target ratio: the greedy allocation under the budget
+   (``allocate_bits``), applied as ``pycompress apply --data`` would (bias
+   correction on calibration crops, read from the model being rewritten),
+   packed (``export --to packed``), and measured on held-out crops of *other*
+   photos (``builtin:skimage-heldout``): top-1 agreement, top-5 containment,
+   KL against the original.
+
+    PYTHONPATH=. python tools/share_allocation.py --targets 0.19,0.2 [--heldout 160] [--costs costs.json]
+
+Writes each plan to WORK/share_alloc_T.plan.json (usable with `pycompress apply`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pycompress.cli.apply import upstream_of
+from pycompress.data import load_data
+from pycompress.export.packed import pack_file
+from pycompress.fidelity import collect_activations
+from pycompress.fidelity.compare import compare_outputs
+from pycompress.fidelity.session import run_model
+from pycompress.ir import load_model, save_model
+from pycompress.pretrained import export_efficientnet_lite0
+from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
+from pycompress.rewrites.share_allocation import LayerCost, allocation_plan, layer_costs
+
+
+def data_context(model, calibration: np.ndarray, name: str) -> ApplyContext:
+    """As `apply --data`: activations of ``model`` (as it is being rewritten) on the calibration crops."""
+    batches = [{name: calibration[i:i + 16]} for i in range(0, len(calibration), 16)]
+    return ApplyContext(activations=lambda names: collect_activations(upstream_of(model, names), names, batches))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="EfficientNet-Lite0 .onnx (default: export the pretrained one)")
+    parser.add_argument("--calibration", type=int, default=256, help="builtin:skimage crops (bias correction)")
+    parser.add_argument("--probe-samples", type=int, default=32, help="calibration crops behind each probe")
+    parser.add_argument("--probe-bits", type=int, default=6)
+    parser.add_argument("--bits", default="4,5,6,7,8", help="widths a layer may get")
+    parser.add_argument("--heldout", type=int, default=160, help="builtin:skimage-heldout crops")
+    parser.add_argument("--targets", default="0.2", help="packed size targets, fraction of the fp32 file")
+    parser.add_argument("--costs", default=None, help="JSON of layer costs: read if it exists, else written")
+    parser.add_argument("--compensate", action="store_true",
+                        help="share with error_compensation (GPTQ-style index choice on Gemm / 1x1 Conv)")
+    parser.add_argument("--work", default=None, help="folder for the models (default: a new temporary one)")
+    args = parser.parse_args()
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="share_alloc_"))
+    work.mkdir(parents=True, exist_ok=True)
+    original = Path(args.model) if args.model else export_efficientnet_lite0(work / "efficientnet_lite0.onnx")
+    fp32_bytes = original.stat().st_size
+    model = load_model(original)
+    name = model.graph.inputs[0].name
+    calibration = np.asarray(load_data(f"builtin:skimage:{args.calibration}", model).inputs[name][:])
+    held = np.asarray(load_data(f"builtin:skimage-heldout:{args.heldout}", model).inputs[name][:])
+    share = get_rewrite("share")
+    sites = [s.name for s in share.sites(model) if share.starting_decision(model, s, bits=8) is not None]
+    bits = tuple(int(b) for b in args.bits.split(","))
+    params = {"error_compensation": True} if args.compensate else {}
+
+    costs_path = Path(args.costs) if args.costs else None
+    if costs_path is not None and costs_path.exists():
+        costs = []
+        for c in json.loads(costs_path.read_text()):
+            costs.append(LayerCost(c["site"], c["params"], {int(b): v for b, v in c["bytes"].items()},
+                                   {int(b): v for b, v in c["error"].items()},
+                                   {int(b): v for b, v in c["weight_error"].items()}, c["probe_error"]))
+    else:
+        # Probe errors are measured on other calibration crops than the bias correction and error
+        # compensation read, so that a layer that fits its crops does not look better than it is.
+        probe = calibration[:args.probe_samples]
+        reference = run_model(model, {name: probe})[0]
+
+        def measure(candidate) -> float:
+            out = run_model(candidate, {name: probe})[0]
+            return float(np.mean(np.sum(np.square(out - reference), axis=1)))
+
+        t0 = time.monotonic()
+        costs = layer_costs(model, sites, measure, bits=bits, probe_bits=args.probe_bits,
+                            ctx=data_context(model, calibration[args.probe_samples:args.probe_samples + 64], name),
+                            params=params,
+                            progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(f"layer costs: {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        if costs_path is not None:
+            costs_path.write_text(json.dumps([c.to_dict() for c in costs], indent=1))
+
+    # Everything the allocation does not choose (graph, biases, unshared small layers) is stored as is:
+    # the packed file ~ (fp32 file - shared layers' float bytes) + sum of the layers' packed bytes.
+    fixed = fp32_bytes - sum(4 * c.params for c in costs)
+    reference_held = run_model(model, {name: held})[0]
+    rows = []
+    for target in (float(t) for t in args.targets.split(",")):
+        budget = target * fp32_bytes - fixed
+        plan = allocation_plan(costs, budget, params)
+        tag = f"{target}{'_comp' if args.compensate else ''}"
+        plan_path = work / f"share_alloc_{tag}.plan.json"
+        plan.save(plan_path)
+        candidate = load_model(original)
+        t0 = time.monotonic()
+        apply_plan(candidate, plan, data_context(candidate, calibration, name))
+        seconds = time.monotonic() - t0
+        out = work / f"share_alloc_{tag}.onnx"
+        save_model(candidate, out)
+        packed = pack_file(out, out.with_suffix(".pcz"))
+        q = compare_outputs(reference_held, run_model(load_model(out, simplify=False), {name: held})[0])
+        histogram = {b: sum(1 for d in plan.decisions if d.params["bits"] == b) for b in bits}
+        row = {"target": target, "packed_ratio": packed.packed_bytes / fp32_bytes, "packed_bytes": packed.packed_bytes,
+               "onnx_ratio": out.stat().st_size / fp32_bytes, "apply_seconds": seconds,
+               "bits_histogram": histogram, **q.to_dict(), "plan": str(plan_path)}
+        rows.append(row)
+        print(f"target {target}: packed {row['packed_ratio']:.4f}x, held-out agreement {q.top1_agreement:.4f} "
+              f"± {q.top1_agreement_se:.4f}, top-5 {q.top5_containment:.4f}, KL {q.kl_divergence:.4g}, "
+              f"bits {histogram}", file=sys.stderr, flush=True)
+    print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
