@@ -41,6 +41,7 @@ from pycompress.errors import PycompressError
 from pycompress.fidelity import Estimate, FidelityEstimator
 from pycompress.ir import model_cost, token_mask_input
 from pycompress.plan import LayerDecision, Plan
+from pycompress.pruned_factorizations import PrunedFactorizations
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 
 # Quality from the fidelity loss: Q is maximized.
@@ -368,6 +369,9 @@ class CompressionObjective:
         # Values at or above which a layer would not shrink: leave it untouched.
         space = SearchSpace([replace(d, untouched_from=self._untouched_from(d)) for d in space.dimensions])
         self.space = space
+        # Layers both pruned and factored: exact cost, and one point per model (pruned_factorizations.py).
+        self.joint = PrunedFactorizations(model, space, self.costs, cost, self.counted)
+        space.canonical = self.joint.canonical
         self._cache: dict[tuple[int, tuple[float, ...]], Measurement] = {}
 
     # -- sizes ---------------------------------------------------------------
@@ -434,17 +438,20 @@ class CompressionObjective:
 
         A node's cost is multiplied by the factor of every site that changes it:
         exact for a layer between two pruned channel groups (its cost is
-        proportional to both widths); a layer both pruned and factored gets
-        the product too (approximate: its rank range shrinks with the width).
+        proportional to both widths). A layer both pruned and factored gets
+        its exact cost at the pruned widths, or stays whole where its rank is
+        above the pruned layer's r_max (``pruned_factorizations``).
         """
-        thetas = self.space.expand(np.atleast_2d(thetas))
+        decoded = self.joint.decode(thetas)
         base = self.node_costs
         factor: dict[str, np.ndarray] = {}
         for j, dim in enumerate(self.space.dimensions):
-            values, untouched = dim.decode_many(thetas[:, j])
+            values, untouched = decoded[j]
             values = values.astype(np.float64)
             for name, f in self.costs[(dim.site, dim.action)].factors(values, untouched).items():
                 factor[name] = factor[name] * f if name in factor else f
+        for name, (factored, f) in self.joint.exact_factors(decoded).items():
+            factor[name] = np.where(factored, f, factor[name])
         change = np.zeros(len(thetas))
         for name, f in factor.items():
             change += base[name] * (f - 1.0)
