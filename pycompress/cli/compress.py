@@ -583,8 +583,10 @@ def _search(args, config, model, data, estimator, log, save_config, run_dir):
         if why:
             log(f"note: {why}")
     kind = PACBO if config["method"] == "pacbo" else RandomSearch
+    # 1/R is counted from the plan (exact, no run): the GP models the rest of J (decisions/bo/known_part.py).
+    known = None if objective.objective == "latency" else (lambda x: 1.0 / objective.predicted_ratio(x))
     planner = kind(space.d, objective, settings, run_dir=run_dir, snap=space.snap, progress=progress,
-                   feasible=feasible, executor=executor)
+                   feasible=feasible, executor=executor, known=known)
     resumed = bool(args.resume) and planner.state_path.is_file()
     if resumed:
         planner.load()
@@ -694,7 +696,8 @@ def _choose_gamma(planner, config, log) -> dict[str, Any]:
     from pycompress.pipeline import gamma_from_observations
 
     choice = gamma_from_observations([o.extras["quality"] for o in planner.observations],
-                                     [o.extras["ratio"] for o in planner.observations], config["target_size"])
+                                     [o.extras["ratio"] for o in planner.observations], config["target_size"],
+                                     [o.extras["quality_var"] for o in planner.observations])
     for note in choice.notes:
         log(f"note: {note}")
     log(f"gamma = {choice.gamma:.6g} (the measured trade-off's slope at the target, from "
