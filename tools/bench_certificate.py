@@ -153,7 +153,7 @@ class ExactPoints:
         return self.random[:count]
 
 
-def run_case(case: str, seeds: int, folder: Path, factor: int) -> dict:
+def run_case(case: str, seeds: list[int], folder: Path, factor: int) -> dict:
     from pycompress.cli.compress import TARGET_BAND
     from pycompress.cli.main import main
 
@@ -161,7 +161,7 @@ def run_case(case: str, seeds: int, folder: Path, factor: int) -> dict:
     flags = CASES[case]
     exact = ExactPoints(model_path, data, flags) if case != "c" else None
     rows = []
-    for seed in range(seeds):
+    for seed in seeds:
         out = folder / f"{case}_seed{seed}.onnx"
         for suffix in (".run", ".report"):
             run_dir = out.with_name(out.stem + suffix)
@@ -213,12 +213,14 @@ def main_() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="a,b")
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--only", default=None, help="comma-separated seeds to run instead of 0..seeds-1")
     parser.add_argument("--factor", type=int, default=10, help="random search evaluations per PAC-BO evaluation")
     parser.add_argument("--workdir", default="bench-certificate")
     args = parser.parse_args()
     gp_fit_timing()
     folder = Path(args.workdir)
-    results = [run_case(c, args.seeds, folder, args.factor) for c in args.cases.split(",")]
+    seeds = [int(s) for s in args.only.split(",")] if args.only else list(range(args.seeds))
+    results = [run_case(c, seeds, folder, args.factor) for c in args.cases.split(",")]
     table(results)
     (folder / "results.json").write_text(json.dumps(results, indent=1))
     return 0
