@@ -61,3 +61,20 @@ def test_a_rank_skipped_after_pruning_snaps_to_the_untouched_coordinate(cnn_obje
     # A rank the pruned layer can still take is kept.
     theta[b2] = 0.04            # rank 1
     assert space.snap(theta)[b2] < 1.0
+
+
+@pytest.mark.parametrize("objective", ["size", "macs"])
+def test_pruned_and_factored_matrices_are_exact_too(tmp_path, objective):
+    """``prune,svd`` on an MLP: a hidden layer's width is both its producer's output and its
+    consumer's input, and each Gemm is factored."""
+    path = export(zoo.MLP((64, 48, 32, 10)), (1, 64), tmp_path / "mlp.onnx")
+    model = load_model(path)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).normal(size=(32, 64)).astype(np.float32))
+    estimator = FidelityEstimator(model, load_data(str(tmp_path / "x.npz"), model).inputs, samples=16, seed=0)
+    space, _ = build_search_space(model, ["prune", "svd"])
+    obj = CompressionObjective(model, space, estimator, objective=objective,
+                               context=ApplyContext(options={"skip_rank_beyond_r_max": True}))
+    assert len(obj.joint.layers) == 3
+    points = obj.space.snap(np.random.default_rng(4).random((30, obj.space.d)))
+    actual = np.array([obj.ratio_of(obj._apply(obj.space.decisions(p))[0]) for p in points])
+    np.testing.assert_allclose(obj.predicted_ratio(points), actual, atol=1e-12)
