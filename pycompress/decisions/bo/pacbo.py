@@ -29,6 +29,10 @@ target_sd) and the objective's seed alone, so it can run anywhere.
 Evaluations go through an ``Executor`` (in process by default), which may be
 handed several points.
 
+With ``known`` (a function of theta that is part of J and known without
+evaluating, e.g. ``1/R``), the GP models ``J - known`` and the acquisition
+adds ``known`` back (``known_part.KnownPlusGP``).
+
 After every evaluation the state (observations, GP hyperparameters, the
 RNG state, proposed points not yet evaluated) is written atomically to
 ``run_dir/state.json``; ``resume`` continues from it and, with the same
