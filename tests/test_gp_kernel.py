@@ -212,3 +212,28 @@ def test_ml2_improves_the_marginal_likelihood_and_matches_gpytorch():
     assert lml > numpy_lml(start) + 0.1
     # sin(6 x0) varies along x0 only: the fitted lengthscale of x1 is the longer one.
     assert hyper.lengthscales[0] < hyper.lengthscales[1]
+
+
+def test_the_lengthscale_prior_keeps_unseen_variation_possible_and_its_gradient_is_exact(monkeypatch):
+    """A few points whose values vary by about their noise in 6 dimensions: the likelihood alone
+    says "flat along most of them" (lengthscales at the upper bound, a posterior that is sure far
+    from every point); with the Gamma(3, 6) prior no lengthscale goes there."""
+    from scipy.optimize import check_grad
+
+    import pycompress.decisions.bo.gp as gp_module
+
+    rng = np.random.default_rng(2)
+    x = rng.random((15, 6))
+    y = 0.3 * x[:, 0] + 0.05 * rng.normal(size=15)
+    ys = (y - y.mean()) / y.std()
+    noise = np.full(15, (0.05 / y.std()) ** 2)
+    sq = (x.T[:, :, None] - x.T[:, None, :]) ** 2
+    v = np.concatenate([[0.1, np.log(0.8)], np.log(rng.uniform(0.2, 2.0, 6))])
+    assert check_grad(lambda t: gp_module._negative_log_posterior(t, x, sq, ys, noise)[0],
+                      lambda t: gp_module._negative_log_posterior(t, x, sq, ys, noise)[1], v) < 1e-5
+
+    with_prior, _ = fit_hyperparameters(x, ys, noise, restarts=2, rng=np.random.default_rng(0))
+    monkeypatch.setattr(gp_module, "LENGTHSCALE_PRIOR", (1.0, 0.0))     # a flat prior: plain ML-II
+    without, _ = fit_hyperparameters(x, ys, noise, restarts=2, rng=np.random.default_rng(0))
+    assert sum(ls > 10 for ls in without.lengthscales) >= 3
+    assert max(with_prior.lengthscales) < 3

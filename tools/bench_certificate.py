@@ -11,8 +11,9 @@ Per seed: `pycompress compress ... --seed S --no-recover` (the search alone; wal
 whole command in this process), then the certified answer t^ is evaluated exactly (on the whole
 calibration pool, where J has no noise) and compared with the best J, on the same objective (the
 run's gamma, the same target band), of 10x as many uniform random points of that band, also
-evaluated exactly. "within delta" means J(t^) >= J(best random) - delta. Exact (Q, R) of a point do
-not depend on the seed, so the random points are evaluated once per case and reused.
+evaluated exactly. "within delta" means J(t^) >= J(best random) - delta. The random points are the
+same for every seed; their exact (Q, R) are cached per case, and per seed where the CLI prunes by
+statistics drawn with the seed (case b).
 
 Also prints the cost of one GP hyperparameter fit at n = 100, d = 16.
 
@@ -94,54 +95,77 @@ def prepare(case: str, folder: Path) -> tuple[Path, str]:
 
 
 class ExactPoints:
-    """Exact (Q, R) of points of a case's search (whole pool), cached across seeds."""
+    """Exact (Q, R) of points of a case's search (whole pool), cached.
+
+    With pruning, the CLI prunes by FLAP statistics measured on a subsample drawn by the run's seed
+    (``teacher_channel_statistics``), so the objective, and the cache, are per seed.
+    """
 
     def __init__(self, model_path: Path, data: str, flags: list[str]):
         from pycompress.cli.main import build_parser
         from pycompress.data import load_data
         from pycompress.fidelity import FidelityEstimator
         from pycompress.ir import load_model
-        from pycompress.pipeline import CompressionObjective, build_search_space
-        from pycompress.rewrites import ApplyContext
 
-        args = build_parser().parse_args(["compress", str(model_path), "--data", data, "-o", "unused.onnx", *flags])
+        self.args = build_parser().parse_args(["compress", str(model_path), "--data", data, "-o", "unused.onnx",
+                                               *flags])
         self.model = load_model(model_path)
-        calib = load_data(data, self.model)
-        estimator = FidelityEstimator(self.model, calib.inputs, loss="norm", samples=50, seed=0)
-        space, _ = build_search_space(self.model, args.actions.split(","), args.granularity)
-        self.objective = CompressionObjective(self.model, space, estimator, objective=args.objective,
-                                              context=ApplyContext(options={"skip_rank_beyond_r_max": True}))
-        self.space = self.objective.space
-        self.target = args.target_size
-        self.cache: dict[tuple[float, ...], tuple[float, float]] = {}
+        self.calib = load_data(data, self.model)
+        self.estimator = FidelityEstimator(self.model, self.calib.inputs, loss="norm", samples=50, seed=0)
+        self.objectives: dict[int, object] = {}
+        self.space = self.objective(0).space
+        self.target = self.args.target_size
+        self.cache: dict[tuple, tuple[float, float]] = {}
         self.random: list[np.ndarray] = []
         self.rng = np.random.default_rng(12345)
 
-    def exact(self, theta: np.ndarray) -> tuple[float, float]:
-        key = tuple(float(v) for v in theta)
+    def objective(self, seed: int):
+        """The objective the CLI searches with ``--seed seed`` (the same apply options)."""
+        if seed not in self.objectives:
+            from pycompress.pipeline import (
+                CompressionObjective,
+                build_search_space,
+                teacher_channel_statistics,
+            )
+            from pycompress.rewrites import ApplyContext
+
+            actions = self.args.actions.split(",")
+            options = {"skip_rank_beyond_r_max": True}
+            if "prune" in actions:
+                options["channel_statistics"] = teacher_channel_statistics(self.model, self.calib.inputs, seed=seed)
+            space, _ = build_search_space(self.model, actions, self.args.granularity)
+            self.objectives[seed] = CompressionObjective(self.model, space, self.estimator,
+                                                         objective=self.args.objective,
+                                                         context=ApplyContext(options=options))
+        return self.objectives[seed]
+
+    def exact(self, theta: np.ndarray, seed: int) -> tuple[float, float]:
+        objective = self.objective(seed if "prune" in self.args.actions.split(",") else 0)
+        key = (id(objective),) + tuple(float(v) for v in theta)
         if key not in self.cache:
-            m = self.objective.measure(np.asarray(theta), 0, target_sd=0.0)
+            m = objective.measure(np.asarray(theta), 0, target_sd=0.0)
             self.cache[key] = (m.quality, m.ratio)
         return self.cache[key]
 
     def random_points(self, count: int, band: float) -> list[np.ndarray]:
         """The first ``count`` uniform lattice points within ``band`` of the target ratio."""
         while len(self.random) < count:
-            cand = self.space.snap(self.rng.random((4096, self.space.d)))
-            ok = np.abs(self.objective.predicted_ratio(cand) - self.target) <= band
+            cand = np.unique(self.space.snap(self.rng.random((4096, self.space.d))), axis=0)
+            cand = cand[self.rng.permutation(len(cand))]
+            ok = np.abs(self.objective(0).predicted_ratio(cand) - self.target) <= band
             self.random.extend(cand[ok])
         return self.random[:count]
 
 
-def run_case(case: str, seeds: int, folder: Path, factor: int) -> dict:
-    from pycompress.cli.compress import TARGET_BAND
+def run_case(case: str, seeds: list[int], folder: Path, factor: int) -> dict:
     from pycompress.cli.main import main
+    from pycompress.pipeline.planners import TARGET_BAND
 
     model_path, data = prepare(case, folder)
     flags = CASES[case]
     exact = ExactPoints(model_path, data, flags) if case != "c" else None
     rows = []
-    for seed in range(seeds):
+    for seed in seeds:
         out = folder / f"{case}_seed{seed}.onnx"
         for suffix in (".run", ".report"):
             run_dir = out.with_name(out.stem + suffix)
@@ -165,10 +189,11 @@ def run_case(case: str, seeds: int, folder: Path, factor: int) -> dict:
                "seconds": wall, "ratio": summary["ratio"], "gamma": summary["gamma"]}
         if exact is not None:
             gamma = summary["gamma"]
-            q, r = exact.exact(np.asarray(state["history"][-1]["incumbent"]))
+            q, r = exact.exact(np.asarray(state["history"][-1]["incumbent"]), seed)
             j_hat = gamma * q + 1 / r
             best = max(gamma * qq + 1 / rr for qq, rr in
-                       (exact.exact(p) for p in exact.random_points(factor * summary["evaluations"], TARGET_BAND)))
+                       (exact.exact(p, seed) for p in exact.random_points(factor * summary["evaluations"],
+                                                                          TARGET_BAND)))
             row.update(J_hat=j_hat, J_random=best, within_delta=bool(j_hat >= best - summary["delta"]))
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -192,12 +217,14 @@ def main_() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="a,b")
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--only", default=None, help="comma-separated seeds to run instead of 0..seeds-1")
     parser.add_argument("--factor", type=int, default=10, help="random search evaluations per PAC-BO evaluation")
     parser.add_argument("--workdir", default="bench-certificate")
     args = parser.parse_args()
     gp_fit_timing()
     folder = Path(args.workdir)
-    results = [run_case(c, args.seeds, folder, args.factor) for c in args.cases.split(",")]
+    seeds = [int(s) for s in args.only.split(",")] if args.only else list(range(args.seeds))
+    results = [run_case(c, seeds, folder, args.factor) for c in args.cases.split(",")]
     table(results)
     (folder / "results.json").write_text(json.dumps(results, indent=1))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -88,7 +89,8 @@ def select_gamma(objective: CompressionObjective, points: np.ndarray, measuremen
     return GammaChoice(gamma, target, float(ratios_at[best]), False, notes, cands[optimum(gamma)])
 
 
-def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], target: float) -> GammaChoice:
+def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], target: float,
+                            quality_var: Sequence[float] | None = None) -> GammaChoice:
     """Gamma at which the best *evaluated* point of ``gamma Q + 1/R`` crosses ratio ``target``.
 
     The maximizers of ``gamma q_i + 1/r_i`` over the evaluations, as gamma
@@ -110,8 +112,13 @@ def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], ta
     # Walk the hull from gamma = 0 (the smallest ratio, best 1/R) upwards.
     current = int(np.lexsort((-q, -inv_r))[0])
     hull = [(current, 0.0)]
+    # With quality_var, a step along the hull needs a gain significant at 5% over the n points
+    # (Bonferroni): noisy estimates of a flat trade-off give ties of any size (gamma 30-900 on the
+    # digits CNN, whose design's quality varies by about its noise).
+    sd = np.sqrt(np.asarray(quality_var, np.float64)) if quality_var is not None else np.zeros_like(q)
+    z = statistics.NormalDist().inv_cdf(1.0 - 0.05 / len(q))
     while True:
-        better = q > q[current] + 1e-12
+        better = q > q[current] + np.maximum(z * np.hypot(sd, sd[current]), 1e-12)
         if not better.any():
             break
         # The next maximizer is the one whose tie with the current comes at the smallest gamma.
@@ -127,6 +134,10 @@ def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], ta
             return GammaChoice(max(tie, 1e-12), target, float(ratios[b] if target - ratios[a] > ratios[b] - target
                                                                else ratios[a]), True)
     first, last = hull[0][0], hull[-1][0]
+    if len(hull) == 1 and target >= ratios[first]:
+        note = (f"no evaluated point has a better quality (beyond its noise) than the smallest, ratio "
+                f"{ratios[first]:.3g}: the quality does not measurably grow with size here; gamma 1")
+        return GammaChoice(1.0, target, float(ratios[first]), False, [note])
     if target < ratios[first] or len(hull) == 1:
         gamma = hull[1][1] / 2 if len(hull) > 1 else 1.0
         note = (f"no evaluated point is at or below the target {target:g} on the trade-off yet "

@@ -42,6 +42,7 @@ from pycompress.ir import model_cost
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 from pycompress.rewrites.base import Site
+from pycompress.rewrites.pruned_factorizations import PrunedFactorizations
 
 QUALITY = {"norm": "-log relative function norm", "error": "accuracy",
            "cross_entropy": "-cross entropy / log(classes)"}
@@ -222,6 +223,9 @@ class CompressionObjective:
         # Values at or above which a layer would not shrink: leave it untouched.
         space = SearchSpace([replace(d, untouched_from=self._untouched_from(d)) for d in space.dimensions])
         self.space = space
+        # Layers both pruned and factored: exact cost, and one point per model (rewrites/pruned_factorizations.py).
+        self.joint = PrunedFactorizations(model, space, self.costs, cost, self.counted)
+        space.canonical = self.joint.canonical
         self._cache: dict[tuple[int, tuple[float, ...]], Measurement] = {}
 
     # -- sizes ---------------------------------------------------------------
@@ -283,17 +287,20 @@ class CompressionObjective:
 
         A node's cost is multiplied by the factor of every site that changes it:
         exact for a layer between two pruned channel groups (its cost is
-        proportional to both widths); a layer both pruned and factored gets
-        the product too (approximate: its rank range shrinks with the width).
+        proportional to both widths). A layer both pruned and factored gets
+        its exact cost at the pruned widths, or stays whole where its rank is
+        above the pruned layer's r_max (``rewrites/pruned_factorizations.py``).
         """
-        thetas = self.space.expand(np.atleast_2d(thetas))
+        decoded = self.joint.decode(thetas)
         base = self.node_costs
         factor: dict[str, np.ndarray] = {}
         for j, dim in enumerate(self.space.dimensions):
-            values, untouched = dim.decode_many(thetas[:, j])
+            values, untouched = decoded[j]
             values = values.astype(np.float64)
             for name, f in self.costs[(dim.site, dim.action)].factors(values, untouched).items():
                 factor[name] = factor[name] * f if name in factor else f
+        for name, (factored, f) in self.joint.exact_factors(decoded).items():
+            factor[name] = np.where(factored, f, factor[name])
         change = np.zeros(len(thetas))
         for name, f in factor.items():
             change += base[name] * (f - 1.0)

@@ -279,8 +279,10 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
         if why:
             log(f"note: {why}")
     strategy = getattr(bo, planner_kind.strategy)
+    # 1/R is counted from the plan (exact, no run): the GP models the rest of J (decisions/bo/known_part.py).
+    known = None if objective.objective == "latency" else (lambda x: 1.0 / objective.predicted_ratio(x))
     planner = strategy(space.d, objective, bo_settings, run_dir=run.run_dir, snap=space.snap, progress=progress,
-                       feasible=feasible, executor=executor)
+                       feasible=feasible, executor=executor, known=known)
     resumed = bool(settings.resume) and planner.state_path.is_file()
     if resumed:
         planner.load()
@@ -400,7 +402,8 @@ def _choose_gamma(planner, config, log) -> dict[str, Any]:
     from pycompress.pipeline.gamma import gamma_from_observations
 
     choice = gamma_from_observations([o.extras["quality"] for o in planner.observations],
-                                     [o.extras["ratio"] for o in planner.observations], config["target_size"])
+                                     [o.extras["ratio"] for o in planner.observations], config["target_size"],
+                                     [o.extras["quality_var"] for o in planner.observations])
     for note in choice.notes:
         log(f"note: {note}")
     log(f"gamma = {choice.gamma:.6g} (the measured trade-off's slope at the target, from "

@@ -1,7 +1,8 @@
 """PAC Bayesian optimization (ALGORITHMS.md 3.1-3.2), split as in BoTorch:
 ``gp`` (the model), ``acquisition`` (the PAC criterion and certificate),
 ``optimize`` (maximizing it over many candidates), ``pacbo`` (the loop and its
-resumable state), ``encoding`` (decisions <-> the unit cube). The objective is
+resumable state), ``encoding`` (decisions <-> the unit cube), ``known_part``
+(the part of the objective known without evaluating, e.g. 1/R). The objective is
 injected: nothing here runs a model."""
 
 from pycompress.decisions.bo.acquisition import (

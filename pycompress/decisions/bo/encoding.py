@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -158,6 +158,10 @@ class SearchSpace:
             self.coordinate_of[idx] = j
         # The finest member's lattice carries the snapping of a coordinate.
         self._leaders = [max(idx, key=lambda i: self.dimensions[i].steps) for idx in self.members]
+        # Points (M, d) -> the same points with every coordinate that does not change the applied model
+        # moved to one representative (set by the objective, which knows how decisions interact, e.g. a
+        # rank skipped because pruning narrowed its layer): the GP then sees one point per model.
+        self.canonical: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def d(self) -> int:
@@ -245,6 +249,8 @@ class SearchSpace:
                 # group the other members still change below the leader's cut.)
                 snapped = np.where(values >= dim.untouched_from, 1.0, snapped)
             out[:, j] = snapped
+        if self.canonical is not None:
+            out = self.canonical(out)
         return out.reshape(theta.shape)
 
     def _check(self, theta: Sequence[float]) -> np.ndarray:

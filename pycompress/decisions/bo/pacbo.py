@@ -29,6 +29,10 @@ target_sd) and the objective's seed alone, so it can run anywhere.
 Evaluations go through an ``Executor`` (in process by default), which may be
 handed several points.
 
+With ``known`` (a function of theta that is part of J and known without
+evaluating, e.g. ``1/R``), the GP models ``J - known`` and the acquisition
+adds ``known`` back (``known_part.KnownPlusGP``).
+
 After every evaluation the state (observations, GP hyperparameters, the
 RNG state, proposed points not yet evaluated) is written atomically to
 ``run_dir/state.json``; ``resume`` continues from it and, with the same
@@ -58,6 +62,7 @@ from pycompress.decisions.bo.acquisition import (
     select_incumbent,
 )
 from pycompress.decisions.bo.gp import GaussianProcess, Hyperparameters
+from pycompress.decisions.bo.known_part import Known, KnownPlusGP, residuals
 from pycompress.decisions.bo.optimize import CandidateSettings, maximize_acquisition, sobol_seed
 from pycompress.decisions.bo.threads import single_threaded
 from pycompress.errors import PycompressError
@@ -211,7 +216,7 @@ class PACBO:
                  run_dir: str | os.PathLike | None = None, seeds: Iterable[Sequence[float]] = (),
                  snap: Callable[[np.ndarray], np.ndarray] | None = None, executor: Executor | None = None,
                  progress: Callable[[Step | None, Observation | None], None] | None = None,
-                 feasible: Callable[[np.ndarray], np.ndarray] | None = None):
+                 feasible: Callable[[np.ndarray], np.ndarray] | None = None, known: Known | None = None):
         if d < 1:
             raise PycompressError("nothing to search: the search space has no dimension")
         self.d = int(d)
@@ -231,6 +236,9 @@ class PACBO:
         # Points (M, d) -> bool (M,): the domain of the search, incumbent and certificate (e.g. the
         # points whose size is near a target). The initial design may lie outside (it informs the GP).
         self.feasible = feasible
+        # Points (M, d) -> the part of J known without evaluating (e.g. 1/R counted from the plan):
+        # the GP models the rest (known_part.py).
+        self.known = known
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.seeds = [self._point(p) for p in seeds]
         self.rng = np.random.default_rng(s.seed)
@@ -374,17 +382,18 @@ class PACBO:
         """Fit the GP; incumbent, z_max and the next point(s) to evaluate."""
         s = self.settings
         restarts = s.restarts if len(self.history) % max(1, s.restart_every) == 0 else 0
-        gp = GaussianProcess.fit(self._x(), self._y(), self._noise(), init=self.hyper,
-                                 restarts=restarts, rng=self.rng, max_iter=s.fit_iters)
+        gp = GaussianProcess.fit(self._x(), residuals(self.known, self._x(), self._y()), self._noise(),
+                                 init=self.hyper, restarts=restarts, rng=self.rng, max_iter=s.fit_iters)
         self.hyper = gp.hyper
+        model = self._model(gp)
         visited = self._x()
         allowed = self._allowed(visited)
-        index, mu_hat = select_incumbent(gp, visited[allowed])
+        index, mu_hat = select_incumbent(model, visited[allowed])
         index = int(np.nonzero(allowed)[0][index])
         delta = resolve_delta(s.delta, s.relative_delta, mu_hat)
-        acquisition = self._restricted(PACAcquisition(gp, visited[index], delta))
+        acquisition = self._restricted(PACAcquisition(model, visited[index], delta))
         theta, z_max = maximize_acquisition(acquisition, self.d, self.rng,
-                                            anchors=self._anchors(gp, visited, index, allowed),
+                                            anchors=self._anchors(model, visited, index, allowed),
                                             settings=s.candidates, snap=self.snap)
         step = Step(len(self.observations), list(map(float, visited[index])), mu_hat, z_max,
                     certificate_probability(z_max), delta)
@@ -399,6 +408,10 @@ class PACBO:
             if unseen:
                 proposals = [(unseen[0], z_max, self._target_sd(delta))]
         return step, gp, proposals
+
+    def _model(self, gp: GaussianProcess):
+        """The posterior of J: the GP, plus the known part if there is one."""
+        return gp if self.known is None else KnownPlusGP(gp, self.known)
 
     def _evaluate_pending(self, started: float, design_only: bool = False) -> str | None:
         """Evaluate the pending points (saving after each); the budget that stopped it, if any."""
@@ -447,14 +460,14 @@ class PACBO:
         was observed at its posterior mean with the median noise (kriging believer)."""
         sd = self._target_sd(delta)
         batch = [(theta, z_max, sd)]
-        x, y, noise = self._x(), self._y(), self._noise()
+        x, y, noise = self._x(), residuals(self.known, self._x(), self._y()), self._noise()
         typical_noise = float(np.median(noise)) if sd is None else sd * sd
         while len(batch) < self.settings.batch_size:
             x = np.vstack([x, batch[-1][0]])
             y = np.append(y, gp.mean(batch[-1][0][None, :])[0])
             noise = np.append(noise, typical_noise)
             gp = GaussianProcess(x, y, noise, gp.hyper)
-            acquisition = self._restricted(PACAcquisition(gp, incumbent, delta))
+            acquisition = self._restricted(PACAcquisition(self._model(gp), incumbent, delta))
             nxt, z = maximize_acquisition(acquisition, self.d, self.rng, anchors=np.vstack([incumbent, x[-1]]),
                                           settings=self.settings.candidates, snap=self.snap)
             batch.append((nxt, z, sd))
@@ -512,7 +525,7 @@ class PACBO:
 
         return restricted
 
-    def _anchors(self, gp: GaussianProcess, visited: np.ndarray, index: int,
+    def _anchors(self, gp, visited: np.ndarray, index: int,
                  allowed: np.ndarray | None = None) -> np.ndarray:
         mu = gp.mean(visited)
         order = [i for i in np.argsort(-mu, kind="stable") if i != index and (allowed is None or allowed[i])]
