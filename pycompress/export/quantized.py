@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from pycompress.errors import PycompressError
 from pycompress.export._quiet import quiet
-from pycompress.ir import attr_float, attr_int, constant_array, load_model, unique_name
+from pycompress.ir import add_initializer, as_matrix, attr_float, attr_int, constant_array, load_model, unique_name
 
 
 def _fail(source: Path, what: str, exc: Exception) -> PycompressError:
@@ -154,8 +154,7 @@ def gemm_to_matmul(model: ir.Model) -> int:
         bias_array = constant_array(bias) if bias is not None and beta != 1.0 else None
         if weight is None or weight.ndim != 2 or (bias is not None and beta != 1.0 and bias_array is None):
             continue
-        if attr_int(node, "transB", 0):
-            weight = weight.T
+        weight = as_matrix(node, weight)  # op(B): in x out, as MatMul reads it
         matmul = ir.node("MatMul", [node.inputs[0], _constant(model, f"{node.inputs[1].name}_matmul",
                                                                weight * weight.dtype.type(alpha))],
                          name=unique_name(model, f"{node.name}_matmul"))
@@ -204,9 +203,5 @@ def to_int4(source: Path, output: Path, block_size: int = 32) -> dict[str, Any]:
 
 
 def _constant(model: ir.Model, base: str, array: np.ndarray) -> ir.Value:
-    array = np.ascontiguousarray(array)
-    name = unique_name(model, base)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
-                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    model.graph.register_initializer(value)
-    return value
+    # ascontiguousarray, as before add_initializer existed: a 0-d C is stored as shape (1,).
+    return add_initializer(model, base, np.ascontiguousarray(array))

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
+from pycompress.ir import truncated
 
 
 def make_session(model: ir.Model, *, providers: Sequence[str] | None = None, threads: int | None = None,
@@ -90,16 +91,10 @@ def upstream_of(model: ir.Model, names: Sequence[str]) -> ir.Model:
     onnxruntime runs every node of a session whatever outputs are asked for,
     so reading an early layer through the whole model costs a full forward pass.
     """
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    copy = model.clone()
-    produced = {v.name: v for node in copy.graph for v in node.outputs}
+    produced = {v.name for node in model.graph for v in node.outputs}
     if any(name not in produced for name in names):
         return model  # e.g. a graph input: let collect_activations handle it
-    copy.graph.outputs.clear()
-    copy.graph.outputs.extend(produced[name] for name in dict.fromkeys(names))
-    RemoveUnusedNodesPass()(copy)
-    return copy
+    return truncated(model, list(dict.fromkeys(names)))
 
 
 def activation_source(model: ir.Model, inputs: Mapping[str, Any], batch_size: int, *,

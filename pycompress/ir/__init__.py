@@ -24,9 +24,12 @@ from pycompress.ir.graph import (
     embedding_vocabulary,
     is_codebook_lookup,
     node_by_name,
+    node_display_name,
+    node_label,
     opset_version,
     output_shapes,
     producer,
+    remove_if_unused,
     remove_unused_initializers,
     shape_of,
     token_mask_input,
@@ -44,14 +47,22 @@ from pycompress.ir.io import (
     save_model,
     simplify_model,
 )
+from pycompress.ir.linear import (
+    as_matrix,
+    from_matrix,
+    matmul_weight_input,
+    output_channel_axis,
+    weight_input,
+)
 
 __all__ = [
     "SEQUENCE_LENGTH", "LayerCost", "ModelCost", "has_sequence_axis", "model_cost", "node_macs",
     "add_initializer", "attr_float", "attr_int", "attr_ints", "attr_str",
     "constant_array", "constant_inputs", "consumers", "embedding_vocabulary", "is_codebook_lookup", "node_by_name",
-    "opset_version",
-    "output_shapes", "producer", "remove_unused_initializers", "shape_of", "token_mask_input", "truncated",
+    "node_display_name", "node_label", "opset_version",
+    "output_shapes", "producer", "remove_if_unused", "remove_unused_initializers", "shape_of", "token_mask_input", "truncated",
     "unique_name",
     "atomic_write_bytes", "atomic_write_text", "check_external_data", "check_model", "infer_model_shapes",
+    "as_matrix", "from_matrix", "matmul_weight_input", "output_channel_axis", "weight_input",
     "load_model", "model_nbytes", "save_model", "simplify_model",
 ]

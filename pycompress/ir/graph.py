@@ -15,6 +15,16 @@ def node_by_name(model: ir.Model, name: str) -> ir.Node:
     raise PycompressError(f"node '{name}' not found in the model")
 
 
+def node_label(node: ir.Node) -> str:
+    """A node's key where nodes are matched by label: its name, else its first output's name, else its op type."""
+    return node.name or (node.outputs[0].name if node.outputs and node.outputs[0].name else node.op_type)
+
+
+def node_display_name(node: ir.Node) -> str:
+    """A node's name for sites and messages: its name, or ``<unnamed Op -> output>`` when it has none."""
+    return node.name or f"<unnamed {node.op_type} -> {node.outputs[0].name if node.outputs else '?'}>"
+
+
 def producer(value: ir.Value | None) -> ir.Node | None:
     return None if value is None else value.producer()
 
@@ -124,6 +134,19 @@ def remove_unused_initializers(model: ir.Model) -> None:
     for name, value in list(model.graph.initializers.items()):
         if not value.uses() and not value.is_graph_output():
             del model.graph.initializers[name]
+
+
+def remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Drop a constant nobody reads any more (a rewrite replaced it): its initializer, or its
+    Constant node. Values still read, graph inputs and graph outputs stay."""
+    if value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    if graph.initializers.get(value.name) is value:
+        del graph.initializers[value.name]
+        return
+    node = value.producer()
+    if node is not None and node.op_type == "Constant":
+        graph.remove(node, safe=True)
 
 
 def _const_meta(value: ir.Value | None) -> tuple[ir.DataType | None, int | None]:

@@ -45,7 +45,7 @@ from pycompress.decisions.pfa import (
 )
 from pycompress.errors import PycompressError
 from pycompress.fidelity.responses import collect_responses, response_tensor
-from pycompress.ir import constant_array, model_cost
+from pycompress.ir import constant_array, model_cost, node_label
 from pycompress.ir.channels import ChannelGroup, channel_groups
 from pycompress.plan import Plan
 
@@ -93,11 +93,6 @@ class SkippedSite:
     id: str
     reason: str
     width: int | None = None
-
-
-def node_label(node: ir.Node) -> str:
-    """A node's name, or its first output's name when it has none (as pycompress.ir.channels labels nodes)."""
-    return node.name or (node.outputs[0].name if node.outputs else "")
 
 
 def sites_from_groups(groups: Sequence[ChannelGroup]) -> tuple[list[PfaSite], list[SkippedSite]]:

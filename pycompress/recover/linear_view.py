@@ -14,16 +14,14 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import attr_float, attr_int, attr_ints, attr_str, constant_array
+from pycompress.ir import (as_matrix, attr_float, attr_int, attr_ints, attr_str, constant_array, from_matrix,
+                           matmul_weight_input)
 
 
 def _weight_side(node: ir.Node) -> int:
     """Input index of a MatMul's constant 2-D weight: 1 (``X @ W``), 0 (``W' @ X``), -1 (none)."""
-    for index in (1, 0):
-        w = constant_array(node.inputs[index]) if len(node.inputs) > index else None
-        if w is not None and w.ndim == 2 and w.dtype.kind == "f":
-            return index
-    return -1
+    index = matmul_weight_input(node)
+    return -1 if index is None else index
 
 
 def bias_add_after(node: ir.Node) -> ir.Node | None:
@@ -99,12 +97,8 @@ class LinearView:
 
     def weight_matrix(self) -> np.ndarray:
         """W as (d_in, d_out)."""
-        w = constant_array(self.node.inputs[self._weight_index()])
-        if self.op == "Gemm":
-            return w.T if attr_int(self.node, "transB", 0) else w
-        if self.op == "MatMul":
-            return w.T if self.left else w
-        return w.reshape(w.shape[0], -1).T  # Conv: (Co, Ci, kh, kw) -> (Ci*kh*kw, Co)
+        index = self._weight_index()
+        return as_matrix(self.node, constant_array(self.node.inputs[index]), index)
 
     def _bias_index(self) -> int:
         add = self.bias_add
@@ -130,11 +124,7 @@ class LinearView:
         if self.op == "Gemm":
             alpha = attr_float(self.node, "alpha", 1.0)
             w = w / alpha
-            new = w.T if attr_int(self.node, "transB", 0) else w
-        elif self.op == "MatMul":
-            new = w.T if self.left else w
-        else:
-            new = w.T.reshape(old.shape)
+        new = from_matrix(self.node, w, old.shape, index)
         _replace_constant(self.node, index, new.astype(old.dtype))
         if b is None:
             return

@@ -32,12 +32,9 @@ from torch import nn
 
 from pycompress.errors import PycompressError
 from pycompress.ir import attr_float, attr_int, attr_ints, attr_str, opset_version
+from pycompress.ir import node_display_name as node_label
 
 Fn = Callable[..., torch.Tensor]
-
-
-def node_label(node: ir.Node) -> str:
-    return node.name or f"<unnamed {node.op_type} -> {node.outputs[0].name if node.outputs else '?'}>"
 
 
 def _unsupported(node: ir.Node, what: str = "") -> PycompressError:

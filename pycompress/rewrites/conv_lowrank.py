@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import attr_int, attr_ints, attr_str, constant_array, node_by_name, shape_of
+from pycompress.ir import attr_int, attr_ints, attr_str, constant_array, node_by_name, node_display_name, shape_of
 from pycompress.plan import LayerDecision
 from pycompress.rewrites import factorization as fz
 from pycompress.rewrites.base import (ApplyContext, ParamSpec, RefitSpec, Rewrite, SearchRange, SearchSettings, Site,
@@ -145,7 +145,7 @@ def factored_cost(layer: ConvLayer, structure: str, rank: int) -> tuple[int, int
 
 
 def _site_for(node: ir.Node) -> Site:
-    name = node.name or f"<unnamed Conv -> {node.outputs[0].name}>"
+    name = node_display_name(node)
     layer = conv_layer(node)
     if isinstance(layer, str):
         return Site(name, "lowrank_conv", [name], ok=False, reason=layer, info={"op": "Conv"})

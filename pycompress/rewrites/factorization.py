@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import add_initializer, unique_name
+from pycompress.ir import add_initializer, remove_if_unused, unique_name
 from pycompress.kernels import CovarianceAccumulator
 from pycompress.rewrites.base import ApplyContext, SearchRange, Site
 
@@ -218,13 +218,7 @@ def replace_node(model: ir.Model, node: ir.Node, new_nodes: Sequence[ir.Node]) -
     weights = [v for v in node.inputs if v is not None]
     ir.convenience.replace_nodes_and_values(model.graph, node, [node], list(new_nodes), [old_value], [new_value])
     for value in weights:
-        # Shared weights stay for their other readers.
-        if value.uses() or value.is_graph_output() or value.is_graph_input():
-            continue
-        if value.is_initializer():
-            model.graph.initializers.pop(value.name, None)
-        elif value.producer() is not None and value.producer().op_type == "Constant":
-            model.graph.remove(value.producer(), safe=True)
+        remove_if_unused(model.graph, value)  # shared weights stay for their other readers
 
 
 def new_node(model: ir.Model, name: str, op_type: str, inputs: Sequence[ir.Value | None],

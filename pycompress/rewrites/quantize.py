@@ -47,10 +47,10 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import attr_int, constant_array, consumers, node_by_name
+from pycompress.ir import add_initializer, attr_int, constant_array, consumers, node_by_name, output_channel_axis
 from pycompress.plan import LayerDecision
 from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, SearchRange, SearchSettings, Site, param_specs
-from pycompress.rewrites.weight_sharing import _initializer, correct_bias, output_shift
+from pycompress.rewrites.weight_sharing import correct_bias, output_shift
 
 _LAYERS = ("Conv", "Gemm", "MatMul")
 INT8_BITS, FLOAT_BITS = 8, 32     # bits above 8 keep the layer float
@@ -197,11 +197,10 @@ def _input_axis(node: ir.Node, weight: np.ndarray) -> int | None:
 
 
 def _output_axis(node: ir.Node, weight: np.ndarray) -> int | None:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if attr_int(node, "transB", 0) else 1
-    return 1 if weight.ndim == 2 else None
+    """Output-channel axis of ``node``'s weight (input 1); MatMul: 2-D weights only."""
+    if node.op_type == "MatMul" and weight.ndim != 2:
+        return None
+    return output_channel_axis(node, 1, weight.ndim)
 
 
 def _next_layer(model: ir.Model, node: ir.Node) -> ir.Node | None:
@@ -262,7 +261,7 @@ def equalize_pairs(model: ir.Model, layers: set[str]) -> int:
 
 def _replace_constant(model: ir.Model, node: ir.Node, index: int, array: np.ndarray) -> None:
     old = node.inputs[index]
-    node.replace_input_with(index, _initializer(model, f"{old.name}_equalized", array))
+    node.replace_input_with(index, add_initializer(model, f"{old.name}_equalized", array))
     if not old.uses() and not old.is_graph_output() and model.graph.initializers.get(old.name) is old:
         del model.graph.initializers[old.name]
 

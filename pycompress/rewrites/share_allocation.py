@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from pycompress.ir import constant_array, node_by_name
+from pycompress.ir import constant_array, node_by_name, output_channel_axis
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import apply_plan
 from pycompress.rewrites.base import ApplyContext
 from pycompress.rewrites.weight_sharing import REWRITE as SHARE
-from pycompress.rewrites.weight_sharing import output_channel_axis, share_weights
+from pycompress.rewrites.weight_sharing import share_weights
 
 PACKED_MIN_STREAM = 512     # export/packed.py codes uint8 streams of at least this many bytes
 HUFFMAN_TABLE_BYTES = 256   # one code length per symbol
@@ -97,7 +97,7 @@ def layer_costs(model: ir.Model, sites: list[str], measure: Callable[[ir.Model],
         node = node_by_name(model, name)
         site = next(s for s in SHARE.sites(model) if s.name == name)
         weights = constant_array(node.inputs[site.info["input"]])
-        axis = output_channel_axis(node.op_type, site.info["input"], node, weights.ndim)
+        axis = output_channel_axis(node, site.info["input"], weights.ndim)
         cost = LayerCost(name, int(weights.size))
         norm = float(np.square(weights, dtype=np.float64).sum()) or 1.0
         for b in sorted(set(bits) | {probe_bits}):

@@ -36,7 +36,8 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import attr_float, attr_int, constant_array, node_by_name, opset_version, shape_of
+from pycompress.ir import (as_matrix, attr_float, attr_int, constant_array, matmul_weight_input, node_by_name,
+                           node_display_name, opset_version, shape_of)
 from pycompress.plan import LayerDecision
 from pycompress.rewrites import factorization as fz
 from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, SearchRange, SearchSettings, Site, param_specs
@@ -108,17 +109,19 @@ def matrix_layer(node: ir.Node) -> MatrixLayer | str:
         c = constant_array(c_value)
         if c_value is not None and c is None:
             return "bias C is not a constant"
-        w = b.astype(np.float64)
-        w = (w.T if attr_int(node, "transB", 0) else w) * attr_float(node, "alpha", 1.0)
+        w = as_matrix(node, b.astype(np.float64)) * attr_float(node, "alpha", 1.0)
         bias = None if c is None else c.astype(np.float64) * attr_float(node, "beta", 1.0)
         return MatrixLayer(node, "gemm", w, bias, b.dtype, 1, _rows(out, (1,)))
     if node.op_type == "MatMul":
-        right, left = constant_array(node.inputs[1]), constant_array(node.inputs[0])
-        if _float_weight(right) and right.ndim == 2:
-            return MatrixLayer(node, "matmul", right.astype(np.float64), None, right.dtype, -1, _rows(out, (-1,)))
-        if _float_weight(left) and left.ndim == 2:
-            return MatrixLayer(node, "matmul_left", left.astype(np.float64).T, None, left.dtype, -2,
+        index = matmul_weight_input(node)
+        if index is not None:
+            w = constant_array(node.inputs[index])
+            if index == 1:
+                return MatrixLayer(node, "matmul", as_matrix(node, w.astype(np.float64), index), None, w.dtype, -1,
+                                   _rows(out, (-1,)))
+            return MatrixLayer(node, "matmul_left", as_matrix(node, w.astype(np.float64), index), None, w.dtype, -2,
                                _rows(out, (-2,)))
+        right, left = constant_array(node.inputs[1]), constant_array(node.inputs[0])
         const = right if right is not None else left
         if const is None:
             return "both operands are activations (no constant weight)"
@@ -134,14 +137,14 @@ def matrix_layer(node: ir.Node) -> MatrixLayer | str:
         c = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if len(node.inputs) > 2 and node.inputs[2] is not None and c is None:
             return "conv bias is not a constant"
-        matrix = w.reshape(w.shape[0], w.shape[1]).astype(np.float64).T
+        matrix = as_matrix(node, w.astype(np.float64))
         bias = None if c is None else c.astype(np.float64)
         return MatrixLayer(node, "conv1x1", matrix, bias, w.dtype, 1, _rows(out, (1,)))
     return f"{node.op_type} is not a matrix product"
 
 
 def _site_for(node: ir.Node) -> Site:
-    name = node.name or f"<unnamed {node.op_type} -> {node.outputs[0].name}>"
+    name = node_display_name(node)
     layer = matrix_layer(node)
     if isinstance(layer, str):
         return Site(name, "svd", [name], ok=False, reason=layer, info={"op": node.op_type})

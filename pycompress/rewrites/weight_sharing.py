@@ -66,8 +66,8 @@ import onnx_ir as ir
 
 from pycompress import kernels
 from pycompress.errors import PycompressError
-from pycompress.ir import (attr_float, attr_int, constant_array, consumers, is_codebook_lookup, node_by_name,
-                           node_macs, unique_name)
+from pycompress.ir import (add_initializer, as_matrix, attr_float, attr_int, constant_array, consumers, is_codebook_lookup,
+                           node_by_name, node_macs, output_channel_axis, remove_if_unused, unique_name)
 from pycompress.plan import LayerDecision
 from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, SearchRange, SearchSettings, Site, param_specs
 
@@ -141,17 +141,6 @@ def share_weights(weights: np.ndarray, bits: int, prune_fraction: float = 0.0, c
     return codebook, indices.reshape(np.shape(weights)), scale, info
 
 
-def output_channel_axis(op_type: str, input_index: int, node: ir.Node, ndim: int) -> int | None:
-    """Axis of W along which the layer's output channels run (None for 1-D MatMul weights)."""
-    if op_type == "Conv":
-        return 0
-    if op_type == "Gemm":
-        return 0 if attr_int(node, "transB", 0) else 1
-    if ndim < 2:
-        return None
-    return ndim - 1 if input_index == 1 else ndim - 2  # MatMul: columns of B, rows of A
-
-
 class WeightSharing(Rewrite):
     action = "share"
     summary = ("k-means weight sharing: the weight becomes Gather(codebook[2^bits], uint8 indices); "
@@ -221,7 +210,7 @@ class WeightSharing(Rewrite):
                 continue
             value = node.inputs[index]
             tensor = _const_tensor(value)
-            axis = output_channel_axis(node.op_type, index, node, len(tensor.shape))
+            axis = output_channel_axis(node, index, len(tensor.shape))
             site.info.update(input=index, weight=value.name, shape=list(tensor.shape),
                              params=int(np.prod(tensor.shape, dtype=np.int64)),
                              channels=int(tensor.shape[axis]) if axis is not None else 0, macs=node_macs(node))
@@ -249,15 +238,15 @@ class WeightSharing(Rewrite):
         if correct or compensate:
             input_mean, second_moment = _input_statistics(node, ctx, second=compensate)
             input_mean = input_mean if correct else None
-        axis = (output_channel_axis(node.op_type, index, node, weights.ndim)
+        axis = (output_channel_axis(node, index, weights.ndim)
                 if decision.params.get("per_channel", True) else None)
         codebook, indices, scale, info = share_weights(weights, bits, fraction, axis)
         if compensate and second_moment is not None and fraction == 0:
             indices = compensated_indices(node, weights, codebook, scale, second_moment)
         codebook = codebook.astype(weights.dtype)
 
-        codebook_value = _initializer(model, f"{value.name}_codebook", codebook)
-        indices_value = _initializer(model, f"{value.name}_indices", indices)
+        codebook_value = add_initializer(model, f"{value.name}_codebook", codebook)
+        indices_value = add_initializer(model, f"{value.name}_indices", indices)
         cast = ir.node("Cast", [indices_value], attributes={"to": ir.DataType.INT32},
                        name=unique_name(model, f"{node.name}_indices_cast"))
         cast.outputs[0].name = unique_name(model, f"{value.name}_indices_int32")
@@ -267,7 +256,7 @@ class WeightSharing(Rewrite):
         new_nodes, shared = [cast, gather], gather.outputs[0]
         if scale is not None:
             scale = scale.astype(weights.dtype)
-            scale_value = _initializer(model, f"{value.name}_channel_scale", scale)
+            scale_value = add_initializer(model, f"{value.name}_channel_scale", scale)
             mul = ir.node("Mul", [shared, scale_value], name=unique_name(model, f"{node.name}_weight_scale"))
             shared.name = unique_name(model, f"{value.name}_shared_unscaled")
             shared.dtype, shared.shape = value.dtype, ir.Shape(weights.shape)
@@ -277,7 +266,7 @@ class WeightSharing(Rewrite):
         shared.dtype, shared.shape = value.dtype, ir.Shape(weights.shape)
         model.graph.insert_before(node, new_nodes)
         node.replace_input_with(index, shared)
-        _drop_if_unused(model, value)
+        remove_if_unused(model.graph, value)
 
         reconstructed = codebook[indices] * scale if scale is not None else codebook[indices]
         if input_mean is not None:
@@ -335,7 +324,7 @@ def output_shift(node: ir.Node, delta: np.ndarray, input_mean: np.ndarray) -> np
         group_of = np.arange(out_channels) // (out_channels // groups)
         means = input_mean[group_of[:, None] * in_per_group + np.arange(in_per_group)[None, :]]
         return (per_input * means).sum(axis=1)
-    matrix = delta if attr_int(node, "transB", 0) else delta.T                  # [N, K]
+    matrix = as_matrix(node, delta).T                                           # [N, K]
     return attr_float(node, "alpha", 1.0) * (matrix @ input_mean)
 
 
@@ -464,30 +453,12 @@ def correct_bias(model: ir.Model, node: ir.Node, shift: np.ndarray) -> None:
         return  # a computed or oddly shaped bias: leave it alone
     new = (np.broadcast_to(old, shift.shape).astype(np.float64) - shift / scale).astype(old.dtype)
     base = bias_value.name if bias_value is not None else f"{node.name}_bias"
-    corrected = _initializer(model, f"{base}_corrected", new)
+    corrected = add_initializer(model, f"{base}_corrected", new)
     if bias_value is None:
         node.resize_inputs(position + 1)
     node.replace_input_with(position, corrected)
     if bias_value is not None:
-        _drop_if_unused(model, bias_value)
-
-
-def _initializer(model: ir.Model, base: str, array: np.ndarray) -> ir.Value:
-    name = unique_name(model, base)
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name),
-                     shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    model.graph.register_initializer(value)
-    return value
-
-
-def _drop_if_unused(model: ir.Model, value: ir.Value) -> None:
-    if value.uses() or value.is_graph_output():
-        return
-    if value.name in model.graph.initializers and model.graph.initializers[value.name] is value:
-        del model.graph.initializers[value.name]
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant":
-        model.graph.remove(producer, safe=True)
+        remove_if_unused(model.graph, bias_value)
 
 
 REWRITE = WeightSharing()

@@ -14,7 +14,7 @@ from pycompress.ir.channels.model import (
     ChannelSlice,
     unique,
 )
-from pycompress.ir.channels.nodes import label
+from pycompress.ir.graph import node_label as label
 from pycompress.ir.channels.rules import PRODUCER_OPS, RULES
 from pycompress.ir.channels.walk import Walk
 

@@ -20,11 +20,6 @@ class MalformedNode(PycompressError):
     """A node that does not follow the ONNX spec for its op (the message says how)."""
 
 
-def label(node: ir.Node) -> str:
-    """A node's name, or its first output's name when it has none, or its op type."""
-    return node.name or (node.outputs[0].name if node.outputs and node.outputs[0].name else node.op_type)
-
-
 def is_default_domain(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 

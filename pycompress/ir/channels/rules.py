@@ -23,12 +23,12 @@ from pycompress.ir.channels.nodes import (
     MalformedNode,
     int_attr,
     ints_attr,
-    label,
     required_input,
 )
 from pycompress.ir.channels.shapes import const_ints, dims_of, resolve_reshape
 from pycompress.ir.channels.walk import RuleFn, Walk
 from pycompress.ir.graph import constant_array
+from pycompress.ir.graph import node_label as label
 
 
 def _only_input(node: ir.Node, tracked: dict[int, Layout]) -> Layout:

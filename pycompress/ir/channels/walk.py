@@ -13,7 +13,8 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.ir.channels.model import Elements, Layout
-from pycompress.ir.channels.nodes import MalformedNode, is_default_domain, label
+from pycompress.ir.channels.nodes import MalformedNode, is_default_domain
+from pycompress.ir.graph import node_label as label
 from pycompress.ir.channels.shapes import ShapeEvaluator, dims_of
 from pycompress.ir.graph import opset_version
 
