@@ -327,3 +327,22 @@ def test_compress_seeds_a_token_model_search_with_the_global_allocation(encoder,
     trace = json.loads((tmp_path / "small.trace.json").read_text())["search"]["trace"]
     # (one head of this tiny encoder is 4% of its MACs: the ratios land within a head)
     assert [e["ratio"] for e in trace[:3]] == pytest.approx([0.9, 0.8, 0.7], abs=0.05)
+
+
+def test_compress_reports_held_out_cosine_for_an_encoder(encoder, tmp_path, capsys):
+    """An embedding model's held-out line is in cosine (the unit a user reads), measured on the
+    held-out file, not an argmax agreement over embedding dimensions."""
+    from pycompress.cli import main
+
+    data, held = tmp_path / "calib.npz", tmp_path / "held.npz"
+    np.savez(data, **token_batch(64, seed=41))
+    np.savez(held, **token_batch(24, seed=42))
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(encoder), "--data", str(data), "--actions", "prune", "--objective", "macs",
+                 "--gamma", "1", "--method", "random", "--max-evals", "2", "--initial", "1", "--no-recover",
+                 "--heldout", str(held), "-o", str(out)])
+    assert code == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("held-out"))
+    assert "24 samples" in line and "mean cosine" in line and "agreement" not in line
+    cosine = float(line.split("mean cosine ")[1].split(",")[0])
+    assert 0.0 < cosine < 1.0

@@ -374,11 +374,7 @@ def _run(args) -> int:
         print(f"fidelity ({config['loss']}) on {final.samples} samples: {final.mean:.4g} +- {final.std_error:.2g}"
               f"{extra}")
         if heldout is not None:
-            print(f"held-out ({heldout['source']}, {heldout['samples']} samples): top-1 agreement "
-                  f"{heldout['top1_agreement']:.4f}, top-5 containment {heldout['top5_containment']:.4f}, "
-                  f"KL {heldout['kl_divergence']:.4g}" if heldout.get("top1_agreement") is not None else
-                  f"held-out ({heldout['source']}, {heldout['samples']} samples): relative error "
-                  f"{heldout['relative_error']:.4g}")
+            print(f"held-out ({heldout['source']}, {heldout['samples']} samples): {_heldout_figures(heldout)}")
         print(f"wrote {output}, {plan_path}{', ' + str(trace_path) if trace else ''}; report: {paths['md']}")
     return 0
 
@@ -394,3 +390,14 @@ def _synthetic_token_data(model, seed: int):
     if not any(embedding_vocabulary(v) for v in model.graph.inputs):
         raise PycompressError("--data is required (calibration inputs: file.npz / file.npy / builtin:NAME)")
     return Calibration(synthetic_inputs(model, SYNTHETIC_SAMPLES, seed), None, "synthetic token inputs")
+
+
+def _heldout_figures(heldout: dict) -> str:
+    """The held-out comparison in the units a user reads: agreement for classifiers, cosine for
+    embeddings (``fidelity.compare``), else the relative error of the outputs."""
+    if heldout.get("top1_agreement") is not None:
+        return (f"top-1 agreement {heldout['top1_agreement']:.4f}, top-5 containment "
+                f"{heldout['top5_containment']:.4f}, KL {heldout['kl_divergence']:.4g}")
+    if heldout.get("cosine") is not None:
+        return f"mean cosine {heldout['cosine']:.4f}, relative error {heldout['relative_error']:.4g}"
+    return f"relative error {heldout['relative_error']:.4g}"
