@@ -298,7 +298,7 @@ def _run(args) -> int:
     estimator = FidelityEstimator(model, data.inputs, labels=data.labels if config["use_labels"] else None,
                                   loss=config["loss"], samples=config["samples"], outputs=config["outputs"],
                                   seed=config["seed"], threads=args.threads)
-    from pycompress.ir import model_cost
+    from pycompress.ir import SEQUENCE_LENGTH, has_sequence_axis, model_cost
     from pycompress.pipeline.stages import compress
     from pycompress.report import write_report
 
@@ -309,7 +309,9 @@ def _run(args) -> int:
     compressed, plan, summary, trace = run.compressed, run.plan, run.summary, run.trace
     recovery, finetuned, final, heldout = run.recovery, run.finetuned, run.final, run.heldout
     cost_sites = None if run.objective is None else run.objective.cost_sites
-    cost_before, cost_after = model_cost(model), model_cost(compressed)
+    # Token models: MACs per sequence of SEQUENCE_LENGTH tokens (attention grows with it), as `info` counts.
+    sequence_length = SEQUENCE_LENGTH if has_sequence_axis(model) else None
+    cost_before, cost_after = model_cost(model, sequence_length), model_cost(compressed, sequence_length)
     plan.model = str(model_path)
     plan.meta = _finite({"planner": config["method"], **{k: v for k, v in summary.items() if k != "decisions"}})
     out_paths = output_paths(args)
@@ -346,7 +348,8 @@ def _run(args) -> int:
     else:
         rows = [["parameters", human(cost_before.params), human(cost_after.params),
                  f"{cost_after.params / max(cost_before.params, 1):.3f}"],
-                ["MACs", human(cost_before.macs), human(cost_after.macs),
+                ["MACs" + (f" (sequence of {sequence_length})" if sequence_length else ""),
+                 human(cost_before.macs), human(cost_after.macs),
                  f"{cost_after.macs / max(cost_before.macs, 1):.3f}"]]
         if cost_sites is not None:
             ratio = summary["ratio"]
