@@ -47,9 +47,24 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import add_initializer, attr_int, constant_array, consumers, node_by_name, output_channel_axis
-from pycompress.plan import LayerDecision
-from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, SearchRange, SearchSettings, Site, param_specs
+from pycompress.ir import (
+    add_initializer,
+    attr_int,
+    constant_array,
+    consumers,
+    node_by_name,
+    output_channel_axis,
+)
+from pycompress.plan import LayerDecision, Plan
+from pycompress.rewrites.base import (
+    ApplyContext,
+    ParamSpec,
+    Rewrite,
+    SearchRange,
+    SearchSettings,
+    Site,
+    param_specs,
+)
 from pycompress.rewrites.weight_sharing import correct_bias, output_shift
 
 _LAYERS = ("Conv", "Gemm", "MatMul")
@@ -173,6 +188,14 @@ class Quantize(Rewrite):
         count = quantize_in_place(model, int8, ctx)
         return {"int8_layers": len(int8), "equalized_pairs": equalized, "bias_corrected": corrected,
                 "calibration_samples": count}
+
+    def search_seeds(self, model: ir.Model, options: dict[str, Any], target_macs: float | None) -> list[Plan]:
+        """Every layer int8 and nothing else, evaluated before the initial design: on
+        EfficientNet-Lite0 that point alone is 0.30x fp32 latency at 0.956 held-out agreement,
+        while a Sobol design over structure + quantization starts among heavy factorizations and
+        never reaches it (docs/quantization.md). The structure coordinates stay untouched."""
+        decisions = [d for site in self.sites(model) if (d := self.starting_decision(model, site)) is not None]
+        return [Plan(decisions)] if decisions else []
 
     def starting_decision(self, model: ir.Model, site: Site, **_: Any) -> LayerDecision | None:
         """int8 everywhere it applies (``pycompress plan --actions quant``); edit to 32 to keep a layer float."""
