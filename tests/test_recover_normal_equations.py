@@ -55,3 +55,38 @@ def test_shape_checks():
     stats.update(np.random.default_rng(0).normal(size=(10, 3)), np.zeros((10, 2)))
     with pytest.raises(ValueError):
         stats.reduced_rank(3)
+
+
+def test_top_eigenvectors_warm_started_span_the_exact_top_subspace():
+    """The cross-validation sweep's warm-started subspace iteration gives the exact top-K
+    subspace (projector), from a start at a nearby matrix and from a poor start."""
+    from pycompress.recover.normal_equations import top_eigenvectors
+
+    rng = np.random.default_rng(3)
+    n, k = 120, 10
+    basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    spectrum = np.geomspace(1e3, 1e-3, n)
+    matrix = (basis * spectrum) @ basis.T
+    exact = top_eigenvectors(matrix, k)
+    assert np.allclose(exact, basis[:, :k] * np.sign(np.sum(exact * basis[:, :k], axis=0)), atol=1e-8)
+    nearby = (basis * (spectrum * (1 + 0.05 * rng.random(n)))) @ basis.T
+    for start in (top_eigenvectors(nearby, k), rng.standard_normal((n, k))):
+        warm = top_eigenvectors(matrix, k, start)
+        assert np.allclose(warm @ warm.T, exact @ exact.T, atol=1e-6)
+        # largest first, like the exact answer (the factor's column order)
+        assert np.all(np.diff(np.einsum("ij,jk,ki->i", warm.T, matrix, warm)) < 0)
+
+
+def test_top_eigenvectors_falls_back_to_the_full_decomposition_without_a_gap():
+    """A flat spectrum (no gap after K: subspace iteration cannot converge) still gets the
+    exact answer through the fallback."""
+    from pycompress.recover.normal_equations import top_eigenvectors
+
+    rng = np.random.default_rng(4)
+    n, k = 60, 5
+    basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    spectrum = np.concatenate([np.linspace(10, 9, k), np.linspace(8.99, 8.9, n - k)])
+    matrix = (basis * spectrum) @ basis.T
+    warm = top_eigenvectors(matrix, k, rng.standard_normal((n, k)), max_iter=3)
+    exact = top_eigenvectors(matrix, k)
+    assert np.allclose(warm @ warm.T, exact @ exact.T, atol=1e-8)

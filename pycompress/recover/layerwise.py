@@ -226,10 +226,14 @@ def refit_layers(teacher: ir.Model, student: ir.Model, targets: list[RefitTarget
         stats = LayerStatistics.pooled(folds) if len(folds) > 1 else folds[0]
         rank = int(target.rank or w_now.shape[1])
 
-        def fit(data: LayerStatistics, strength: float, views=views, intercept=intercept, w_now=w_now, rank=rank):
+        warm: dict[int, np.ndarray] = {}    # fold statistics -> its last fit's basis (the sweep's warm start)
+
+        def fit(data: LayerStatistics, strength: float, views=views, intercept=intercept, w_now=w_now, rank=rank,
+                warm=warm):
             if len(views) == 1:
                 return data.ridge(strength, intercept, prior=w_now)
-            a, bf, b = data.reduced_rank(rank, strength, intercept, prior=w_now)
+            a, bf, b = data.reduced_rank(rank, strength, intercept, prior=w_now, start=warm.get(id(data)))
+            warm[id(data)] = bf.T
             return a @ bf, b
 
         note = ""
