@@ -34,8 +34,8 @@ gradient descent; the closed form needs the true inputs, hence this order).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -43,7 +43,14 @@ import onnx_ir as ir
 from pycompress.errors import PycompressError
 from pycompress.fidelity.session import make_session, run_tensors
 from pycompress.ir import node_by_name, truncated
-from pycompress.recover.linear_view import LinearView, check_refittable, feature_axis, output_pixels, rows, target_rows
+from pycompress.recover.linear_view import (
+    LinearView,
+    check_refittable,
+    feature_axis,
+    output_pixels,
+    rows,
+    target_rows,
+)
 from pycompress.recover.normal_equations import LayerStatistics
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
