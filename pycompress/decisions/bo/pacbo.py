@@ -11,7 +11,9 @@ with Gaussian noise of *known* variance (a U-statistic estimate, ALGORITHMS.md
    ``z_max = max_t z(t)`` (``acquisition.PACAcquisition``,
    ``optimize.maximize_acquisition``);
 4. stop with a certificate when ``z_max <= Phi^-1(epsilon)``
-   (``P(J(t*) - J(t^) < delta) >= 1 - epsilon`` under the GP) and every
+   (``P(J(t*) - J(t^) < delta) >= 1 - epsilon`` under the GP), also under the
+   same GP with a doubled output scale (``_robust_check``: MAP hyperparameters
+   from a few noisy points can be sure of regions nobody evaluated), and every
    lattice neighbour of the incumbent has been evaluated, or when the
    budget of evaluations / seconds is spent ("no certificate"); otherwise
    evaluate ``argmax z`` and go to 2.
