@@ -403,3 +403,28 @@ def test_no_certificate_before_the_incumbents_lattice_neighbours_are_evaluated()
     assert result.certified
     assert neighbours <= visited
     assert a == 9 and b == 4
+
+
+
+def test_the_certificate_holds_also_with_a_doubled_output_scale():
+    """A near-flat function whose variation on the design is about its noise (sd 0.02), with a bump
+    (height 0.3, width 0.1) in a corner the design missed. MAP fits a small output scale ("it is all
+    noise") and certifies a point 0.17 below the bump's top; the same run with the certificate checked
+    also under the output scale times 2 (the default) refuses there, looks further and certifies a
+    delta-optimal point."""
+    centre, sd = np.array([0.85, 0.85]), 0.02
+
+    def f(theta):
+        t = np.asarray(theta, np.float64)
+        return 0.03 * np.sin(6 * t[0]) + 0.03 * t[1] + 0.3 * np.exp(-np.sum((t - centre) ** 2) / (2 * 0.1 ** 2))
+
+    def objective(theta, index):
+        return float(f(theta) + sd * np.random.default_rng([0, index]).normal()), sd ** 2
+
+    f_max = -minimize(lambda t: -f(t), centre, bounds=[(0, 1)] * 2).fun
+    assert PACBOSettings().robust_outputscale == 2.0
+    naive = PACBO(2, objective, PACBOSettings(delta=0.05, max_evals=60, seed=3, robust_outputscale=1.0)).run()
+    assert naive.certified and f(naive.theta) < f_max - 0.1          # the failure the check is for
+    robust = PACBO(2, objective, PACBOSettings(delta=0.05, max_evals=60, seed=3)).run()
+    assert robust.evaluations > naive.evaluations
+    assert robust.certified and f(robust.theta) >= f_max - 0.05
