@@ -25,6 +25,15 @@ def node_display_name(node: ir.Node) -> str:
     return node.name or f"<unnamed {node.op_type} -> {node.outputs[0].name if node.outputs else '?'}>"
 
 
+def site_by_id(sites, site_id: str, kind: str):
+    """The item of ``sites`` (anything with an ``id``: channel groups, attention blocks) with
+    this id; raises PycompressError naming the site and ``kind`` if there is none."""
+    for site in sites:
+        if site.id == site_id:
+            return site
+    raise PycompressError(f"site '{site_id}': no such {kind} in the model")
+
+
 def producer(value: ir.Value | None) -> ir.Node | None:
     return None if value is None else value.producer()
 

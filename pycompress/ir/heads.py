@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from pycompress.errors import PycompressError
 from pycompress.ir.channels import shape_entries
-from pycompress.ir.graph import attr_ints, constant_array
+from pycompress.ir.graph import attr_ints, constant_array, site_by_id
 
 _SCORE_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Where", "Cast", "Softmax", "Dropout", "Identity"})
 
@@ -202,7 +201,4 @@ def attention_heads(model: ir.Model) -> list[AttentionHeads]:
 
 
 def attention_head_group(model: ir.Model, group_id: str) -> AttentionHeads:
-    for group in attention_heads(model):
-        if group.id == group_id:
-            return group
-    raise PycompressError(f"site '{group_id}': no such attention block in the model")
+    return site_by_id(attention_heads(model), group_id, "attention block")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from pycompress.errors import PycompressError
 from pycompress.ir.channels.model import (
     ChannelCarrier,
     ChannelCount,
@@ -15,6 +14,7 @@ from pycompress.ir.channels.model import (
     unique,
 )
 from pycompress.ir.graph import node_label as label
+from pycompress.ir.graph import site_by_id
 from pycompress.ir.channels.rules import PRODUCER_OPS, RULES
 from pycompress.ir.channels.walk import Walk
 
@@ -132,7 +132,4 @@ def channel_groups(model: ir.Model, *, cache: bool = True) -> list[ChannelGroup]
 
 def channel_group(model: ir.Model, group_id: str) -> ChannelGroup:
     """The group with this id (raises PycompressError naming the site if there is none)."""
-    for group in channel_groups(model):
-        if group.id == group_id:
-            return group
-    raise PycompressError(f"site '{group_id}': no such channel group in the model")
+    return site_by_id(channel_groups(model), group_id, "channel group")
