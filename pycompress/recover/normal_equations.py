@@ -131,8 +131,7 @@ def top_eigenvectors(matrix: np.ndarray, rank: int, start: np.ndarray | None = N
     n = matrix.shape[0]
     block = min(n, rank + 8)
     if start is None or start.shape != (n, rank) or block >= n:
-        vals, vecs = np.linalg.eigh(matrix)
-        return vecs[:, np.argsort(vals)[::-1][:rank]]
+        return _exact_top_eigenvectors(matrix, rank)
     extra = np.random.default_rng(rank).standard_normal((n, block - rank))
     q, _ = np.linalg.qr(np.concatenate([start, extra], axis=1))
     for _ in range(max_iter):
@@ -146,6 +145,10 @@ def top_eigenvectors(matrix: np.ndarray, rank: int, start: np.ndarray | None = N
         if np.all(residual <= tol * top):
             return ritz[:, :rank]
         q, _ = np.linalg.qr(image)
+    return _exact_top_eigenvectors(matrix, rank)
+
+
+def _exact_top_eigenvectors(matrix: np.ndarray, rank: int) -> np.ndarray:
     vals, vecs = np.linalg.eigh(matrix)
     return vecs[:, np.argsort(vals)[::-1][:rank]]
 
