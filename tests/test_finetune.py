@@ -186,15 +186,92 @@ def test_unsupported_op_is_a_one_line_error_naming_the_node():
     <ir_version: 8, opset_import: ["" : 13]>
     g (float[2, 3] x) => (float[2, 3] y) {
         h = Relu (x)
-        y = Erf (h)
+        y = Sin (h)
     }
     """)
-    next(n for n in model.graph if n.op_type == "Erf").name = "my_erf"
+    next(n for n in model.graph if n.op_type == "Sin").name = "my_sin"
     with pytest.raises(PycompressError) as err:
         TorchGraph(model)
     message = str(err.value)
     assert "\n" not in message
-    assert "'my_erf'" in message and "'Erf'" in message and "not supported by fine-tuning" in message
+    assert "'my_sin'" in message and "'Sin'" in message and "not supported by fine-tuning" in message
+
+
+# The ops torch.onnx.export writes for a BERT-style encoder (mask arithmetic, GELU by Erf,
+# LayerNormalization, position ids by Range/Slice, mean pooling and L2 normalisation).
+_ENCODER_OPS_18 = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[2, 5, 4] x, int64[2, 5] mask) => (float[2, 4] y, float[2, 4, 5] z, float[2, 5, 4] w, float[2, 5] v) {
+    scale = Constant <value = float[4] {1.0, 0.5, 2.0, -1.0}> ()
+    bias = Constant <value = float[4] {0.1, 0.2, 0.3, 0.4}> ()
+    ln = LayerNormalization <axis = -1, epsilon = 1e-5> (x, scale, bias)
+    half = Constant <value = float {0.5}> ()
+    lnh = Mul (ln, half)
+    e = Erf (lnh)
+    one = Constant <value = int64 {1}> ()
+    zero = Constant <value = int64 {0}> ()
+    eq = Equal (mask, one)
+    ge = GreaterOrEqual (mask, zero)
+    m = And (eq, ge)
+    nm = Not (m)
+    v = Cast <to = 1> (nm)
+    axes2 = Constant <value = int64[1] {2}> ()
+    shp = Constant <value = int64[3] {2, 5, 4}> ()
+    mu = Unsqueeze (m, axes2)
+    mexp = Expand (mu, shp)
+    fill = ConstantOfShape <value = float[1] {-3.5}> (shp)
+    h = Where (mexp, e, fill)
+    two = Constant <value = float {2.0}> ()
+    hh = Mul (h, h)
+    sq = Sqrt (hh)
+    pw = Pow (sq, two)
+    p = Neg (pw)
+    axes1 = Constant <value = int64[1] {1}> ()
+    r = ReduceL2 <keepdims = 0> (p, axes1)
+    last = Constant <value = int64[1] {-1}> ()
+    rn = ReduceL2 <keepdims = 1> (r, last)
+    y = Div (r, rn)
+    start = Constant <value = int64 {0}> ()
+    limit = Constant <value = int64 {5}> ()
+    step = Constant <value = int64 {1}> ()
+    pos = Range (start, limit, step)
+    s1 = Constant <value = int64[1] {1}> ()
+    e1 = Constant <value = int64[1] {100}> ()
+    a0 = Constant <value = int64[1] {0}> ()
+    tail = Slice (pos, s1, e1, a0)
+    five = Constant <value = int64 {5}> ()
+    shape141 = Constant <value = int64[3] {1, 4, 1}> ()
+    shape245 = Constant <value = int64[3] {2, 4, 5}> ()
+    shifted = Sub (tail, five)
+    column = Reshape (shifted, shape141)
+    negative = Expand (column, shape245)
+    ht = Transpose <perm = [0, 2, 1]> (h)
+    z = GatherElements <axis = 2> (ht, negative)
+    rs = Constant <value = int64[2] {-1, 0}> ()
+    re = Constant <value = int64[2] {-100, 100}> ()
+    ra = Constant <value = int64[2] {1, 2}> ()
+    rstep = Constant <value = int64[2] {-1, 2}> ()
+    pads = Constant <value = int64[6] {0, 0, 0, 0, 0, 2}> ()
+    rev = Slice (h, rs, re, ra, rstep)
+    padded = Pad (rev, pads)
+    w = Add (h, padded)
+}
+"""
+
+
+def test_encoder_ops_match_onnxruntime():
+    model = _parse(_ENCODER_OPS_18)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 2]], dtype=np.int64)
+    _assert_matches_onnxruntime(model, {"x": x, "mask": mask})
+
+
+def test_torch_graph_reproduces_onnxruntime_on_a_transformer_encoder(tmp_path):
+    from transformer_models import export_tiny_encoder, token_batch
+    model = load_model(export_tiny_encoder(tmp_path / "encoder.onnx"))
+    assert {"LayerNormalization", "Erf", "Where", "Expand"} & {n.op_type for n in model.graph}
+    _assert_matches_onnxruntime(model, token_batch(3))
 
 
 @pytest.fixture(scope="module")

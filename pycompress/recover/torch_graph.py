@@ -273,12 +273,19 @@ def _pad(node, opset):
     return fn
 
 
+def _l2(x, dim, keepdim):
+    return torch.sqrt(torch.sum(x * x, dim=dim, keepdim=keepdim))
+
+
+_REDUCTIONS = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceL2": _l2}
+
+
 def _reduce(node, opset):
     keepdims = bool(attr_int(node, "keepdims", 1))
     noop_empty = bool(attr_int(node, "noop_with_empty_axes", 0))
-    since = 18 if node.op_type == "ReduceMean" else 13      # ReduceSum took axes as an input from 13
+    since = 13 if node.op_type == "ReduceSum" else 18      # ReduceSum took axes as an input from 13, the rest 18
     axes_of = _axes_from(node, opset, since)
-    reduce = torch.mean if node.op_type == "ReduceMean" else torch.sum
+    reduce = _REDUCTIONS[node.op_type]
 
     def fn(x, axes=None):
         axes = axes_of(axes)
@@ -333,6 +340,78 @@ def _constant(node, opset):
     return lambda: tensor
 
 
+def _layer_norm(node, opset):
+    axis, epsilon = attr_int(node, "axis", -1), attr_float(node, "epsilon", 1e-5)
+    if attr_int(node, "stash_type", 1) != 1:
+        raise _unsupported(node, " with stash_type other than float")
+
+    def fn(x, scale, bias=None):
+        a = axis % x.dim()
+        return F.layer_norm(x, tuple(x.shape[a:]), scale, bias, epsilon)
+    return fn
+
+
+def _where(condition, x, y):
+    return torch.where(condition.bool(), x, y)
+
+
+def _expand(x, shape):
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_ints(shape))))
+
+
+def _constant_of_shape(node, opset):
+    value = node.attributes.get("value")
+    fill = _fixed_tensor(value.as_tensor().numpy()).reshape(-1) if value is not None else torch.zeros(1)
+    return lambda shape: fill.expand(_ints(shape)).clone()
+
+
+def _range(start, limit, delta):
+    return torch.arange(start.item(), limit.item(), delta.item(),
+                        dtype=start.dtype if not start.is_floating_point() else torch.float32)
+
+
+def _slice(node, opset):
+    if opset < 10:
+        attr = (attr_ints(node, "starts", None), attr_ints(node, "ends", None), attr_ints(node, "axes", None), None)
+
+    def fn(x, starts=None, ends=None, axes=None, steps=None):
+        if opset < 10:
+            starts_l, ends_l, axes_l, steps_l = attr
+        else:
+            starts_l, ends_l, axes_l, steps_l = _ints(starts), _ints(ends), _ints(axes), _ints(steps)
+        axes_l = list(range(len(starts_l))) if axes_l is None else [a % x.dim() for a in axes_l]
+        steps_l = [1] * len(starts_l) if steps_l is None else steps_l
+        index: list[slice] = [slice(None)] * x.dim()
+        flips = []
+        for a, b, e, step in zip(axes_l, starts_l, ends_l, steps_l):
+            n = x.shape[a]
+            if step > 0:
+                b, e = (max(0, min(n, v + n if v < 0 else v)) for v in (b, e))
+                index[a] = slice(b, e, step)
+            else:     # torch has no negative steps: slice the mirrored range, then flip
+                b = max(-1, min(n - 1, b + n if b < 0 else b))
+                e = max(-1, min(n - 1, e + n if e < 0 else e))
+                index[a] = slice(e + 1, b + 1)
+                flips.append((a, -step))
+        y = x[tuple(index)]
+        for a, step in flips:
+            y = torch.flip(y, (a,))
+            if step != 1:
+                y = y.index_select(a, torch.arange(0, y.shape[a], step))
+        return y
+    return fn
+
+
+def _gather_elements(node, opset):
+    axis = attr_int(node, "axis", 0)
+
+    def fn(data, indices):
+        a = axis % data.dim()
+        idx = indices.long()
+        return torch.gather(data, a, torch.where(idx < 0, idx + data.shape[a], idx))
+    return fn
+
+
 def _identity(node, opset):
     return lambda x, *rest: x        # Dropout at inference
 
@@ -351,6 +430,12 @@ BUILDERS: dict[str, Callable[[ir.Node, int], Fn]] = {
     "Transpose": _transpose, "Concat": _concat, "Gather": _gather, "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze, "Pad": _pad, "ReduceMean": _reduce, "ReduceSum": _reduce,
     "Identity": _identity, "Dropout": _identity, "Cast": _cast, "Shape": _shape, "Constant": _constant,
+    # transformer encoders as torch.onnx.export writes them (docs/transformers.md)
+    "LayerNormalization": _layer_norm, "Erf": _simple(torch.erf), "ReduceL2": _reduce,
+    "Equal": _simple(torch.eq), "GreaterOrEqual": _simple(torch.ge), "And": _simple(torch.logical_and),
+    "Where": _simple(_where), "Expand": _simple(_expand), "ConstantOfShape": _constant_of_shape,
+    "Range": _simple(_range), "Slice": _slice, "GatherElements": _gather_elements,
+    "Sqrt": _simple(torch.sqrt), "Pow": _simple(torch.pow), "Neg": _simple(torch.neg), "Not": _simple(torch.logical_not),
 }
 SUPPORTED_OPS = tuple(sorted(BUILDERS))
 
