@@ -59,8 +59,9 @@ class HeldOut:
 
     loss: float
     mse: float                       # mean squared error to the teacher's output
-    agreement: float | None = None   # top-1 agreement with the teacher (2-D outputs)
+    agreement: float | None = None   # top-1 agreement with the teacher (2-D class scores)
     accuracy: float | None = None    # with labels
+    cosine: float | None = None      # mean cosine to the teacher's output (per sample, flattened)
 
 
 @dataclass
@@ -143,13 +144,15 @@ def _scores(student_out: np.ndarray, teacher_out: np.ndarray, labels: np.ndarray
     mse = float(F.mse_loss(q, p))
     loss = mse
     agreement = accuracy = None
-    if q.dim() == 2:
+    cosine = float(F.cosine_similarity(q.flatten(1), p.flatten(1), dim=1).mean()) if q.dim() >= 2 else None
+    unit_rows = q.dim() == 2 and bool(torch.allclose(p.norm(dim=1), torch.ones(len(p)), atol=1e-3))
+    if q.dim() == 2 and not unit_rows:      # class scores; an argmax over embedding dimensions means nothing
         agreement = float((q.argmax(1) == p.argmax(1)).float().mean())
     if labels is not None:
         y = torch.from_numpy(labels)
         loss += label_weight * float(F.cross_entropy(q, y))
         accuracy = float((q.argmax(1) == y).float().mean())
-    return HeldOut(loss=loss, mse=mse, agreement=agreement, accuracy=accuracy)
+    return HeldOut(loss=loss, mse=mse, agreement=agreement, accuracy=accuracy, cosine=cosine)
 
 
 def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -268,7 +271,8 @@ def finetune(teacher: ir.Model, student: ir.Model, inputs: Mapping[str, np.ndarr
             scores = heldout_scores()
             history.append(EpochStats(epoch, total / seen, scores, time.monotonic() - t0))
             extra = "".join(f", {name} {v:.4f}" for name, v in (("agreement", scores.agreement),
-                                                                 ("accuracy", scores.accuracy)) if v is not None)
+                                                                 ("accuracy", scores.accuracy),
+                                                                 ("cosine", scores.cosine)) if v is not None)
             log(f"finetune epoch {epoch}/{epochs}: train loss {total / seen:.5g}, held-out loss {scores.loss:.5g} "
                 f"(before {start.loss:.5g}), mse {scores.mse:.5g}{extra}")
             if scores.loss < best:
