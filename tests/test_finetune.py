@@ -404,6 +404,39 @@ def test_compress_cli_finetune_writes_a_report_that_matches_a_recomputation(digi
     assert ft["fidelity_after"] < ft["fidelity_before"]
 
 
+def test_compress_cli_finetunes_on_its_own_data(digits_mlp, tmp_path):
+    """--finetune-data: the calibration pool stays small, fine-tuning reads the larger source."""
+    from pycompress.cli.main import main
+
+    d = digits_mlp
+    x, y = d["train"]
+    np.savez(tmp_path / "small_calib.npz", x=x[:200], labels=y[:200])
+    np.savez(tmp_path / "more.npz", x=x, labels=y)
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(d["path"]), "--data", str(tmp_path / "small_calib.npz"), "-o", str(out),
+                 "--method", str(d["folder"] / "plan.json"), "--finetune-data", str(tmp_path / "more.npz"),
+                 "--finetune-epochs", "1", "--threads", "1", "--quiet", "--json"])
+    assert code == 0
+    ft = json.loads((tmp_path / "small.report" / "report.json").read_text())["finetune"]
+    assert ft["train_samples"] + len(ft["heldout_indices"]) == len(x)        # the larger source, not the 200
+    held = np.asarray(ft["heldout_indices"])
+    student_out = run_model(load_model(out), {d["input"]: x[held]})[0]
+    teacher_out = run_model(load_model(d["path"]), {d["input"]: x[held]})[0]
+    assert ft["after"]["mse"] == pytest.approx(float(np.mean((student_out - teacher_out) ** 2)), rel=1e-5)
+
+
+def test_compress_refuses_to_finetune_on_the_heldout_source(tmp_path, capsys):
+    from pycompress.cli.main import main
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"never read")
+    code = main(["compress", str(model), "--data", "builtin:skimage:8", "-o", str(tmp_path / "o.onnx"),
+                 "--finetune-data", "builtin:skimage-heldout:64"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--finetune-data builtin:skimage-heldout:64" in err and "held-out" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
 @pytest.mark.slow
 def test_torch_graph_reproduces_onnxruntime_on_efficientnet(efficientnet_onnx, crops):
     model = load_model(efficientnet_onnx)

@@ -66,6 +66,10 @@ def add_parser(sub) -> None:
                    help="fine-tuning learning rate (default 1e-3 for rmsprop/adam, 1e-2 for sgd)")
     p.add_argument("--finetune-optimizer", choices=("rmsprop", "adam", "sgd"), default="rmsprop",
                    help="fine-tuning optimizer (default rmsprop, as CramNet)")
+    p.add_argument("--finetune-data", default=None, metavar="DATA",
+                   help="fine-tune on this data instead of --data (implies --finetune): more unlabeled samples "
+                        "of the same kind, e.g. builtin:skimage:2048 (more crops of the calibration photos); "
+                        "must not be the --heldout data")
     p.add_argument("--report-dir", default=None,
                    help="folder for report.json / report.md / report.html and plots (default OUT.report)")
     p.add_argument("--actions", default="svd",
@@ -214,9 +218,10 @@ def _settings(args):
     return Settings(resume=args.resume, threads=args.threads, executor=args.executor, device=args.device,
                     latency_runs=args.latency_runs, points_per_fit=args.points_per_fit, max_evals=args.max_evals,
                     time_limit=args.time_limit, energy=args.energy, target_size=args.target_size,
-                    recover_samples=args.recover_samples, no_recover=bool(args.no_recover), finetune=args.finetune,
-                    finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                    finetune_optimizer=args.finetune_optimizer, heldout=args.heldout, quiet=args.quiet)
+                    recover_samples=args.recover_samples, no_recover=bool(args.no_recover),
+                    finetune=bool(args.finetune or args.finetune_data), finetune_epochs=args.finetune_epochs,
+                    finetune_lr=args.finetune_lr, finetune_optimizer=args.finetune_optimizer,
+                    finetune_data=args.finetune_data, heldout=args.heldout, quiet=args.quiet)
 
 
 def run(args) -> int:
@@ -227,7 +232,15 @@ def run(args) -> int:
                   epsilon=PROBABILITY, max_evals=AT_LEAST_ONE, time_limit=POSITIVE, initial=Range(0),
                   seed=NON_NEGATIVE, threads=Range(0, 1024))
     paths = output_paths(args)
+    if args.finetune_data:
+        from pycompress.data import default_heldout
+
+        held = args.heldout if args.heldout is not None else default_heldout(args.data)
+        if held and _source(args.finetune_data) == _source(held):
+            raise PycompressError(f"--finetune-data {args.finetune_data}: the same source as the held-out data "
+                                  f"({held}); the held-out figures would not be held out")
     inputs = {**model_inputs("model", args.model), **data_inputs("--data", args.data),
+              **data_inputs("--finetune-data", args.finetune_data),
               **({"--labels": args.labels} if args.labels else {}),
               **({"--method": args.method} if args.method.endswith(".json") else {}),
               **{"--seed-plan" + (f" ({i + 1})" if i else ""): p for i, p in enumerate(args.seed_plan)}}
@@ -240,6 +253,12 @@ def run(args) -> int:
                            keep_on_failure=lambda path: (path / "state.json").is_file())
     with policy:
         return _run(args)
+
+
+def _source(spec: str) -> str:
+    """A data spec without its sample count (``builtin:skimage:256`` -> ``builtin:skimage``)."""
+    head, _, count = str(spec).rpartition(":")
+    return head if head.startswith("builtin:") and count.isdigit() else str(spec)
 
 
 def _run(args) -> int:
