@@ -185,7 +185,8 @@ def _lookup(node: ir.Node, min_rows: int) -> tuple[np.ndarray, ir.Value, list[ir
     if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
         return None
     scale = constant_array(dq.inputs[1])
-    zero = constant_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros((), table.dtype)
+    has_zero = len(dq.inputs) > 2 and dq.inputs[2] is not None
+    zero = constant_array(dq.inputs[2]) if has_zero else np.zeros((), table.dtype)
     if scale is None or zero is None or scale.size != 1 or zero.size != 1 or scale.dtype != np.float32:
         return None  # per-axis scales of a lookup are not what onnxruntime writes; left alone
     return (table.astype(np.float32) - np.float32(zero.item())) * scale.reshape(()), dq.outputs[0], [node, dq]
