@@ -83,6 +83,22 @@ def test_rank1_ids():
     np.testing.assert_allclose(run_model(model, {"ids": ids})[0], pack_table(w).dequantize(ids), rtol=0, atol=1e-6)
 
 
+def test_ids_of_unknown_rank_through_a_cast(table):
+    """int32 ids cast to int64 (the Cast's output has no shape without shape inference): the group
+    Reshapes take their shape from the ids at run time."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids32"], ["ids"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["table", "ids"], ["out"], name="word_lookup")], "cast",
+        [helper.make_tensor_value_info("ids32", TensorProto.INT32, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], [nh.from_array(table, "table")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert pack_embedding_lookups(model)[0]
+    assert "Shape" in {n.op_type for n in model.graph}
+    ids = np.random.default_rng(7).integers(0, VOCAB, (2, 5)).astype(np.int32)
+    np.testing.assert_allclose(run_model(model, {"ids32": ids})[0], pack_table(table).dequantize(ids),
+                               rtol=0, atol=1e-7)
+
+
 def test_error_is_bounded_by_the_min_max_grid(table):
     assert CLIP_FACTORS[-1] == 1.0  # min/max is among the candidates
     packed = pack_table(table, 64)
@@ -162,6 +178,13 @@ def test_export_int8_dynamic_with_4bit_embeddings(table, tmp_path, capsys):
                  and v.const_value.numpy().dtype != np.int64)
     assert cost.bytes == stored
     assert cost.params >= base.params   # the packed table counts its VOCAB x DIM codes (+ scales)
+
+    calibration = {"ids": np.random.default_rng(8).integers(0, VOCAB, (16, 11))}
+    static = export_model(fp32, "int8", tmp_path / "s4.onnx", calibration=calibration, sample_inputs={"ids": ids},
+                          embedding_bits=4, embedding_group=0)
+    static_ops = {n.op_type for n in onnx.load(tmp_path / "s4.onnx").graph.node}
+    assert {"BitShift", "QuantizeLinear"} <= static_ops and "Reshape" not in static_ops  # per row: no group Reshape
+    assert static.verification["outputs"][0]["relative_error"] < 0.2
 
     assert main(["export", str(fp32), "--to", "fp16", "--embedding-bits", "4", "-o", str(tmp_path / "x.onnx")]) == 2
     assert "--embedding-bits" in capsys.readouterr().err

@@ -174,8 +174,6 @@ def _lookup(node: ir.Node, min_rows: int) -> tuple[np.ndarray, ir.Value, list[ir
         return None
     if node.inputs[1] is None or constant_array(node.inputs[1]) is not None or not _from_graph_input(node.inputs[1]):
         return None
-    if node.inputs[1].shape is None:  # the group Reshape needs the rank of the ids
-        return None
     if table.dtype == np.float32:
         return table, node.outputs[0], [node]
     readers = [u.node for u in node.outputs[0].uses()]
@@ -208,7 +206,6 @@ def _lookup_nodes(model: ir.Model, table: PackedTable, ids: ir.Value, base: str)
     """The nodes that gather ``ids`` from ``table`` and dequantize them; the last one's output is the result."""
     rows, half = table.packed.shape
     dim, groups = 2 * half, table.step.shape[1]
-    rank = len(ids.shape)
     nodes: list[ir.Node] = []
 
     def add(op: str, inputs: list[ir.Value], suffix: str, **attributes) -> ir.Value:
@@ -219,6 +216,13 @@ def _lookup_nodes(model: ir.Model, table: PackedTable, ids: ir.Value, base: str)
     def const(suffix: str, array: np.ndarray) -> ir.Value:
         return add_initializer(model, f"{base}_{suffix}", array)
 
+    def shape_of_ids(suffix: str, tail: list[int]) -> ir.Value:
+        """ids' shape + ``tail``: zeros (copy the dimension) when the rank of ids is known, else from Shape."""
+        if ids.shape is not None:
+            return const(suffix, np.array([0] * len(ids.shape) + tail, dtype=np.int64))
+        return add("Concat", [add("Shape", [ids], f"{suffix}_ids"), const(suffix, np.array(tail, dtype=np.int64))],
+                   suffix, axis=0)
+
     # Scales stored [V, G, 1] when there are groups, so the gathered [..., G, 1] broadcasts over a group.
     trailing = (groups, 1) if groups > 1 else (1,)
     gathered = add("Gather", [const("packed4", table.packed), ids], "gather_packed", axis=0)
@@ -228,8 +232,7 @@ def _lookup_nodes(model: ir.Model, table: PackedTable, ids: ir.Value, base: str)
               direction="RIGHT")
     codes = add("Cast", [add("Concat", [high, low], "codes", axis=-1)], "codes_float", to=ir.DataType.FLOAT)
     if groups > 1:
-        codes = add("Reshape", [codes, const("group_shape", np.array([0] * rank + [groups, dim // groups],
-                                                                      dtype=np.int64))], "groups")
+        codes = add("Reshape", [codes, shape_of_ids("group_shape", [groups, dim // groups])], "groups")
     parts = []
     for suffix, array in (("step", table.step), ("lo", table.lo)):
         value = add("Gather", [const(suffix, array.reshape(rows, *trailing)), ids], f"gather_{suffix}", axis=0)
@@ -238,7 +241,7 @@ def _lookup_nodes(model: ir.Model, table: PackedTable, ids: ir.Value, base: str)
         parts.append(value)
     result = add("Add", [add("Mul", [codes, parts[0]], "scale"), parts[1]], "dequantized")
     if groups > 1:
-        add("Reshape", [result, const("row_shape", np.array([0] * rank + [dim], dtype=np.int64))], "rows")
+        add("Reshape", [result, shape_of_ids("row_shape", [dim])], "rows")
     return nodes
 
 
