@@ -125,6 +125,11 @@ def test_small_and_position_tables_are_left_alone(table):
     assert "positions" in model.graph.initializers   # indexed by a Range, not by a graph input
     small = ir.serde.deserialize_model(lookup_model(table[:1000]))
     assert pack_embedding_lookups(small) == ([], [])
+    tied = lookup_model(table)   # the table is also the (transposed) output projection: a copy would add bytes
+    tied.graph.node.extend([helper.make_node("Transpose", ["table"], ["tableT"]),
+                            helper.make_node("MatMul", ["emb", "tableT"], ["logits"])])
+    tied.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+    assert pack_embedding_lookups(ir.serde.deserialize_model(tied)) == ([], [])
 
 
 def test_onnxruntime_int8_lookup_is_repacked(table, tmp_path):

@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.ir import add_initializer, attr_int, constant_array, opset_version, remove_if_unused, unique_name
+from pycompress.ir.graph import INDEX_PASS_OPS
 
 BITS = 4
 LEVELS = 2 ** BITS
@@ -44,8 +45,6 @@ LEVELS = 2 ** BITS
 MIN_ROWS = 1024
 DEFAULT_GROUP = 64
 CLIP_FACTORS = np.linspace(0.6, 1.0, 9)
-# Ops an index tensor passes through unchanged in value between a graph input and the lookup.
-_INDEX_PASS = frozenset({"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"})
 
 
 @dataclass
@@ -174,6 +173,8 @@ def _lookup(node: ir.Node, min_rows: int) -> tuple[np.ndarray, ir.Value, list[ir
         return None
     if node.inputs[1] is None or constant_array(node.inputs[1]) is not None or not _from_graph_input(node.inputs[1]):
         return None
+    if len(node.inputs[0].uses()) != 1 or node.inputs[0].is_graph_output():
+        return None  # a table also read elsewhere (tied output projection): a packed copy would add bytes
     if table.dtype == np.float32:
         return table, node.outputs[0], [node]
     readers = [u.node for u in node.outputs[0].uses()]
@@ -196,7 +197,7 @@ def _from_graph_input(value: ir.Value) -> bool:
         if value.is_graph_input():
             return True
         node = value.producer()
-        if node is None or node.op_type not in _INDEX_PASS or not node.inputs or node.inputs[0] is None:
+        if node is None or node.op_type not in INDEX_PASS_OPS or not node.inputs or node.inputs[0] is None:
             return False
         value = node.inputs[0]
     return False
