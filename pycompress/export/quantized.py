@@ -88,8 +88,8 @@ def _packed_embeddings(source: Path, folder: Path, group: int | None) -> tuple[P
     lookups, added = pack_embedding_lookups(model, group=group)
     if not lookups:
         raise PycompressError(f"{source}: --embedding-bits 4: no embedding lookup found (a Gather from a constant "
-                              "2-D float table of at least 1024 rows and even width that nothing else reads, indexed by a "
-                              "graph input)")
+                              "2-D float table of at least 1024 rows and even width that nothing else reads, "
+                              "indexed by a graph input)")
     packed = Path(folder) / "embeddings4.onnx"
     save_model(model, packed)
     details = {"embedding_tables": [f"{t.table} {t.rows}x{t.dim} -> 4-bit, groups of {t.group}, "
