@@ -7,6 +7,7 @@ MACs (per sequence of 64 tokens), bytes, batch-1 latency (median of interleaved 
 cosine to the original's embeddings on the held-out sentences.
 
     python tools/bench_transformer.py --keep 1152 --rank 112 --out /tmp/minilm
+    python tools/bench_transformer.py --allocate 0.70 --reuse --embedding-bits 4   # + 4-bit word embeddings
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def main() -> None:
     p.add_argument("--held", type=int, default=200)
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--out", default="/tmp/minilm")
+    p.add_argument("--reuse", action="store_true",
+                   help="take the compressed model from --out if this setting already wrote it (no new compression)")
+    p.add_argument("--embedding-bits", type=int, choices=[4], default=None,
+                   help="also rows with the word-embedding table as 4-bit codes (pycompress.export.embedding) on top "
+                        "of dynamic int8, for ORT int8 alone and for the compressed model")
+    p.add_argument("--embedding-group", type=int, default=64, help="columns per 4-bit scale (0: per row)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,43 +76,58 @@ def main() -> None:
     held = minilm_inputs(sentences[-args.held:])
     teacher = load_model(original)
 
-    t0 = time.perf_counter()
-    student = teacher.clone()
-    def keep(site) -> int:
-        return args.heads if site.name.startswith("heads:") else args.keep
-
-    stats = teacher_channel_statistics(teacher, calib)
-    if args.allocate:
-        decisions = list(allocation_plan(teacher, stats, args.allocate).decisions)
-    else:
-        decisions = [LayerDecision(s.name, "prune", {"keep": keep(s)}) for s in get_rewrite("prune").sites(teacher)
-                     if s.ok and keep(s) < s.info["width"]]
-    if args.rank:
-        decisions += [LayerDecision(s.name, "svd", {"rank": args.rank}) for s in get_rewrite("svd").sites(teacher)
-                      if s.ok and "/attention/" in s.name]
-    plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
-    before = run_model(student, held)[0]
-    report = recover(teacher, student, plan, calib, samples=args.calib, lam=args.lam)
-    tag = f"a{args.allocate:g}_r{args.rank}" if args.allocate else f"h{args.heads}_k{args.keep}_r{args.rank}_l{args.lam:g}"
+    tag = f"a{args.allocate:g}_r{args.rank}" if args.allocate else \
+        f"h{args.heads}_k{args.keep}_r{args.rank}_l{args.lam:g}"
     compressed = out / f"minilm_{tag}.onnx"
-    save_model(student, compressed)
+    t0 = time.perf_counter()
+    decisions: list[LayerDecision] = []
+    summary: dict = {"reused": str(compressed)}
+    if args.reuse and compressed.exists():
+        student = load_model(compressed)
+    else:
+        student = teacher.clone()
+
+        def keep(site) -> int:
+            return args.heads if site.name.startswith("heads:") else args.keep
+
+        stats = teacher_channel_statistics(teacher, calib)
+        if args.allocate:
+            decisions = list(allocation_plan(teacher, stats, args.allocate).decisions)
+        else:
+            decisions = [LayerDecision(s.name, "prune", {"keep": keep(s)})
+                         for s in get_rewrite("prune").sites(teacher) if s.ok and keep(s) < s.info["width"]]
+        if args.rank:
+            decisions += [LayerDecision(s.name, "svd", {"rank": args.rank}) for s in get_rewrite("svd").sites(teacher)
+                          if s.ok and "/attention/" in s.name]
+        plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
+        before = run_model(student, held)[0]
+        report = recover(teacher, student, plan, calib, samples=args.calib, lam=args.lam)
+        save_model(student, compressed)
+        summary = {"refitted": sum(r["kept"] for r in report["layers"]), "_before": before}
     seconds = time.perf_counter() - t0
     int8 = out / "minilm_int8.onnx"
     to_int8_dynamic(original, int8)
     both = out / f"minilm_{tag}_int8.onnx"
     to_int8_dynamic(compressed, both)
+    paths = [original, int8, compressed, both]
+    if args.embedding_bits:
+        group = args.embedding_group
+        for source, target in ((original, out / f"minilm_int8_e4g{group}.onnx"),
+                               (compressed, out / f"minilm_{tag}_int8_e4g{group}.onnx")):
+            to_int8_dynamic(source, target, embedding_group=group)
+            paths.insert(paths.index(source) + 2, target)
 
     reference = run_model(teacher, held)[0]
-    paths = [original, int8, compressed, both]
     lat = latency_ms(paths, held, args.runs)
     base = model_cost(teacher, SEQUENCE_LENGTH)
-    setting = {"allocate": args.allocate, "widths": {d.site: d.params["keep"] for d in decisions if d.action == "prune"},
+    setting = {"allocate": args.allocate,
+               "widths": {d.site: d.params["keep"] for d in decisions if d.action == "prune"},
                "heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held,
-               "lam": args.lam}
-    print(json.dumps({"setting": setting,
-                      "compress_seconds": round(seconds, 1),
-                      "cosine_before_recovery": float(cosine_similarities(reference, before).mean()),
-                      "refitted": sum(r["kept"] for r in report["layers"])}))
+               "lam": args.lam, "embedding_bits": args.embedding_bits, "embedding_group": args.embedding_group}
+    before = summary.pop("_before", None)
+    if before is not None:
+        summary["cosine_before_recovery"] = float(cosine_similarities(reference, before).mean())
+    print(json.dumps({"setting": setting, "compress_seconds": round(seconds, 1), **summary}))
     for path, ms in zip(paths, lat):
         model = load_model(path)
         cost = model_cost(model, SEQUENCE_LENGTH)

@@ -19,6 +19,11 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="file to write (.pcz, .onnx or .ort)")
     p.add_argument("--data", help="inputs (.npz/.npy/builtin:NAME): int8 calibration and the check run")
     p.add_argument("--dynamic", action="store_true", help="--to int8: dynamic quantization (needs no data)")
+    p.add_argument("--embedding-bits", type=int, choices=[4], default=None,
+                   help="--to int8/int4: store embedding tables (token lookups of 1024+ rows) as 4-bit codes, "
+                        "dequantized per gathered row at run time (default: as the quantizer leaves them)")
+    p.add_argument("--embedding-group", type=int, default=64, metavar="N",
+                   help="--embedding-bits: columns per scale/offset pair (default 64; 0: one per row)")
     p.add_argument("--calibration-samples", type=int, default=64, metavar="N",
                    help="int8 static: calibrate on the first N samples of --data (default 64)")
     p.add_argument("--samples", type=int, default=8, metavar="N",
@@ -56,7 +61,8 @@ def _run(args) -> int:
     if not args.json:
         print(f"exporting {args.model} to {args.to} ...", file=sys.stderr)
     report = export_model(args.model, args.to, args.output, calibration=calibration, dynamic=args.dynamic,
-                          sample_inputs=check_inputs, samples=args.samples)
+                          sample_inputs=check_inputs, samples=args.samples, embedding_bits=args.embedding_bits,
+                          embedding_group=args.embedding_group)
     if args.json:
         emit_json(report.to_dict())
         return 0

@@ -47,11 +47,14 @@ class ExportReport:
 
 def export_model(source: str | os.PathLike, to: str, output: str | os.PathLike, *,
                  calibration: Mapping[str, np.ndarray] | None = None, dynamic: bool = False,
-                 sample_inputs: Mapping[str, np.ndarray] | None = None, samples: int = 8) -> ExportReport:
+                 sample_inputs: Mapping[str, np.ndarray] | None = None, samples: int = 8,
+                 embedding_bits: int | None = None, embedding_group: int = 64) -> ExportReport:
     """Export ``source`` (.onnx) to format ``to`` at ``output``, verified by onnxruntime.
 
     ``calibration``: inputs for int8 static; ``sample_inputs``: inputs for the
-    check run (else ``samples`` random inputs).
+    check run (else ``samples`` random inputs). ``embedding_bits=4`` (int8,
+    int4): embedding tables as 4-bit codes per group of ``embedding_group``
+    columns (0: per row), see ``pycompress.export.embedding``.
     """
     from pycompress.export import fp16, ort_format, packed, quantized
     from pycompress.export.verify import verify_export
@@ -66,6 +69,11 @@ def export_model(source: str | os.PathLike, to: str, output: str | os.PathLike, 
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise PycompressError(f"{output}: output folder {folder} does not exist")
+    if embedding_bits is not None and (embedding_bits != 4 or to not in ("int8", "int4")):
+        raise PycompressError("--embedding-bits: only 4, with --to int8 or int4")
+    if embedding_group < 0:
+        raise PycompressError(f"--embedding-group {embedding_group}: must be 0 (per row) or a positive width")
+    group = embedding_group if embedding_bits else None
     if to == "int8" and not dynamic and calibration is None:
         raise PycompressError("--to int8: static quantization needs calibration inputs (--data), or use --dynamic")
 
@@ -78,11 +86,11 @@ def export_model(source: str | os.PathLike, to: str, output: str | os.PathLike, 
             details.pop("output"), details.pop("source")
             runnable: Path | bytes = packed.unpack_bytes(staged.read_bytes(), where=str(output))
         elif to == "int8":
-            details = (quantized.to_int8_dynamic(source, staged) if dynamic
-                       else quantized.to_int8_static(source, staged, calibration))
+            details = (quantized.to_int8_dynamic(source, staged, embedding_group=group) if dynamic
+                       else quantized.to_int8_static(source, staged, calibration, embedding_group=group))
             runnable = staged
         elif to == "int4":
-            details = quantized.to_int4(source, staged)
+            details = quantized.to_int4(source, staged, embedding_group=group)
             runnable = staged
         elif to == "fp16":
             details = fp16.to_fp16(source, staged)

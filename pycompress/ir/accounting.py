@@ -15,7 +15,9 @@ Parameters are the elements of constant tensors a node reads, except int64
 tensors (shapes, axes, indices of Reshape/Slice) and 0-d scalars (Clip
 bounds, Pad values written as Constant nodes): those are op settings, not
 weights. A constant read by several nodes is counted once, at its first
-reader in graph order.
+reader in graph order. A 4-bit table (two codes per byte, unpacked by
+BitShift after its Gather: ``pycompress.export.embedding``) counts two
+parameters per byte.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def model_cost(model: ir.Model, sequence_length: int | None = None) -> ModelCost
             if array is None or not _is_weight(array):
                 continue
             counted.add(id(value))
-            params += int(array.size)
+            params += int(array.size) * _codes_per_element(node, value, array)
             nbytes += int(array.nbytes)
             packed += array.size * index_bits / 8 if index_bits and array.dtype == np.uint8 else array.nbytes
             if weight_shape is None or array.size > math.prod(weight_shape):
@@ -169,6 +171,13 @@ def model_cost(model: ir.Model, sequence_length: int | None = None) -> ModelCost
         if params or macs:
             cost.layers.append(LayerCost(node.name, node.op_type, weight_shape, params, nbytes, macs, packed))
     return cost
+
+
+def _codes_per_element(node: ir.Node, value: ir.Value, array: np.ndarray) -> int:
+    """2 for the uint8 data of a Gather whose rows are split into nibbles by BitShift (a 4-bit table), else 1."""
+    if array.dtype != np.uint8 or node.op_type != "Gather" or node.inputs[0] is not value:
+        return 1
+    return 2 if any(use.node.op_type == "BitShift" for use in node.outputs[0].uses()) else 1
 
 
 def has_sequence_axis(model: ir.Model) -> bool:

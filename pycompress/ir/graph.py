@@ -238,7 +238,7 @@ def token_mask_input(model: ir.Model) -> str | None:
 
 
 # Ops an index tensor passes through unchanged in value on its way to an embedding Gather.
-_INDEX_PASS = frozenset({"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"})
+INDEX_PASS_OPS = frozenset({"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"})
 
 
 def embedding_vocabulary(value: ir.Value, depth: int = 6) -> int | None:
@@ -257,7 +257,7 @@ def embedding_vocabulary(value: ir.Value, depth: int = 6) -> int | None:
                     axis = node.attributes["axis"].value if "axis" in node.attributes else 0
                     if table is not None and table.ndim >= 1:
                         return int(table.shape[axis])
-                if node.op_type in _INDEX_PASS and use.idx == 0:
+                if node.op_type in INDEX_PASS_OPS and use.idx == 0:
                     following.extend(o for o in node.outputs if o is not None)
         frontier = following
         if not frontier:
