@@ -26,6 +26,7 @@ from pycompress.fidelity.session import make_session
 from pycompress.ir import SEQUENCE_LENGTH, load_model, model_cost, save_model
 from pycompress.pipeline import recover, teacher_channel_statistics
 from pycompress.plan import LayerDecision, Plan
+from pycompress.recover.finetune import finetune
 from pycompress.pretrained import export_minilm, minilm_inputs, stdlib_sentences
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 from pycompress.rewrites.allocation import allocation_plan
@@ -65,6 +66,11 @@ def main() -> None:
                    help="also rows with the word-embedding table as 4-bit codes (pycompress.export.embedding) on top "
                         "of dynamic int8, for ORT int8 alone and for the compressed model")
     p.add_argument("--embedding-group", type=int, default=64, help="columns per 4-bit scale (0: per row)")
+    p.add_argument("--finetune", type=int, default=0, metavar="N",
+                   help="after recovery, fine-tune against the original on the first N sentences (they include "
+                        "the calibration's; never the held-out modules at the end)")
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam learning rate for --finetune")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,8 +82,12 @@ def main() -> None:
     held = minilm_inputs(sentences[-args.held:])
     teacher = load_model(original)
 
+    if args.finetune and args.finetune > len(sentences) - args.held:
+        raise SystemExit(f"--finetune {args.finetune}: only {len(sentences) - args.held} sentences are not held out")
     tag = f"a{args.allocate:g}_r{args.rank}" if args.allocate else \
         f"h{args.heads}_k{args.keep}_r{args.rank}_l{args.lam:g}"
+    if args.finetune:
+        tag += f"_ft{args.finetune}"
     compressed = out / f"minilm_{tag}.onnx"
     t0 = time.perf_counter()
     decisions: list[LayerDecision] = []
@@ -102,8 +112,13 @@ def main() -> None:
         plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
         before = run_model(student, held)[0]
         report = recover(teacher, student, plan, calib, samples=args.calib, lam=args.lam)
-        save_model(student, compressed)
         summary = {"refitted": sum(r["kept"] for r in report["layers"]), "_before": before}
+        if args.finetune:
+            summary["cosine_after_recovery"] = run_model(student, held)[0]
+            tuned = finetune(teacher, student, minilm_inputs(sentences[:args.finetune]), epochs=args.finetune_epochs,
+                             lr=args.finetune_lr, optimizer="adam", batch_size=16, progress=print)
+            summary["finetune"] = {"kept_epoch": tuned.best_epoch, "seconds": round(tuned.seconds, 1)}
+        save_model(student, compressed)
     seconds = time.perf_counter() - t0
     int8 = out / "minilm_int8.onnx"
     to_int8_dynamic(original, int8)
@@ -127,6 +142,8 @@ def main() -> None:
     before = summary.pop("_before", None)
     if before is not None:
         summary["cosine_before_recovery"] = float(cosine_similarities(reference, before).mean())
+    if "cosine_after_recovery" in summary:
+        summary["cosine_after_recovery"] = float(cosine_similarities(reference, summary["cosine_after_recovery"]).mean())
     print(json.dumps({"setting": setting, "compress_seconds": round(seconds, 1), **summary}))
     for path, ms in zip(paths, lat):
         model = load_model(path)
