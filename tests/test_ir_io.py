@@ -152,3 +152,22 @@ def test_truncated_model_computes_the_intermediate_tensor_only(tmp_path):
     assert len(list(model.graph)) == len(nodes)            # the original is untouched
     with pytest.raises(PycompressError, match="not produced"):
         truncated(model, ["nope"])
+
+
+def test_saved_models_carry_no_inferred_intermediate_shapes(tmp_path):
+    """Inferred value_info is not written (onnxruntime fuses differently with it, see
+    intermediate_shapes_hidden); the model in memory keeps its shapes; graph outputs keep theirs."""
+    relu = helper.make_node("Relu", ["y"], ["z"], name="relu")
+    proto = tiny_model_proto()
+    proto.graph.node.append(relu)
+    proto.graph.output[0].name = "z"
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    model = load_model(path)
+    middle = next(n for n in model.graph if n.name == "mm").outputs[0]
+    assert middle.shape is not None                               # inferred on load
+    save_model(model, tmp_path / "out.onnx")
+    saved = onnx.load(tmp_path / "out.onnx")
+    assert "y" not in {v.name for v in saved.graph.value_info}
+    assert [d.dim_param or d.dim_value for d in saved.graph.output[0].type.tensor_type.shape.dim] == ["N", 4]
+    assert middle.shape is not None and middle.type is not None   # restored after writing

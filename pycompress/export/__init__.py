@@ -100,6 +100,8 @@ def export_model(source: str | os.PathLike, to: str, output: str | os.PathLike, 
             extra.append(ort_format.config_path(staged))
             details["operator_config"] = str(ort_format.config_path(output))
             runnable = staged
+        if to in ("int8", "int4", "fp16"):
+            _drop_intermediate_shapes(staged)
         verification = verify_export(source, runnable, sample_inputs, samples=samples, where=str(output))
         # Everything checked: move into place (extra files first, the model last).
         finals = []
@@ -110,6 +112,15 @@ def export_model(source: str | os.PathLike, to: str, output: str | os.PathLike, 
         os.replace(staged, output)
     return ExportReport(to, str(source), str(output), source.stat().st_size, output.stat().st_size, finals,
                         details, verification)
+
+
+def _drop_intermediate_shapes(path: Path) -> None:
+    """Re-save an onnxruntime-written model without its intermediate ``value_info``: with them
+    onnxruntime fuses Add + LayerNormalization into its slower SkipLayerNormalization on CPU
+    (``pycompress.ir.io.intermediate_shapes_hidden``)."""
+    from pycompress.ir import load_model, save_model
+
+    save_model(load_model(path, check=False, simplify=False, infer_shapes=False), path, overwrite_input=True)
 
 
 __all__ = ["FORMATS", "ExportReport", "export_model"]

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import truncated
+from pycompress.ir import intermediate_shapes_hidden, truncated
 
 
 def make_session(model: ir.Model, *, providers: Sequence[str] | None = None, threads: int | None = None,
@@ -26,7 +26,8 @@ def make_session(model: ir.Model, *, providers: Sequence[str] | None = None, thr
     """
     import onnxruntime as ort
 
-    proto = ir.to_proto(model)
+    with intermediate_shapes_hidden(model):     # as the saved file runs (pycompress.ir.io)
+        proto = ir.to_proto(model)
     if extra_outputs:
         import onnx
 
