@@ -332,6 +332,17 @@ def test_finetune_svd_student_gets_closer_to_the_teacher_on_unseen_data(digits_m
     assert report.verification["max_abs_diff"] <= report.verification["tolerance"]
 
 
+def test_without_a_rate_the_lowest_probe_loss_picks_it(digits_mlp):
+    d = digits_mlp
+    student = d["student"].clone()
+    report = finetune(d["teacher"], student, {d["input"]: d["train"][0]}, epochs=1, threads=1)
+    probe = report.settings["lr_probe"]
+    assert set(probe) == {"0.001", "0.0001", "1e-05"}
+    assert f"{report.settings['lr']:g}" == min(probe, key=probe.get)
+    given = finetune(d["teacher"], d["student"].clone(), {d["input"]: d["train"][0]}, epochs=1, lr=1e-4, threads=1)
+    assert given.settings["lr_probe"] is None and given.settings["lr"] == 1e-4
+
+
 def test_finetune_leaves_the_student_alone_when_no_epoch_helps(digits_mlp):
     d = digits_mlp
     student = d["student"].clone()

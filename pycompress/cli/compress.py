@@ -63,7 +63,8 @@ def add_parser(sub) -> None:
                         "it lowers the held-out loss (docs/finetune.md)")
     p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
     p.add_argument("--finetune-lr", type=float, default=None,
-                   help="fine-tuning learning rate (default 1e-3 for rmsprop/adam, 1e-2 for sgd)")
+                   help="fine-tuning learning rate (default: the best of 1e-3, 1e-4, 1e-5 for rmsprop/adam, "
+                        "1e-2 .. 1e-4 for sgd, each tried for a quarter epoch)")
     p.add_argument("--finetune-optimizer", choices=("rmsprop", "adam", "sgd"), default="rmsprop",
                    help="fine-tuning optimizer (default rmsprop, as CramNet)")
     p.add_argument("--finetune-data", default=None, metavar="DATA",
