@@ -1,0 +1,100 @@
+"""Fine-tune a compressed EfficientNet-Lite0 against its teacher; score it on unseen photos (issue 14).
+
+The student (e.g. a per-layer shared model from tools/share_allocation.py,
+or a pruned / low-rank one) is trained with ``pycompress.recover.finetune``
+on random crops of the *calibration* photos (``builtin:skimage:N``), never on
+the held-out photos; the settings are judged on the fine-tuning's own
+validation split (part of those crops), and the held-out crops of other photos
+(``builtin:skimage-heldout:H``: chelsea, retina, motorcycle) are scored once,
+before and after. With ``--pack`` the result is packed (``export --to
+packed``) and its size compared with the student's, which must not grow:
+only codebook / scale / bias values change, the uint8 indices stay.
+
+    PYTHONPATH=. python tools/finetune_compressed.py --teacher lite0.onnx --student shared.onnx \
+        --crops 1024 --epochs 2 --lr 1e-4 --out tuned.onnx --pack
+
+Prints one JSON object (also written to OUT.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pycompress.data import load_data
+from pycompress.export.packed import pack_file
+from pycompress.fidelity.compare import compare_outputs
+from pycompress.fidelity.session import run_model
+from pycompress.ir import load_model, save_model
+from pycompress.recover.finetune import finetune
+
+
+def heldout_quality(reference: np.ndarray, model, held: dict, threads: int) -> dict:
+    q = compare_outputs(reference, run_model(model, held, threads=threads)[0])
+    return {"agreement": q.top1_agreement, "top5": q.top5_containment, "kl": q.kl_divergence}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--crops", type=int, default=1024, help="crops of the calibration photos to train on")
+    p.add_argument("--heldout", type=int, default=160, help="crops of unseen photos to score on")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", default="rmsprop")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--trainable", default="compressed", help="compressed | all")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True)
+    p.add_argument("--pack", action="store_true", help="also pack student and result; compare sizes")
+    a = p.parse_args(argv)
+
+    teacher = load_model(a.teacher)
+    student = load_model(a.student, simplify=False)
+    name = teacher.graph.inputs[0].name
+    calib = {name: np.asarray(load_data(f"builtin:skimage:{a.crops}", teacher).inputs[name][:])}
+    held = {name: np.asarray(load_data(f"builtin:skimage-heldout:{a.heldout}", teacher).inputs[name][:])}
+    reference = run_model(teacher, held, threads=a.threads)[0]
+    result: dict = {"student": a.student, "crops": a.crops, "heldout": a.heldout,
+                    "before": heldout_quality(reference, student, held, a.threads)}
+    print("held-out before", result["before"], flush=True)
+    t = time.monotonic()
+    report = finetune(teacher, student, calib, epochs=a.epochs, lr=a.lr, optimizer=a.optimizer,
+                      batch_size=a.batch_size, trainable=a.trainable, threads=a.threads,
+                      progress=lambda line: print(line, flush=True))
+    seconds = time.monotonic() - t
+    train_images = report.train_samples * len(report.epochs)
+    result["finetune"] = {"seconds": seconds, "kept": report.kept, "best_epoch": report.best_epoch,
+                          "settings": report.settings, "trainable_params": report.trainable_params,
+                          "train_samples": report.train_samples,
+                          "validation": [{"epoch": 0, "loss": report.before.loss if report.before else None}]
+                          + [{"epoch": e.epoch, "train_loss": e.train_loss, "loss": e.heldout.loss,
+                              "agreement": e.heldout.agreement, "seconds": e.seconds} for e in report.epochs],
+                          "train_images_per_s": train_images / sum(e.seconds for e in report.epochs)
+                          if report.epochs else None}
+    result["after"] = heldout_quality(reference, student, held, a.threads)
+    print("held-out after", result["after"], flush=True)
+    out = Path(a.out)
+    save_model(student, out)
+    if a.pack:
+        before = pack_file(Path(a.student), out.with_name(out.stem + ".student.pcz"))
+        after = pack_file(out, out.with_suffix(".pcz"))
+        original = Path(a.teacher).stat().st_size
+        result["packed"] = {"student_bytes": before.packed_bytes, "tuned_bytes": after.packed_bytes,
+                            "original_bytes": original,
+                            "student_ratio": before.packed_bytes / original,
+                            "tuned_ratio": after.packed_bytes / original}
+    text = json.dumps(result, indent=1, default=float)
+    out.with_suffix(".json").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
