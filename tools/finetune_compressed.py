@@ -49,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--optimizer", default="rmsprop")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--trainable", default="compressed", help="compressed | all")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--trainable", default="compressed",
+                   help="compressed | all | codebooks (only the share rewrite's NAME_codebook initializers)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch/onnxruntime threads (more than the free cores slows torch down many times)")
+    p.add_argument("--validate-by-photo", action="store_true",
+                   help="the fine-tuning's validation split is whole calibration photos, not random crops")
     p.add_argument("--out", required=True)
     p.add_argument("--pack", action="store_true", help="also pack student and result; compare sizes")
     a = p.parse_args(argv)
@@ -58,15 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_model(a.teacher)
     student = load_model(a.student, simplify=False)
     name = teacher.graph.inputs[0].name
-    calib = {name: np.asarray(load_data(f"builtin:skimage:{a.crops}", teacher).inputs[name][:])}
+    samples = load_data(f"builtin:skimage:{a.crops}", teacher).inputs[name]
+    calib = {name: np.asarray(samples[:])}
+    groups = samples.groups if a.validate_by_photo else None     # the photo each crop came from
     held = {name: np.asarray(load_data(f"builtin:skimage-heldout:{a.heldout}", teacher).inputs[name][:])}
     reference = run_model(teacher, held, threads=a.threads)[0]
-    result: dict = {"student": a.student, "crops": a.crops, "heldout": a.heldout,
+    result: dict = {"student": a.student, "crops": a.crops, "heldout": a.heldout, "trainable": a.trainable,
+                    "validate_by_photo": a.validate_by_photo,
                     "before": heldout_quality(reference, student, held, a.threads)}
     print("held-out before", result["before"], flush=True)
+    trainable = a.trainable
+    if trainable == "codebooks":    # the share rewrite names them WEIGHT_codebook (rewrites/weight_sharing.py)
+        trainable = {n for n in student.graph.initializers if n.endswith("_codebook")}
     t = time.monotonic()
     report = finetune(teacher, student, calib, epochs=a.epochs, lr=a.lr, optimizer=a.optimizer,
-                      batch_size=a.batch_size, trainable=a.trainable, threads=a.threads,
+                      batch_size=a.batch_size, trainable=trainable, threads=a.threads, groups=groups,
                       progress=lambda line: print(line, flush=True))
     seconds = time.monotonic() - t
     train_images = report.train_samples * len(report.epochs)
