@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,25 @@ from pycompress.fidelity.compare import compare_outputs
 from pycompress.fidelity.session import run_model
 from pycompress.ir import load_model, save_model
 from pycompress.recover.finetune import finetune
+
+# scikit-image's grayscale photos that load offline, none of them a held-out photo (chelsea, retina,
+# stereo_motorcycle): more varied content than the 5 colour calibration photos, as 3 equal channels.
+GRAY_PHOTOS = ("camera", "coins", "moon", "clock", "brick", "grass", "gravel", "cell")
+
+
+def gray_crops(count: int, folder: Path, seed: int = 1) -> None:
+    """Write ``count`` random square crops (a third of the short side to all of it) of GRAY_PHOTOS as RGB PNGs."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    photos = [Image.fromarray(getattr(skdata, name)()).convert("RGB") for name in GRAY_PHOTOS]
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        photo = photos[int(rng.integers(len(photos)))]
+        w, h = photo.size
+        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+        y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        photo.crop((x0, y0, x0 + side, y0 + side)).save(folder / f"gray_{i:05d}.png")
 
 
 def heldout_quality(reference: np.ndarray, model, held: dict, threads: int) -> dict:
@@ -51,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--trainable", default="compressed",
                    help="compressed | all | codebooks (only the share rewrite's NAME_codebook initializers)")
+    p.add_argument("--gray-crops", type=int, default=0,
+                   help="add this many crops of scikit-image's grayscale photos (GRAY_PHOTOS) to the training data")
     p.add_argument("--threads", type=int, default=1,
                    help="torch/onnxruntime threads (more than the free cores slows torch down many times)")
     p.add_argument("--validate-by-photo", action="store_true",
@@ -65,10 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     samples = load_data(f"builtin:skimage:{a.crops}", teacher).inputs[name]
     calib = {name: np.asarray(samples[:])}
     groups = samples.groups if a.validate_by_photo else None     # the photo each crop came from
+    if a.gray_crops:
+        with tempfile.TemporaryDirectory() as folder:
+            gray_crops(a.gray_crops, Path(folder))
+            extra = np.asarray(load_data(folder, teacher).inputs[name][:])
+        calib[name] = np.concatenate([calib[name], extra])
+        if groups is not None:      # the grayscale photos validate as one more group
+            groups = np.concatenate([groups, np.full(len(extra), groups.max() + 1)])
     held = {name: np.asarray(load_data(f"builtin:skimage-heldout:{a.heldout}", teacher).inputs[name][:])}
     reference = run_model(teacher, held, threads=a.threads)[0]
     result: dict = {"student": a.student, "crops": a.crops, "heldout": a.heldout, "trainable": a.trainable,
                     "validate_by_photo": a.validate_by_photo,
+                    "gray_crops": a.gray_crops,
                     "before": heldout_quality(reference, student, held, a.threads)}
     print("held-out before", result["before"], flush=True)
     trainable = a.trainable
