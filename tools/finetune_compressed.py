@@ -9,6 +9,10 @@ validation split (part of those crops), and the held-out crops of other photos
 before and after. With ``--pack`` the result is packed (``export --to
 packed``) and its size compared with the student's, which must not grow:
 only codebook / scale / bias values change, the uint8 indices stay.
+``--gray-crops N`` adds N crops of scikit-image's grayscale photos (none of
+them held out) to the training data: more varied content than the 5 colour
+calibration photos. ``--validate-by-photo``: the fine-tuning validates on a
+whole calibration photo it does not train on.
 
     PYTHONPATH=. python tools/finetune_compressed.py --teacher lite0.onnx --student shared.onnx \
         --crops 1024 --epochs 2 --lr 1e-4 --out tuned.onnx --pack
