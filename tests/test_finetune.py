@@ -355,6 +355,31 @@ def test_finetune_leaves_the_student_alone_when_no_epoch_helps(digits_mlp):
         np.testing.assert_array_equal(v.const_value.numpy(), values[name])
 
 
+def test_finetune_validates_on_whole_groups_when_given(digits_mlp):
+    d = digits_mlp
+    x = d["train"][0]
+    groups = np.arange(len(x)) % 7            # e.g. the photo each crop came from
+    report = finetune(d["teacher"], d["student"].clone(), {d["input"]: x}, epochs=1, threads=1, groups=groups,
+                      validation_fraction=0.2)
+    held = np.asarray(report.heldout_indices)
+    held_groups = set(groups[held].tolist())
+    assert report.settings["validation_groups"] == sorted(held_groups)
+    # whole groups: every sample of a held-out group is held out, none of the others
+    np.testing.assert_array_equal(np.sort(held), np.flatnonzero(np.isin(groups, list(held_groups))))
+    assert 0.2 * len(x) <= len(held) < 0.2 * len(x) + len(x) / 7 + 1
+    assert report.train_samples == len(x) - len(held)
+
+
+def test_finetune_groups_errors_name_the_problem(digits_mlp):
+    d = digits_mlp
+    x = d["train"][0]
+    with pytest.raises(PycompressError, match="one per sample"):
+        finetune(d["teacher"], d["student"].clone(), {d["input"]: x}, epochs=1, threads=1, groups=np.zeros(3))
+    with pytest.raises(PycompressError, match="at least 2 groups"):
+        finetune(d["teacher"], d["student"].clone(), {d["input"]: x}, epochs=1, threads=1,
+                 groups=np.zeros(len(x)))
+
+
 def test_write_back_keeps_shared_indices_and_trains_the_codebook(digits_mlp):
     d = digits_mlp
     teacher = d["teacher"]

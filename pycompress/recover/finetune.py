@@ -140,6 +140,31 @@ def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarra
     return np.sort(order[held:]), np.sort(order[:held])
 
 
+def _split_groups(groups: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out whole groups (e.g. every crop of one photo), about ``fraction`` of the samples.
+
+    Why: crops of one photo overlap and share its statistics; a validation
+    split of random crops then tracks the training photos, not new ones (on
+    EfficientNet-Lite0 it kept fine-tuning that lost agreement on unseen
+    photos, docs/finetune.md).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise PycompressError(f"validation fraction {fraction}: must be in (0, 1)")
+    names = np.unique(groups)
+    if len(names) < 2:
+        raise PycompressError(f"fine-tuning by groups needs at least 2 groups, got {len(names)}")
+    wanted = max(1, round(len(groups) * fraction))
+    held: list = []
+    for name in rng.permutation(names):
+        if held and sum(int(np.sum(groups == g)) for g in held) >= wanted:
+            break
+        if len(held) == len(names) - 1:      # always train on at least one group
+            break
+        held.append(name)
+    mask = np.isin(groups, held)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
 def _scores(student_out: np.ndarray, teacher_out: np.ndarray, labels: np.ndarray | None,
             label_weight: float) -> HeldOut:
     q = torch.from_numpy(student_out.astype(np.float32))
@@ -174,7 +199,7 @@ def finetune(teacher: ir.Model, student: ir.Model, inputs: Mapping[str, np.ndarr
              optimizer: str = "rmsprop", label_weight: float = 1.0, validation_fraction: float = 0.1,
              trainable: str | set[str] = "compressed", output: str | None = None, seed: int = 0,
              progress: Callable[[str], None] | None = None, threads: int | None = None,
-             verify_tolerance: float = 1e-4) -> FinetuneReport:
+             verify_tolerance: float = 1e-4, groups: np.ndarray | None = None) -> FinetuneReport:
     """Fine-tune ``student``'s initializers in place (kept only if the held-out loss drops).
 
     ``inputs``: {graph input: [N, ...]} (the calibration data); ``labels``: [N]
@@ -185,7 +210,10 @@ def finetune(teacher: ir.Model, student: ir.Model, inputs: Mapping[str, np.ndarr
     after writing back, relative to max(1, max |output|). ``lr``: None probes
     ``DEFAULT_LR[optimizer]`` times 1, 0.1 and 0.01 for a quarter epoch each
     from the same start and trains with the one of lowest held-out loss
-    (``settings["lr_probe"]`` in the report).
+    (``settings["lr_probe"]`` in the report). ``groups``: [N] the source of
+    each sample (e.g. the photo a crop came from); when given, the validation
+    split is whole groups (about ``validation_fraction`` of the samples), so
+    keep-only-if-better judges on sources never trained on.
     """
     started = time.monotonic()
     if optimizer not in OPTIMIZERS:
@@ -229,7 +257,13 @@ def finetune(teacher: ir.Model, student: ir.Model, inputs: Mapping[str, np.ndarr
         params = graph.trainable_parameters()
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        train_idx, held_idx = _split(n, validation_fraction, rng)
+        if groups is None:
+            train_idx, held_idx = _split(n, validation_fraction, rng)
+        else:
+            groups = np.asarray(groups)
+            if groups.shape != (n,):
+                raise PycompressError(f"fine-tuning groups: need one per sample ({n}), got shape {groups.shape}")
+            train_idx, held_idx = _split_groups(groups, validation_fraction, rng)
         log(f"finetune: teacher outputs on {n} samples (onnxruntime)")
         teacher_out = run_model(teacher, inputs, threads=threads)[k].astype(np.float32)
         if labels is not None and (teacher_out.ndim != 2 or labels.max() >= teacher_out.shape[1] or labels.min() < 0):
@@ -314,6 +348,8 @@ def finetune(teacher: ir.Model, student: ir.Model, inputs: Mapping[str, np.ndarr
                                           "lr_probe": {f"{rate:g}": loss for rate, loss in probe.items()} or None,
                                           "batch_size": batch_size, "label_weight": label_weight,
                                           "labels": labels is not None, "validation_fraction": validation_fraction,
+                                          "validation_groups": None if groups is None
+                                          else sorted(np.unique(groups[held_idx]).tolist()),
                                           "output": output, "seed": seed, "trainable": trainable
                                           if isinstance(trainable, str) else "given"})
         if best_state is None:
