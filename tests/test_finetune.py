@@ -486,3 +486,27 @@ def test_torch_graph_reproduces_onnxruntime_on_efficientnet(efficientnet_onnx, c
     apply_plan(model, plan)
     assert sum(n.op_type == "Gather" for n in model.graph) >= 2
     _assert_matches_onnxruntime(model, feeds)
+
+
+def test_compress_validates_finetuning_on_whole_photos(tmp_path):
+    """builtin:skimage crops know their photo: fine-tuning validates on photos it does not train on."""
+    import pfa_models
+
+    from pycompress.cli.main import main
+
+    model = pfa_models.rgb_net(32)
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(model), "--actions", "prune", "-o", str(plan)]) == 0
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(model), "--data", "builtin:skimage:64", "-o", str(out), "--method", str(plan),
+                 "--finetune-epochs", "1", "--finetune-lr", "1e-4", "--finetune-data", "builtin:skimage:96",
+                 "--heldout", "none", "--threads", "1", "--quiet", "--json"])
+    assert code == 0
+    ft = json.loads((tmp_path / "small.report" / "report.json").read_text())["finetune"]
+    held_photos = ft["settings"]["validation_groups"]
+    assert held_photos and ft["train_samples"] + len(ft["heldout_indices"]) == 96
+    from pycompress.data import load_data
+    groups = load_data("builtin:skimage:96", load_model(model)).inputs[load_model(model).graph.inputs[0].name].groups
+    assert set(groups[ft["heldout_indices"]]) == set(held_photos)
+    train = np.setdiff1d(np.arange(96), ft["heldout_indices"])
+    assert not set(groups[train]) & set(held_photos)

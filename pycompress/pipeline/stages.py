@@ -138,16 +138,21 @@ def finetune_stage(run: Run) -> str | None:
     before = run.fidelity_on_pool(run.compressed)
     if run.recovery is not None:
         run.recovery["fidelity_after"] = before.mean
-    inputs, labels = run.data.inputs, run.data.labels
+    source = run.data
     if settings.finetune_data:
         from pycompress.data import load_data
 
         # More unlabeled samples of the same kind train better than the calibration pool alone
         # (docs/finetune.md); the held-out measurement stays on data neither has seen.
-        extra = load_data(settings.finetune_data, run.model)
-        inputs, labels = {k: np.asarray(v[:]) for k, v in extra.inputs.items()}, extra.labels
-        run.log(f"finetune: {len(next(iter(inputs.values())))} samples from {settings.finetune_data}")
-    run.finetuned = finetune(run.model, run.compressed, inputs, labels,
+        source = load_data(settings.finetune_data, run.model)
+        run.log(f"finetune: {len(next(iter(source.inputs.values())))} samples from {settings.finetune_data}")
+    # Samples that come in groups (crops of one photo) are validated on whole groups left out: random
+    # crops of the training photos track those photos, not new ones (docs/finetune.md, run D).
+    groups = next((np.asarray(v.groups) for v in source.inputs.values() if getattr(v, "groups", None) is not None),
+                  None)
+    if groups is not None and len(np.unique(groups)) < 2:
+        groups = None
+    run.finetuned = finetune(run.model, run.compressed, source.inputs, source.labels, groups=groups,
                              epochs=settings.finetune_epochs, lr=settings.finetune_lr,
                              optimizer=settings.finetune_optimizer, seed=run.config["seed"],
                              progress=None if settings.quiet else run.log, threads=settings.threads).to_dict()
