@@ -225,7 +225,6 @@ class LowRankConv(Rewrite):
         assert not isinstance(layer, str)
         rank, structure = int(params["rank"]), _structure(params)
         result: dict[str, Any] = {"rank": rank, "structure": structure}
-        new_bias = None
         if structure == "tai":
             a, b, s = fz.truncated_svd(layer.tai_matrix(), rank)
             nodes = _emit_tai(model, layer, site.name, a, b)
@@ -234,19 +233,10 @@ class LowRankConv(Rewrite):
                 result["note"] = "weight-only: data-aware low rank needs structure 'channel'"
         else:
             w = layer.channel_matrix()  # (Ci kh kw) x Co
-            if fz.wants_data_aware(params, ctx):
-                proj = fz.output_projection(site, ctx, layer.node.outputs[0].name, layer.co, 1, rank,
-                                            centered=layer.bias is not None)
-                u = proj.basis
-                a, b = w @ u, u.T
-                if layer.bias is not None:
-                    # b' = b P + mean (I - P), P = U_K U_K^T
-                    new_bias = (layer.bias @ u) @ u.T + (proj.mean - (proj.mean @ u) @ u.T)
-                result.update(data_aware=True, calibration_rows=proj.rows,
-                              output_variance_kept=proj.variance_kept)
-            else:
-                a, b, s = fz.truncated_svd(w, rank)
-                result.update(data_aware=False, weight_energy_kept=fz.energy_kept(s, rank))
+            a, b, new_bias, facts = fz.factor_weight(w, rank, site=site, ctx=ctx, params=params,
+                                                     output=layer.node.outputs[0].name, features=layer.co,
+                                                     axis=1, bias=layer.bias)
+            result.update(facts)
             nodes = _emit_channel(model, layer, site.name, a, b, new_bias)
         output = layer.node.outputs[0].name
         fz.replace_node(model, layer.node, nodes)

@@ -188,6 +188,28 @@ def output_projection(site: Site, ctx: ApplyContext, value_name: str, features: 
     return OutputProjection(vectors[:, :rank], mean if centered else None, int(acc.count), kept)
 
 
+def factor_weight(w: np.ndarray, rank: int, *, site: Site, ctx: ApplyContext, params: dict[str, Any],
+                  output: str, features: int, axis: int, bias: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """``w`` (in x out) ~ ``a @ b`` at ``rank``: the data-aware output projection or the weight's SVD.
+
+    ``bias``: the layer's bias over its ``features`` outputs (None: it has none).
+    Returns ``(a, b, new_bias, facts)``; ``new_bias`` is None when the bias stays
+    as it is, ``facts`` what the rewrite reports about the choice.
+    """
+    if wants_data_aware(params, ctx):
+        proj = output_projection(site, ctx, output, features, axis, rank, centered=bias is not None)
+        u = proj.basis
+        new_bias = None
+        if bias is not None:
+            # b' = b P + mean (I - P), P = U_K U_K^T
+            new_bias = (bias @ u) @ u.T + (proj.mean - (proj.mean @ u) @ u.T)
+        return w @ u, u.T, new_bias, {"data_aware": True, "calibration_rows": proj.rows,
+                                      "output_variance_kept": proj.variance_kept}
+    a, b, s = truncated_svd(w, rank)
+    return a, b, None, {"data_aware": False, "weight_energy_kept": energy_kept(s, rank)}
+
+
 # A factorization replaces the layer; two of them cannot take one site.
 CHANGES = "replace"
 EXCLUDED_BY = {"replace": "already searched by another action"}

@@ -213,21 +213,12 @@ class SVD(Rewrite):
         assert not isinstance(layer, str)
         rank = int(decision.params["rank"])
         w, n_out = layer.matrix, layer.shape[1]
-        new_bias = None  # None: the original bias input stays as it is
         result: dict[str, Any] = {"rank": rank, "r_max": site.info["r_max"], "full_rank": layer.full_rank}
-        if fz.wants_data_aware(decision.params, ctx):
-            proj = fz.output_projection(site, ctx, layer.node.outputs[0].name, n_out, layer.feature_axis, rank,
-                                        centered=layer.bias is not None)
-            u = proj.basis
-            a, b = w @ u, u.T
-            if layer.bias is not None:
-                # b' = b P + mean (I - P), P = U_K U_K^T
-                bias = _bias_over_features(layer.bias, n_out)
-                new_bias = (bias @ u) @ u.T + (proj.mean - (proj.mean @ u) @ u.T)
-            result.update(data_aware=True, calibration_rows=proj.rows, output_variance_kept=proj.variance_kept)
-        else:
-            a, b, s = fz.truncated_svd(w, rank)
-            result.update(data_aware=False, weight_energy_kept=fz.energy_kept(s, rank))
+        bias = None if layer.bias is None else _bias_over_features(layer.bias, n_out)
+        a, b, new_bias, facts = fz.factor_weight(w, rank, site=site, ctx=ctx, params=decision.params,
+                                                 output=layer.node.outputs[0].name, features=n_out,
+                                                 axis=layer.feature_axis, bias=bias)
+        result.update(facts)
         nodes = _emit(model, layer, site.name, a, b, new_bias)
         output = layer.node.outputs[0].name
         fz.replace_node(model, layer.node, nodes)
