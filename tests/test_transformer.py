@@ -349,3 +349,24 @@ def test_compress_reports_held_out_cosine_for_an_encoder(encoder, tmp_path, caps
     assert "24 samples" in line and "mean cosine" in line and "agreement" not in line
     cosine = float(line.split("mean cosine ")[1].split(",")[0])
     assert 0.0 < cosine < 1.0
+
+
+def test_linear_view_of_a_gemm_reads_and_writes_the_effective_weight_and_bias():
+    """alpha * op(B) and beta * C are what the layer computes; read and write agree (onnxruntime)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    b_w, c = rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="fc", alpha=0.5, beta=2.0, transB=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 5])],
+                              [numpy_helper.from_array(b_w, "B"), numpy_helper.from_array(c, "C")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    view = LinearView.of(next(iter(model.graph)))
+    w, b = view.weight_matrix(), view.bias()
+    assert close(run_model(model, {"x": x})[0], x @ w + b, 1e-5)
+    view.set(2 * w, b + 1)
+    assert close(run_model(model, {"x": x})[0], x @ (2 * w) + b + 1, 1e-5)
+    assert np.allclose(view.weight_matrix(), 2 * w) and np.allclose(view.bias(), b + 1)

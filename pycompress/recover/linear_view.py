@@ -96,9 +96,14 @@ class LinearView:
         return 0 if self.left else 1
 
     def weight_matrix(self) -> np.ndarray:
-        """W as (d_in, d_out)."""
+        """W as (d_in, d_out): the effective weight (Gemm's alpha applied, as ``set`` expects it back)."""
         index = self._weight_index()
-        return as_matrix(self.node, constant_array(self.node.inputs[index]), index)
+        w = as_matrix(self.node, constant_array(self.node.inputs[index]), index)
+        if self.op == "Gemm":
+            alpha = attr_float(self.node, "alpha", 1.0)
+            if alpha != 1.0:
+                w = w * w.dtype.type(alpha)
+        return w
 
     def _bias_index(self) -> int:
         add = self.bias_add
