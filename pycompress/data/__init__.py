@@ -9,6 +9,7 @@ lazy (``LazySamples``): samples are made batch by batch.
 """
 
 from pycompress.data.images import LazySamples, Preprocess
-from pycompress.data.sources import BUILTIN, BUILTIN_IMAGES, Calibration, default_heldout, load_data
+from pycompress.data.sources import BUILTIN, BUILTIN_IMAGES, Calibration, default_heldout, load_data, sample_groups
 
-__all__ = ["BUILTIN", "BUILTIN_IMAGES", "Calibration", "LazySamples", "Preprocess", "default_heldout", "load_data"]
+__all__ = ["BUILTIN", "BUILTIN_IMAGES", "Calibration", "LazySamples", "Preprocess", "default_heldout", "load_data",
+           "sample_groups"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +30,11 @@ class Calibration:
     def subset(self, index: np.ndarray) -> "Calibration":
         return Calibration({k: v[index] for k, v in self.inputs.items()},
                            None if self.labels is None else self.labels[index], self.source)
+
+
+def sample_groups(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The source of each sample (the photo of a built-in crop, ``LazySamples.groups``), or None."""
+    return next((np.asarray(v.groups) for v in inputs.values() if getattr(v, "groups", None) is not None), None)
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:

@@ -105,6 +105,7 @@ def recover(teacher: ir.Model, student: ir.Model, plan: Plan, inputs: dict[str, 
             samples: int = 512, batch_size: int = 64, seed: int = 0, lam: float = 1e-3,
             progress=None) -> dict[str, Any]:
     """Closed-form layer-wise recovery of ``student`` in place; returns the report's ``recovery`` part."""
+    from pycompress.data import sample_groups
     from pycompress.recover import refit_layers
 
     targets, notes = recovery_targets(teacher, student, plan)
@@ -113,7 +114,7 @@ def recover(teacher: ir.Model, student: ir.Model, plan: Plan, inputs: dict[str, 
     subset = {k: v[idx] for k, v in inputs.items()}
     # Where the data source knows each sample's source (the photo of a built-in crop), the
     # recovery validates on whole photos left out (recover/layerwise.py).
-    groups = next((np.asarray(v.groups) for v in inputs.values() if getattr(v, "groups", None) is not None), None)
+    groups = sample_groups(inputs)
     sample_groups = None
     if groups is not None and len(np.unique(groups[idx])) > 1:
         sample_groups = [groups[idx][start:start + batch_size] for start in range(0, len(idx), batch_size)]

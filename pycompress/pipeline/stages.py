@@ -132,6 +132,7 @@ def finetune_stage(run: Run) -> str | None:
     settings = run.settings
     if not settings.finetune:
         return None
+    from pycompress.data import load_data, sample_groups
     from pycompress.recover.finetune import finetune
 
     run.log("finetune: gradient fine-tuning of the compressed graph against the teacher")
@@ -140,16 +141,13 @@ def finetune_stage(run: Run) -> str | None:
         run.recovery["fidelity_after"] = before.mean
     source = run.data
     if settings.finetune_data:
-        from pycompress.data import load_data
-
         # More unlabeled samples of the same kind train better than the calibration pool alone
         # (docs/finetune.md); the held-out measurement stays on data neither has seen.
         source = load_data(settings.finetune_data, run.model)
-        run.log(f"finetune: {len(next(iter(source.inputs.values())))} samples from {settings.finetune_data}")
+        run.log(f"finetune: {len(source)} samples from {settings.finetune_data}")
     # Samples that come in groups (crops of one photo) are validated on whole groups left out: random
     # crops of the training photos track those photos, not new ones (docs/finetune.md, run D).
-    groups = next((np.asarray(v.groups) for v in source.inputs.values() if getattr(v, "groups", None) is not None),
-                  None)
+    groups = sample_groups(source.inputs)
     if groups is not None and len(np.unique(groups)) < 2:
         groups = None
     run.finetuned = finetune(run.model, run.compressed, source.inputs, source.labels, groups=groups,
