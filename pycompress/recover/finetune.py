@@ -130,38 +130,36 @@ def compressed_initializers(teacher: ir.Model, student: ir.Model) -> set[str]:
             and n not in stats}
 
 
-def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    if not 0.0 < fraction < 1.0:
-        raise PycompressError(f"validation fraction {fraction}: must be in (0, 1)")
-    held = max(1, int(round(n * fraction)))
-    if n - held < 1:
-        raise PycompressError(f"fine-tuning needs at least 2 samples, got {n}")
-    order = rng.permutation(n)
-    return np.sort(order[held:]), np.sort(order[:held])
+def _split(n: int, fraction: float, rng: np.random.Generator,
+           groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices: about ``fraction`` of the samples held out at random, or, with
+    ``groups``, as whole groups (e.g. every crop of one photo).
 
-
-def _split_groups(groups: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole groups (e.g. every crop of one photo), about ``fraction`` of the samples.
-
-    Why: crops of one photo overlap and share its statistics; a validation
-    split of random crops then tracks the training photos, not new ones (on
-    EfficientNet-Lite0 it kept fine-tuning that lost agreement on unseen
-    photos, docs/finetune.md).
+    Why groups: crops of one photo overlap and share its statistics; a
+    validation split of random crops then tracks the training photos, not new
+    ones (on EfficientNet-Lite0 it kept fine-tuning that lost agreement on
+    unseen photos, docs/finetune.md).
     """
     if not 0.0 < fraction < 1.0:
         raise PycompressError(f"validation fraction {fraction}: must be in (0, 1)")
-    names = np.unique(groups)
+    if groups is None:
+        held = max(1, int(round(n * fraction)))
+        if n - held < 1:
+            raise PycompressError(f"fine-tuning needs at least 2 samples, got {n}")
+        order = rng.permutation(n)
+        return np.sort(order[held:]), np.sort(order[:held])
+    names, counts = np.unique(groups, return_counts=True)
     if len(names) < 2:
         raise PycompressError(f"fine-tuning by groups needs at least 2 groups, got {len(names)}")
     wanted = max(1, round(len(groups) * fraction))
-    held: list = []
-    for name in rng.permutation(names):
-        if held and sum(int(np.sum(groups == g)) for g in held) >= wanted:
+    held_names: list = []
+    total = 0
+    for i in rng.permutation(len(names)):
+        if (held_names and total >= wanted) or len(held_names) == len(names) - 1:   # train on one group at least
             break
-        if len(held) == len(names) - 1:      # always train on at least one group
-            break
-        held.append(name)
-    mask = np.isin(groups, held)
+        held_names.append(names[i])
+        total += int(counts[i])
+    mask = np.isin(groups, held_names)
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
@@ -257,13 +255,11 @@ def finetune(teacher: ir.Model, student: ir.Model, inputs: Mapping[str, np.ndarr
         params = graph.trainable_parameters()
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        if groups is None:
-            train_idx, held_idx = _split(n, validation_fraction, rng)
-        else:
+        if groups is not None:
             groups = np.asarray(groups)
             if groups.shape != (n,):
                 raise PycompressError(f"fine-tuning groups: need one per sample ({n}), got shape {groups.shape}")
-            train_idx, held_idx = _split_groups(groups, validation_fraction, rng)
+        train_idx, held_idx = _split(n, validation_fraction, rng, groups)
         log(f"finetune: teacher outputs on {n} samples (onnxruntime)")
         teacher_out = run_model(teacher, inputs, threads=threads)[k].astype(np.float32)
         if labels is not None and (teacher_out.ndim != 2 or labels.max() >= teacher_out.shape[1] or labels.min() < 0):
