@@ -100,7 +100,7 @@ def export_model(source: str | os.PathLike, to: str, output: str | os.PathLike, 
             extra.append(ort_format.config_path(staged))
             details["operator_config"] = str(ort_format.config_path(output))
             runnable = staged
-        if to in ("int8", "int4", "fp16"):
+        if to in ("int8", "int4"):      # written by onnxruntime's quantizers
             _drop_intermediate_shapes(staged)
         verification = verify_export(source, runnable, sample_inputs, samples=samples, where=str(output))
         # Everything checked: move into place (extra files first, the model last).

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from pycompress.errors import PycompressError
 from pycompress.export._quiet import quiet
-from pycompress.ir import check_model, load_model
+from pycompress.ir import check_model, intermediate_shapes_hidden, load_model
 
 
 def to_fp16(source: Path, output: Path) -> dict[str, Any]:
@@ -26,7 +26,8 @@ def to_fp16(source: Path, output: Path) -> dict[str, Any]:
         model = ir.from_proto(converted)
         model.graph.sort()
         check_model(model, where=f"{output} (float16)")
-        ir.save(model, output)
+        with intermediate_shapes_hidden(model):      # as pycompress.ir.save_model writes models
+            ir.save(model, output)
     except PycompressError:
         raise
     except Exception as exc:
