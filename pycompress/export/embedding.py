@@ -145,13 +145,13 @@ def pack_embedding_lookups(model: ir.Model, group: int = DEFAULT_GROUP,
         rel = float(np.linalg.norm(packed.dequantize() - table) / max(np.linalg.norm(table), 1e-30))
         table_value = node.inputs[0]
         nodes = _lookup_nodes(model, packed, node.inputs[1], table_value.name or "embedding")
-        before = sum(int(constant_array(v).nbytes) for n in removed for v in n.inputs
-                     if v is not None and constant_array(v) is not None and constant_array(v).ndim >= 1)
+        constants = {v: constant_array(v) for n in removed for v in n.inputs
+                     if v is not None and constant_array(v) is not None}
+        before = sum(int(array.nbytes) for array in constants.values() if array.ndim >= 1)
         after = packed.packed.nbytes + packed.step.nbytes + packed.lo.nbytes
         name = output.name
         model.graph.insert_before(node, nodes)
         output.replace_all_uses_with(nodes[-1].outputs[0], replace_graph_outputs=True)
-        constants = [v for n in removed for v in n.inputs if v is not None and constant_array(v) is not None]
         for n in reversed(removed):
             model.graph.remove(n, safe=True)
         for value in constants:

@@ -81,9 +81,9 @@ def _packed_embeddings(source: Path, folder: Path, group: int | None) -> tuple[P
         return source, [], {}
     from pycompress.export.embedding import pack_embedding_lookups
 
-    # No shape inference: the quantizer and onnxruntime must see the rest of the graph as the source has
-    # it. Inferred shapes on every tensor let onnxruntime fuse all Add + LayerNormalization pairs of MiniLM
-    # into SkipLayerNormalization, which is slower on CPU (onnxruntime 1.32: +0.5 ms of 3.7, measured).
+    # No shape inference: the lookup rewrite needs none, and the quantizer sees the graph as the source has
+    # it. (Inferred intermediate shapes would not reach the file either: save_model leaves them out, see
+    # pycompress.ir.io.intermediate_shapes_hidden.)
     model = load_model(source, simplify=False, infer_shapes=False)
     lookups, added = pack_embedding_lookups(model, group=group)
     if not lookups:
