@@ -211,13 +211,18 @@ def _concat(node, opset):
     return lambda *xs: torch.cat([x for x in xs if x is not None], dim=axis)
 
 
+def _wrapped(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """ONNX indices (negative ones count from the end) as torch's non-negative int64."""
+    idx = indices.long()
+    return torch.where(idx < 0, idx + size, idx)
+
+
 def _gather(node, opset):
     axis = attr_int(node, "axis", 0)
 
     def fn(data, indices):
         a = axis % data.dim()
-        idx = indices.long()
-        idx = torch.where(idx < 0, idx + data.shape[a], idx)
+        idx = _wrapped(indices, data.shape[a])
         out = torch.index_select(data, a, idx.reshape(-1))    # differentiable in data: codebooks train
         return out.reshape(tuple(data.shape[:a]) + tuple(idx.shape) + tuple(data.shape[a + 1:]))
     return fn
@@ -407,8 +412,7 @@ def _gather_elements(node, opset):
 
     def fn(data, indices):
         a = axis % data.dim()
-        idx = indices.long()
-        return torch.gather(data, a, torch.where(idx < 0, idx + data.shape[a], idx))
+        return torch.gather(data, a, _wrapped(indices, data.shape[a]))
     return fn
 
 
