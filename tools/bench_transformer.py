@@ -81,6 +81,11 @@ def main() -> None:
     calib = minilm_inputs(sentences[:args.calib])
     held = minilm_inputs(sentences[-args.held:])
     teacher = load_model(original)
+    reference = run_model(teacher, held)[0]
+
+    def cosine(model) -> float:
+        """Mean cosine of ``model``'s embeddings to the original's on the held-out sentences."""
+        return float(cosine_similarities(reference, run_model(model, held)[0]).mean())
 
     if args.finetune and args.finetune > len(sentences) - args.held:
         raise SystemExit(f"--finetune {args.finetune}: only {len(sentences) - args.held} sentences are not held out")
@@ -110,11 +115,11 @@ def main() -> None:
             decisions += [LayerDecision(s.name, "svd", {"rank": args.rank}) for s in get_rewrite("svd").sites(teacher)
                           if s.ok and "/attention/" in s.name]
         plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
-        before = run_model(student, held)[0]
+        before = cosine(student)
         report = recover(teacher, student, plan, calib, samples=args.calib, lam=args.lam)
-        summary = {"refitted": sum(r["kept"] for r in report["layers"]), "_before": before}
+        summary = {"refitted": sum(r["kept"] for r in report["layers"]), "cosine_before_recovery": before}
         if args.finetune:
-            summary["cosine_after_recovery"] = run_model(student, held)[0]
+            summary["cosine_after_recovery"] = cosine(student)
             tuned = finetune(teacher, student, minilm_inputs(sentences[:args.finetune]), epochs=args.finetune_epochs,
                              lr=args.finetune_lr, optimizer="adam", batch_size=16, progress=print)
             summary["finetune"] = {"kept_epoch": tuned.best_epoch, "seconds": round(tuned.seconds, 1)}
@@ -132,18 +137,12 @@ def main() -> None:
             to_int8_dynamic(source, target, embedding_group=group)
             paths.insert(paths.index(source) + 2, target)
 
-    reference = run_model(teacher, held)[0]
     lat = latency_ms(paths, held, args.runs)
     base = model_cost(teacher, SEQUENCE_LENGTH)
     setting = {"allocate": args.allocate,
                "widths": {d.site: d.params["keep"] for d in decisions if d.action == "prune"},
                "heads": args.heads, "keep": args.keep, "rank": args.rank, "calib": args.calib, "held": args.held,
                "lam": args.lam, "embedding_bits": args.embedding_bits, "embedding_group": args.embedding_group}
-    before = summary.pop("_before", None)
-    if before is not None:
-        summary["cosine_before_recovery"] = float(cosine_similarities(reference, before).mean())
-    if "cosine_after_recovery" in summary:
-        summary["cosine_after_recovery"] = float(cosine_similarities(reference, summary["cosine_after_recovery"]).mean())
     print(json.dumps({"setting": setting, "compress_seconds": round(seconds, 1), **summary}))
     for path, ms in zip(paths, lat):
         model = load_model(path)
