@@ -237,3 +237,31 @@ def test_the_lengthscale_prior_keeps_unseen_variation_possible_and_its_gradient_
     without, _ = fit_hyperparameters(x, ys, noise, restarts=2, rng=np.random.default_rng(0))
     assert sum(ls > 10 for ls in without.lengthscales) >= 3
     assert max(with_prior.lengthscales) < 3
+
+
+def test_the_output_scales_posterior_width_matches_the_integrated_posterior_and_narrows_with_data():
+    """``outputscale_log_sd`` (Laplace, at the fit) against the standard deviation of log s under the
+    posterior itself, integrated on a grid (the other hyperparameters at their fitted values); and
+    it narrows as more points pin the function's amplitude."""
+    from pycompress.decisions.bo.gp import _negative_log_posterior
+
+    rng = np.random.default_rng(3)
+
+    def fitted(n):
+        x = rng.random((n, 2))
+        y = np.sin(5 * x[:, 0]) + 0.5 * np.cos(3 * x[:, 1]) + 0.05 * rng.normal(size=n)
+        return GaussianProcess.fit(x, y, np.full(n, 0.05 ** 2), restarts=1, rng=np.random.default_rng(0))
+
+    few, many = fitted(12), fitted(80)
+    sd = many.outputscale_log_sd()
+    h = many.hyper
+    base = np.concatenate([[h.constant, np.log(h.outputscale)], np.log(h.lengthscales)])
+    sq = (many.x.T[:, :, None] - many.x.T[:, None, :]) ** 2
+    grid = base[1] + np.linspace(-6 * sd, 6 * sd, 401)
+    log_p = np.array([-len(many.x) * _negative_log_posterior(np.r_[base[0], g, base[2:]], many.x, sq,
+                                                               many.y_s, many.noise_s)[0] for g in grid])
+    p = np.exp(log_p - log_p.max())
+    mean = (grid * p).sum() / p.sum()
+    integrated = np.sqrt(((grid - mean) ** 2 * p).sum() / p.sum())
+    assert sd == pytest.approx(integrated, rel=0.15)
+    assert few.outputscale_log_sd() > 1.3 * sd

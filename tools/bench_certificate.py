@@ -5,7 +5,8 @@ Cases (the defaults: delta 0.05, epsilon 0.005, m = 50, nothing else set):
   a  the digits MLP 64-1000-1000-10 (the paper's FC3), --actions svd --target-size 0.2
   b  a residual digits CNN (tests/zoo.ResidualCNN), --actions prune,lowrank_conv --target-size 0.3
   c  EfficientNet-Lite0 on skimage crops, --granularity stage --actions prune,lowrank_conv
-     --objective macs --target-size 0.75 (no random search: one exact evaluation costs seconds)
+     --objective macs --target-size 0.75, within 10 minutes (--time-limit 600, --max-evals 1000;
+     no random search: one exact evaluation costs seconds)
 
 Per seed: `pycompress compress ... --seed S --no-recover` (the search alone; wall time of the
 whole command in this process), then the certified answer t^ is evaluated exactly (on the whole
@@ -40,8 +41,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 CASES = {
     "a": ["--actions", "svd", "--target-size", "0.2"],
     "b": ["--actions", "prune,lowrank_conv", "--target-size", "0.3"],
+    # The issue asks (c) for a certificate "within 10 minutes", not within 100 evaluations.
     "c": ["--granularity", "stage", "--actions", "prune,lowrank_conv", "--objective", "macs",
-          "--target-size", "0.75"],
+          "--target-size", "0.75", "--max-evals", "1000", "--time-limit", "600"],
 }
 
 

@@ -282,6 +282,29 @@ class GaussianProcess(Posterior):
                                          max_iter=max_iter)
         return cls(x, y, noise_var, hyper, log_marginal_likelihood=lml)
 
+    def outputscale_log_sd(self) -> float:
+        """The posterior standard deviation of ``log outputscale`` (Laplace, the other hyperparameters
+        held at their fitted values): ``1 / sqrt(-d^2 log p / d(log s)^2)`` at the fit, by a central
+        difference of the closed-form gradient. ``inf`` where the curvature is not positive.
+
+        How well the data pin the function's amplitude: wide from a few points whose spread is about
+        their noise, narrow from many points that vary well above it (about like ``1/sqrt(n)``, the prior aside).
+        """
+        h = self.hyper
+        vector = np.concatenate([[h.constant, math.log(h.outputscale)], np.log(self.lengthscales)])
+        sq = (self.x.T[:, :, None] - self.x.T[:, None, :]) ** 2
+        n, step = len(self.x), 1e-3
+
+        def slope(shift: float) -> float:
+            v = vector.copy()
+            v[1] += shift
+            value, grad = _negative_log_posterior(v, self.x, sq, self.y_s, self.noise_s)
+            return math.nan if value >= 1e10 else float(grad[1]) * n
+
+        with single_threaded():
+            curvature = (slope(step) - slope(-step)) / (2 * step)
+        return 1.0 / math.sqrt(curvature) if curvature > 0 else math.inf
+
     # -- posterior -------------------------------------------------------
     def pac_scores(self, candidates: np.ndarray, incumbent: np.ndarray, delta: float,
                    var_floor: float = 1e-12) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
