@@ -57,6 +57,11 @@ def main() -> int:
     parser.add_argument("--costs", default=None, help="JSON of layer costs: read if it exists, else written")
     parser.add_argument("--compensate", action="store_true",
                         help="share with error_compensation (GPTQ-style index choice on Gemm / 1x1 Conv)")
+    parser.add_argument("--weighted", action="store_true",
+                        help="share with activation_weighting (k-means weighted by the inputs' E[x_i^2])")
+    parser.add_argument("--validation", type=int, default=160,
+                        help="new builtin:skimage crops after the calibration ones (calibration photos; the "
+                             "figure to choose configurations by, never the held-out one)")
     parser.add_argument("--work", default=None, help="folder for the models (default: a new temporary one)")
     args = parser.parse_args()
 
@@ -66,12 +71,16 @@ def main() -> int:
     fp32_bytes = original.stat().st_size
     model = load_model(original)
     name = model.graph.inputs[0].name
-    calibration = np.asarray(load_data(f"builtin:skimage:{args.calibration}", model).inputs[name][:])
+    # Crop i depends only on (seed, i): crops calibration..calibration+validation-1 are new crops of the same
+    # photos, seen by neither the layer costs nor the apply.
+    crops = np.asarray(load_data(f"builtin:skimage:{args.calibration + args.validation}", model).inputs[name][:])
+    calibration, validation = crops[:args.calibration], crops[args.calibration:]
     held = np.asarray(load_data(f"builtin:skimage-heldout:{args.heldout}", model).inputs[name][:])
     share = get_rewrite("share")
     sites = [s.name for s in share.sites(model) if share.starting_decision(model, s, bits=8) is not None]
     bits = tuple(int(b) for b in args.bits.split(","))
-    params = {"error_compensation": True} if args.compensate else {}
+    params = {**({"error_compensation": True} if args.compensate else {}),
+              **({"activation_weighting": True} if args.weighted else {})}
 
     costs_path = Path(args.costs) if args.costs else None
     if costs_path is not None and costs_path.exists():
@@ -103,11 +112,12 @@ def main() -> int:
     # the packed file ~ (fp32 file - shared layers' float bytes) + sum of the layers' packed bytes.
     fixed = fp32_bytes - sum(4 * c.params for c in costs)
     reference_held = run_model(model, {name: held})[0]
+    reference_validation = run_model(model, {name: validation})[0] if len(validation) else None
     rows = []
     for target in (float(t) for t in args.targets.split(",")):
         budget = target * fp32_bytes - fixed
         plan = allocation_plan(costs, budget, params)
-        tag = f"{target}{'_comp' if args.compensate else ''}"
+        tag = f"{target}{'_comp' if args.compensate else ''}{'_weighted' if args.weighted else ''}"
         plan_path = work / f"share_alloc_{tag}.plan.json"
         plan.save(plan_path)
         candidate = load_model(original)
@@ -117,12 +127,19 @@ def main() -> int:
         out = work / f"share_alloc_{tag}.onnx"
         save_model(candidate, out)
         packed = pack_file(out, out.with_suffix(".pcz"))
-        q = compare_outputs(reference_held, run_model(load_model(out, simplify=False), {name: held})[0])
+        shared = load_model(out, simplify=False)
+        q = compare_outputs(reference_held, run_model(shared, {name: held})[0])
+        v = (compare_outputs(reference_validation, run_model(shared, {name: validation})[0])
+             if reference_validation is not None else None)
         histogram = {b: sum(1 for d in plan.decisions if d.params["bits"] == b) for b in bits}
         row = {"target": target, "packed_ratio": packed.packed_bytes / fp32_bytes, "packed_bytes": packed.packed_bytes,
                "onnx_ratio": out.stat().st_size / fp32_bytes, "apply_seconds": seconds,
-               "bits_histogram": histogram, **q.to_dict(), "plan": str(plan_path)}
+               "bits_histogram": histogram, **q.to_dict(), "plan": str(plan_path),
+               "validation": v.to_dict() if v is not None else None}
         rows.append(row)
+        if v is not None:
+            print(f"target {target}: validation (calibration photos) agreement {v.top1_agreement:.4f}, "
+                  f"KL {v.kl_divergence:.4g}", file=sys.stderr, flush=True)
         print(f"target {target}: packed {row['packed_ratio']:.4f}x, held-out agreement {q.top1_agreement:.4f} "
               f"± {q.top1_agreement_se:.4f}, top-5 {q.top5_containment:.4f}, KL {q.kl_divergence:.4g}, "
               f"bits {histogram}", file=sys.stderr, flush=True)

@@ -41,7 +41,7 @@ from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import apply_plan
 from pycompress.rewrites.base import ApplyContext
 from pycompress.rewrites.weight_sharing import REWRITE as SHARE
-from pycompress.rewrites.weight_sharing import share_weights
+from pycompress.rewrites.weight_sharing import layer_importance, share_weights
 
 PACKED_MIN_STREAM = 512     # export/packed.py codes uint8 streams of at least this many bytes
 HUFFMAN_TABLE_BYTES = 256   # one code length per symbol
@@ -90,6 +90,10 @@ def layer_costs(model: ir.Model, sites: list[str], measure: Callable[[ir.Model],
     shared at ``probe_bits`` (through ``apply`` with ``ctx``, so bias
     correction is part of the probe when ``ctx`` has data). ``params``: other
     `share` parameters of the probe and of the plan (e.g. ``error_compensation``).
+    With ``activation_weighting`` in ``params`` the k-means of every width is
+    weighted as the rewrite weights it (input second moments on ``ctx``'s
+    data), and the weight errors that carry the probe to the other widths are
+    weighted the same way.
     """
     ctx = ctx or ApplyContext()
     costs = []
@@ -99,11 +103,14 @@ def layer_costs(model: ir.Model, sites: list[str], measure: Callable[[ir.Model],
         weights = constant_array(node.inputs[site.info["input"]])
         axis = output_channel_axis(node, site.info["input"], weights.ndim)
         cost = LayerCost(name, int(weights.size))
-        norm = float(np.square(weights, dtype=np.float64).sum()) or 1.0
+        importance = (layer_importance(node, weights, ctx) if (params or {}).get("activation_weighting")
+                      and site.info["input"] == 1 else None)
+        factor = 1.0 if importance is None else importance
+        norm = float((factor * np.square(weights, dtype=np.float64)).sum()) or 1.0
         for b in sorted(set(bits) | {probe_bits}):
-            codebook, indices, scale, _ = share_weights(weights, b, channel_axis=axis)
+            codebook, indices, scale, _ = share_weights(weights, b, channel_axis=axis, importance=importance)
             shared = codebook[indices].astype(np.float64) * (scale if scale is not None else 1.0)
-            cost.weight_error[b] = float(np.square(shared - weights).sum()) / norm
+            cost.weight_error[b] = float((factor * np.square(shared - weights)).sum()) / norm
             cost.bytes[b] = packed_layer_bytes(indices, 2 ** b, site.info.get("channels", 0))
         probe = model.clone()
         apply_plan(probe, Plan([LayerDecision(name, SHARE.action, {**(params or {}), "bits": probe_bits})]), ctx)
