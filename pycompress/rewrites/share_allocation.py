@@ -108,10 +108,11 @@ def layer_costs(model: ir.Model, sites: list[str], measure: Callable[[ir.Model],
         factor = 1.0 if importance is None else importance
         norm = float((factor * np.square(weights, dtype=np.float64)).sum()) or 1.0
         for b in sorted(set(bits) | {probe_bits}):
-            codebook, indices, scale, _ = share_weights(weights, b, channel_axis=axis, importance=importance)
+            codebook, indices, scale, _ = share_weights(weights, b, channel_axis=axis, importance=importance,
+                                                        levels=(params or {}).get("levels", "kmeans"))
             shared = codebook[indices].astype(np.float64) * (scale if scale is not None else 1.0)
             cost.weight_error[b] = float((factor * np.square(shared - weights)).sum()) / norm
-            cost.bytes[b] = packed_layer_bytes(indices, 2 ** b, site.info.get("channels", 0))
+            cost.bytes[b] = packed_layer_bytes(indices, codebook.size, site.info.get("channels", 0))
         probe = model.clone()
         apply_plan(probe, Plan([LayerDecision(name, SHARE.action, {**(params or {}), "bits": probe_bits})]), ctx)
         cost.probe_error = float(measure(probe))
