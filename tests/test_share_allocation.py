@@ -124,6 +124,14 @@ def test_allocation_beats_uniform_bits_at_the_same_bytes(digits_cnn, tmp_path):
     for c in costs:
         assert c.error[5] == pytest.approx(c.probe_error)
         assert c.error[3] > c.error[5] > c.error[8]
+    # Two probes: both widths measured, the widths between follow the fitted exponent.
+    low, high = (layer_costs(model, sites, measure, bits=(3, 4, 5, 6, 8), probe_bits=b,
+                             ctx=context(model, calibration)) for b in (4, 6))
+    both = layer_costs(model, sites, measure, bits=(3, 4, 5, 6, 8), probe_bits=(4, 6), ctx=context(model, calibration))
+    for c, c4, c6 in zip(both, low, high):
+        assert c.error[4] == pytest.approx(c4.probe_error, rel=1e-6)
+        assert c.error[6] == pytest.approx(c6.probe_error, rel=1e-6)
+        assert c.error[3] > c.error[4] > c.error[5] > c.error[6] > c.error[8]
     budget = sum(c.bytes[4] for c in costs)          # what uniform 4 bits costs
     plan = allocation_plan(costs, budget)
     bits = {d.site: d.params["bits"] for d in plan.decisions}

@@ -50,15 +50,18 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="EfficientNet-Lite0 .onnx (default: export the pretrained one)")
     parser.add_argument("--calibration", type=int, default=256, help="builtin:skimage crops (bias correction)")
     parser.add_argument("--probe-samples", type=int, default=32, help="calibration crops behind each probe")
-    parser.add_argument("--probe-bits", type=int, default=6)
+    parser.add_argument("--probe-bits", default="6",
+                        help="width of each layer's probe, or two (e.g. 5,7): the error measured at both")
     parser.add_argument("--bits", default="4,5,6,7,8", help="widths a layer may get")
     parser.add_argument("--heldout", type=int, default=160, help="builtin:skimage-heldout crops")
     parser.add_argument("--targets", default="0.2", help="packed size targets, fraction of the fp32 file")
     parser.add_argument("--costs", default=None, help="JSON of layer costs: read if it exists, else written")
     parser.add_argument("--compensate", action="store_true",
-                        help="share with error_compensation (GPTQ-style index choice on Gemm / 1x1 Conv)")
+                        help="share with error_compensation (GPTQ-style index choice on Gemm and Conv)")
     parser.add_argument("--weighted", action="store_true",
                         help="share with activation_weighting (k-means weighted by the inputs' E[x_i^2])")
+    parser.add_argument("--levels", choices=("kmeans", "uniform"), default="kmeans",
+                        help="share's codebook: 2^bits k-means values, or an evenly spaced grid of the same error")
     parser.add_argument("--validation", type=int, default=160,
                         help="new builtin:skimage crops after the calibration ones (calibration photos; the "
                              "figure to choose configurations by, never the held-out one)")
@@ -80,7 +83,8 @@ def main() -> int:
     sites = [s.name for s in share.sites(model) if share.starting_decision(model, s, bits=8) is not None]
     bits = tuple(int(b) for b in args.bits.split(","))
     params = {**({"error_compensation": True} if args.compensate else {}),
-              **({"activation_weighting": True} if args.weighted else {})}
+              **({"activation_weighting": True} if args.weighted else {}),
+              **({"levels": args.levels} if args.levels != "kmeans" else {})}
 
     costs_path = Path(args.costs) if args.costs else None
     if costs_path is not None and costs_path.exists():
@@ -100,7 +104,8 @@ def main() -> int:
             return float(np.mean(np.sum(np.square(out - reference), axis=1)))
 
         t0 = time.monotonic()
-        costs = layer_costs(model, sites, measure, bits=bits, probe_bits=args.probe_bits,
+        probe_bits = tuple(int(b) for b in args.probe_bits.split(","))
+        costs = layer_costs(model, sites, measure, bits=bits, probe_bits=probe_bits[0] if len(probe_bits) == 1 else probe_bits,
                             ctx=data_context(model, calibration[args.probe_samples:args.probe_samples + 64], name),
                             params=params,
                             progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -117,7 +122,7 @@ def main() -> int:
     for target in (float(t) for t in args.targets.split(",")):
         budget = target * fp32_bytes - fixed
         plan = allocation_plan(costs, budget, params)
-        tag = f"{target}{'_comp' if args.compensate else ''}{'_weighted' if args.weighted else ''}"
+        tag = f"{target}{'_comp' if args.compensate else ''}{'_weighted' if args.weighted else ''}{'_uniform' if args.levels == 'uniform' else ''}"
         plan_path = work / f"share_alloc_{tag}.plan.json"
         plan.save(plan_path)
         candidate = load_model(original)
