@@ -23,12 +23,14 @@ import json
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from pycompress.cli.apply import upstream_of
 from pycompress.data import load_data
+from pycompress.export.onnx_spans import initializer_spans
 from pycompress.export.packed import pack_file
 from pycompress.fidelity import collect_activations
 from pycompress.fidelity.compare import compare_outputs
@@ -43,6 +45,21 @@ def data_context(model, calibration: np.ndarray, name: str) -> ApplyContext:
     """As `apply --data`: activations of ``model`` (as it is being rewritten) on the calibration crops."""
     batches = [{name: calibration[i:i + 16]} for i in range(0, len(calibration), 16)]
     return ApplyContext(activations=lambda names: collect_activations(upstream_of(model, names), names, batches))
+
+
+def fixed_packed_bytes(onnx_bytes: bytes, shared: set[str]) -> int:
+    """What the container spends on everything but the shared layers: the file without their weights, deflated.
+
+    The packed container deflates its skeleton (graph, biases, small float
+    layers); the shared layers' codebooks and scales are counted per layer
+    by the allocation, uncompressed.
+    """
+    parts, cursor = [], 0
+    for span in sorted((s for s in initializer_spans(onnx_bytes) if s.name in shared), key=lambda s: s.offset):
+        parts.append(onnx_bytes[cursor:span.offset])
+        cursor = span.offset + span.length
+    parts.append(onnx_bytes[cursor:])
+    return len(zlib.compress(b"".join(parts), 9))
 
 
 def main() -> int:
@@ -113,9 +130,11 @@ def main() -> int:
         if costs_path is not None:
             costs_path.write_text(json.dumps([c.to_dict() for c in costs], indent=1))
 
-    # Everything the allocation does not choose (graph, biases, unshared small layers) is stored as is:
-    # the packed file ~ (fp32 file - shared layers' float bytes) + sum of the layers' packed bytes.
-    fixed = fp32_bytes - sum(4 * c.params for c in costs)
+    # Everything the allocation does not choose (graph, biases, unshared small layers) is deflated:
+    # the packed file ~ deflate(fp32 file without the shared layers' weights) + sum of the layers' packed bytes.
+    weight_names = {s.info["weight"] for s in share.sites(model) if s.name in set(sites)}
+    fixed = fixed_packed_bytes(original.read_bytes(), weight_names)
+    print(f"fixed part of the container (deflated): {fixed:,} bytes", file=sys.stderr)
     reference_held = run_model(model, {name: held})[0]
     reference_validation = run_model(model, {name: validation})[0] if len(validation) else None
     rows = []
