@@ -122,7 +122,8 @@ def main() -> int:
 
         t0 = time.monotonic()
         probe_bits = tuple(int(b) for b in args.probe_bits.split(","))
-        costs = layer_costs(model, sites, measure, bits=bits, probe_bits=probe_bits[0] if len(probe_bits) == 1 else probe_bits,
+        costs = layer_costs(model, sites, measure, bits=bits,
+                            probe_bits=probe_bits[0] if len(probe_bits) == 1 else probe_bits,
                             ctx=data_context(model, calibration[args.probe_samples:args.probe_samples + 64], name),
                             params=params,
                             progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -141,7 +142,8 @@ def main() -> int:
     for target in (float(t) for t in args.targets.split(",")):
         budget = target * fp32_bytes - fixed
         plan = allocation_plan(costs, budget, params)
-        tag = f"{target}{'_comp' if args.compensate else ''}{'_weighted' if args.weighted else ''}{'_uniform' if args.levels == 'uniform' else ''}"
+        tag = (f"{target}{'_comp' if args.compensate else ''}{'_weighted' if args.weighted else ''}"
+               f"{'_uniform' if args.levels == 'uniform' else ''}")
         plan_path = work / f"share_alloc_{tag}.plan.json"
         plan.save(plan_path)
         candidate = load_model(original)

@@ -75,8 +75,9 @@ import onnx_ir as ir
 
 from pycompress import kernels
 from pycompress.errors import PycompressError
-from pycompress.ir import (add_initializer, as_matrix, attr_float, attr_int, attr_ints, attr_str, constant_array, consumers, is_codebook_lookup,
-                           node_by_name, node_macs, output_channel_axis, remove_if_unused, unique_name)
+from pycompress.ir import (add_initializer, as_matrix, attr_float, attr_int, attr_ints, attr_str, constant_array,
+                           consumers, is_codebook_lookup, node_by_name, node_macs, output_channel_axis, remove_if_unused,
+                           unique_name)
 from pycompress.plan import LayerDecision
 from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, SearchRange, SearchSettings, Site, param_specs
 
@@ -658,7 +659,8 @@ def compensated_indices(node: ir.Node, weights: np.ndarray, codebook: np.ndarray
     diagonal = np.arange(width)
     dead = h[:, diagonal, diagonal] <= 0
     h[:, diagonal, diagonal] = np.where(dead, 1.0, h[:, diagonal, diagonal])
-    h = (1.0 - COMPENSATION_SHRINKAGE) * h + COMPENSATION_SHRINKAGE * (np.eye(width) * h[:, diagonal, diagonal][:, None, :])
+    h = ((1.0 - COMPENSATION_SHRINKAGE) * h
+         + COMPENSATION_SHRINKAGE * (np.eye(width) * h[:, diagonal, diagonal][:, None, :]))
     h[:, diagonal, diagonal] += (max(COMPENSATION_DAMPING, width / rows)
                                  * h[:, diagonal, diagonal].mean(axis=1))[:, None]
     try:
