@@ -76,8 +76,8 @@ import onnx_ir as ir
 from pycompress import kernels
 from pycompress.errors import PycompressError
 from pycompress.ir import (add_initializer, as_matrix, attr_float, attr_int, attr_ints, attr_str, constant_array,
-                           consumers, is_codebook_lookup, node_by_name, node_macs, output_channel_axis, remove_if_unused,
-                           unique_name)
+                           consumers, is_codebook_lookup, node_by_name, node_macs, output_channel_axis,
+                           remove_if_unused, unique_name)
 from pycompress.plan import LayerDecision
 from pycompress.rewrites.base import ApplyContext, ParamSpec, Rewrite, SearchRange, SearchSettings, Site, param_specs
 
