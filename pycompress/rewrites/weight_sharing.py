@@ -37,21 +37,28 @@ Deviations from ALGORITHMS.md, measured on EfficientNet-Lite0
   layer-wise refit of ALGORITHMS.md 4 and keeps the codebook. Measured on
   EfficientNet-Lite0 at 8 bits: top-1 agreement 94.5% -> 99.2%.
 
-- ``error_compensation`` (default off; needs calibration data): for Gemm and
-  1x1 Conv the indices are chosen column by column with GPTQ's error
-  feedback through the input's ``E[x x^T]`` instead of nearest-centroid
-  (``compensated_indices``; codebook and scales stay k-means'). Measured on
-  EfficientNet-Lite0 with per-layer bits (rewrites/share_allocation.py):
-  held-out top-1 agreement at ~0.19x packed bytes 0.944 -> 0.969.
+- ``error_compensation`` (default off; needs calibration data): the indices
+  are chosen column by column with GPTQ's error feedback through
+  ``E[p p^T]`` instead of nearest-centroid (``compensated_indices``;
+  codebook and scales stay k-means'): ``p`` is the input vector of Gemm and
+  1x1 Conv, the input patch of one group for other Convs (3x3, depthwise;
+  ``conv_patches``). Measured on EfficientNet-Lite0 with per-layer bits
+  (rewrites/share_allocation.py): held-out top-1 agreement at ~0.19x packed
+  bytes 0.944 -> 0.969 (Gemm and 1x1 only); with the 3x3 and depthwise convs
+  too, the stem's output error at 6 bits falls 7x and the depthwise convs'
+  2-3x (docs/sharing-export-bench.md).
 
 - ``activation_weighting`` (default off; needs calibration data): the
-  k-means is weighted, each weight by the second moment ``E[x_i^2]`` of the
-  input channel it multiplies (Conv and Gemm; shrunk halfway to uniform), so
-  the centroids go where the layer's *output* error is, not where the
-  weights are dense (``weighted_lloyd``, started from the unweighted
-  k-means). ALGORITHMS.md 1.5 clusters the weights alone; a weight on an
-  input that is large on real data costs more output error per unit of
-  rounding than one on a nearly silent input.
+  k-means is weighted, each weight by the variance (``E[x_i^2]`` without
+  bias correction) of the input channel it multiplies (Conv and Gemm; shrunk
+  halfway to uniform), so the centroids go where the layer's *output* error
+  is, not where the weights are dense (``weighted_lloyd``, started from the
+  unweighted k-means). ALGORITHMS.md 1.5 clusters the weights alone. Measured
+  on EfficientNet-Lite0 it did not help (docs/sharing-export-bench.md).
+
+- ``levels="uniform"`` (default ``kmeans``): evenly spaced values with the
+  k-means error instead of the ``2^bits`` k-means values (``uniform_levels``):
+  fewer bits once the packed container Huffman-codes the indices.
 
 The file stores one byte per weight plus the codebook and scales; onnxruntime
 folds Cast + Gather + Mul into the float weight once when the session is
