@@ -58,7 +58,8 @@ Deviations from ALGORITHMS.md, measured on EfficientNet-Lite0
 
 - ``levels="uniform"`` (default ``kmeans``): evenly spaced values with the
   k-means error instead of the ``2^bits`` k-means values (``uniform_levels``):
-  fewer bits once the packed container Huffman-codes the indices.
+  fewer bits once the packed container Huffman-codes the indices (used where
+  the coded indices plus the longer codebook come out smaller).
 
 The file stores one byte per weight plus the codebook and scales; onnxruntime
 folds Cast + Gather + Mul into the float weight once when the session is
@@ -134,8 +135,10 @@ def share_weights(weights: np.ndarray, bits: int, prune_fraction: float = 0.0, c
     minimizes ``sum importance * (W~ - W)^2 / scale^2`` instead
     (``weighted_lloyd`` from the unweighted result).
     ``levels="uniform"`` (no pruning): the codebook becomes ``uniform_levels``
-    of the same (weighted) error as the k-means result, up to 256 values;
-    ``codebook`` may then have another length than ``2^bits``.
+    of the same (weighted) error as the k-means result, up to 256 values,
+    where that makes the Huffman-coded indices plus codebook smaller
+    (``coded_bytes``; small layers pay more for the longer codebook than the
+    entropy saves); ``codebook`` may then have another length than ``2^bits``.
     """
     clusters = 2 ** bits
     scale = None
@@ -160,7 +163,7 @@ def share_weights(weights: np.ndarray, bits: int, prune_fraction: float = 0.0, c
             error = codebook[indices].astype(np.float64) - flat
             target = float(np.average(np.square(error), weights=weight))
             uniform = uniform_levels(flat, target, weight)
-            if uniform is not None:
+            if uniform is not None and coded_bytes(*uniform) < coded_bytes(codebook, indices):
                 codebook, indices = uniform
     else:
         drop = np.argpartition(magnitude, pruned - 1)[:pruned] if pruned < flat.size else np.arange(flat.size)
@@ -175,6 +178,13 @@ def share_weights(weights: np.ndarray, bits: int, prune_fraction: float = 0.0, c
             indices[keep] = sub_indices + 1
     info.update(iterations=int(iterations), converged=bool(converged))
     return codebook, indices.reshape(np.shape(weights)), scale, info
+
+
+def coded_bytes(codebook: np.ndarray, indices: np.ndarray) -> float:
+    """Bytes of the indices at their empirical entropy plus the float32 codebook (what Huffman coding approaches)."""
+    counts = np.bincount(np.asarray(indices).ravel(), minlength=1).astype(np.float64)
+    p = counts[counts > 0] / max(np.asarray(indices).size, 1)
+    return float(-(p * np.log2(p)).sum()) * np.asarray(indices).size / 8 + 4.0 * np.asarray(codebook).size
 
 
 def uniform_levels(values: np.ndarray, target: float, weight: np.ndarray | None = None,
