@@ -41,10 +41,15 @@ from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 from pycompress.rewrites.share_allocation import LayerCost, allocation_plan, layer_costs
 
 
-def data_context(model, calibration: np.ndarray, name: str) -> ApplyContext:
-    """As `apply --data`: activations of ``model`` (as it is being rewritten) on the calibration crops."""
+def data_context(model, calibration: np.ndarray, name: str, reference=None) -> ApplyContext:
+    """As `apply --data`: activations of ``model`` (as it is being rewritten) and of ``reference`` (the
+    original) on the calibration crops."""
     batches = [{name: calibration[i:i + 16]} for i in range(0, len(calibration), 16)]
-    return ApplyContext(activations=lambda names: collect_activations(upstream_of(model, names), names, batches))
+
+    def source(m):
+        return lambda names: collect_activations(upstream_of(m, names), names, batches)
+
+    return ApplyContext(activations=source(model), reference_activations=source(reference or model))
 
 
 def fixed_packed_bytes(onnx_bytes: bytes, shared: set[str]) -> int:
@@ -77,6 +82,8 @@ def main() -> int:
                         help="share with error_compensation (GPTQ-style index choice on Gemm and Conv)")
     parser.add_argument("--weighted", action="store_true",
                         help="share with activation_weighting (k-means weighted by the inputs' E[x_i^2])")
+    parser.add_argument("--drift", action="store_true",
+                        help="share with drift_correction (bias correction toward the original's output mean)")
     parser.add_argument("--levels", choices=("kmeans", "uniform"), default="kmeans",
                         help="share's codebook: 2^bits k-means values, or an evenly spaced grid of the same error")
     parser.add_argument("--validation", type=int, default=160,
@@ -101,7 +108,8 @@ def main() -> int:
     bits = tuple(int(b) for b in args.bits.split(","))
     params = {**({"error_compensation": True} if args.compensate else {}),
               **({"activation_weighting": True} if args.weighted else {}),
-              **({"levels": args.levels} if args.levels != "kmeans" else {})}
+              **({"levels": args.levels} if args.levels != "kmeans" else {}),
+              **({"drift_correction": True} if args.drift else {})}
 
     costs_path = Path(args.costs) if args.costs else None
     if costs_path is not None and costs_path.exists():
@@ -143,12 +151,12 @@ def main() -> int:
         budget = target * fp32_bytes - fixed
         plan = allocation_plan(costs, budget, params)
         tag = (f"{target}{'_comp' if args.compensate else ''}{'_weighted' if args.weighted else ''}"
-               f"{'_uniform' if args.levels == 'uniform' else ''}")
+               f"{'_uniform' if args.levels == 'uniform' else ''}{'_drift' if args.drift else ''}")
         plan_path = work / f"share_alloc_{tag}.plan.json"
         plan.save(plan_path)
         candidate = load_model(original)
         t0 = time.monotonic()
-        apply_plan(candidate, plan, data_context(candidate, calibration, name))
+        apply_plan(candidate, plan, data_context(candidate, calibration, name, reference=model))
         seconds = time.monotonic() - t0
         out = work / f"share_alloc_{tag}.onnx"
         save_model(candidate, out)

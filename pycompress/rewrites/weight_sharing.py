@@ -321,7 +321,7 @@ def layer_importance(node: ir.Node, weights: np.ndarray, ctx: ApplyContext, cent
     """
     if ctx.activations is None or node.op_type not in ("Conv", "Gemm"):
         return None
-    mean, _, square = _input_statistics(node, ctx)
+    mean, _, square, _ = _input_statistics(node, ctx)
     return None if square is None else activation_importance(node, weights, input_moment(mean, square, centered))
 
 
@@ -344,6 +344,9 @@ class WeightSharing(Rewrite):
         ParamSpec("error_compensation", bool, "choose the indices column by column, pushing each column's "
                   "rounding error onto the columns not yet rounded through E[x x^T] of the layer's input "
                   "(GPTQ with the k-means codebook; Gemm and 1x1 Conv, needs --data)", default=False),
+        ParamSpec("drift_correction", bool, "with bias correction: also remove the shift of the output mean "
+                  "that earlier rewritten layers caused (W . (E[x] - E[x_original]), the original model's "
+                  "input mean on the same calibration batches)", default=False),
         ParamSpec("levels", str, "kmeans: 2^bits k-means values; uniform: an evenly spaced grid (up to 256 "
                   "values) with the same weight error as those, fewer bits once Huffman-coded (packed file)",
                   default="kmeans", choices=("kmeans", "uniform")),
@@ -431,7 +434,7 @@ class WeightSharing(Rewrite):
         correct = wants_bias_correction(site, decision.params, ctx) and node.op_type in ("Conv", "Gemm") and index == 1
         importance = None
         if correct or compensate or weighted:
-            input_mean, second_moment, input_square = _input_statistics(node, ctx, second=compensate)
+            input_mean, second_moment, input_square, samples = _input_statistics(node, ctx, second=compensate)
             if weighted and input_square is not None:
                 importance = activation_importance(node, weights, input_moment(input_mean, input_square, correct))
             input_mean = input_mean if correct else None
@@ -467,8 +470,19 @@ class WeightSharing(Rewrite):
         remove_if_unused(model.graph, value)
 
         reconstructed = codebook[indices] * scale if scale is not None else codebook[indices]
+        drift = None
+        if input_mean is not None and decision.params.get("drift_correction", False):
+            if ctx.reference_activations is None:
+                raise PycompressError(f"site '{site.name}': drift_correction needs the original model's "
+                                      "activations (apply with --data)")
+            drift = input_mean - _reference_mean(node, ctx, samples)
         if input_mean is not None:
-            correct_bias(model, node, output_shift(node, reconstructed.astype(np.float64) - weights, input_mean))
+            shift = output_shift(node, reconstructed.astype(np.float64) - weights, input_mean)
+            if drift is not None:
+                # W~ mu - W mu_original = dW mu + W (mu - mu_original): the layer's own error and the
+                # drift the layers before it left in its input mean (DFQ's empirical bias correction).
+                shift = shift + output_shift(node, np.asarray(weights, np.float64), drift)
+            correct_bias(model, node, shift)
 
         reconstructed = reconstructed.astype(np.float64)
         original = weights.astype(np.float64)
@@ -478,6 +492,7 @@ class WeightSharing(Rewrite):
             "prune_fraction": fraction,
             "per_channel": scale is not None,
             "bias_corrected": input_mean is not None,
+            "drift_corrected": drift is not None,
             "error_compensated": bool(compensate and second_moment is not None and fraction == 0),
             "activation_weighted": importance is not None and fraction == 0,
             "codebook_values": int(codebook.size),
@@ -529,7 +544,7 @@ def output_shift(node: ir.Node, delta: np.ndarray, input_mean: np.ndarray) -> np
 
 
 def _input_statistics(node: ir.Node, ctx: ApplyContext, second: bool = False):
-    """``(E[x], (H, rows) or None, E[x^2])`` of the node's data input per channel over the calibration batches.
+    """``(E[x], (H, rows) or None, E[x^2], samples read)`` of the node's data input per channel.
 
     Read from the model as it is being rewritten (``ctx.activations``), so a
     layer sees the inputs that the already shared (and corrected) layers
@@ -573,12 +588,34 @@ def _input_statistics(node: ir.Node, ctx: ApplyContext, second: bool = False):
             # is already far more precise than the shift it corrects.
             break
     if not count:
-        return None, None, None
+        return None, None, None, 0
     if second and gram is not None:
         moment = (gram if gram.ndim == 3 else gram[None]) / rows, rows
     else:
         moment = None
-    return total / count, moment, square / count
+    return total / count, moment, square / count, samples
+
+
+def _reference_mean(node: ir.Node, ctx: ApplyContext, samples: int) -> np.ndarray:
+    """Per-channel mean of the node's data input in the original model over the first ``samples`` samples.
+
+    The same batches ``_input_statistics`` read: the drift is a difference of two means, and
+    over different samples it would be mostly their sampling noise.
+    """
+    name = node.inputs[0].name
+    total, count, read = None, 0, 0
+    for batch in ctx.reference_activations([name]):
+        x = np.asarray(batch[name], np.float64)
+        read += x.shape[1] if node.op_type != "Conv" and attr_int(node, "transA", 0) else x.shape[0]
+        if node.op_type == "Conv":
+            x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+        elif attr_int(node, "transA", 0):
+            x = x.T
+        total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
+        count += x.shape[0]
+        if read >= samples:
+            break
+    return total / count
 
 
 def _pointwise(node: ir.Node) -> bool:
