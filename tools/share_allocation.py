@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from pycompress.cli.apply import upstream_of
-from pycompress.data import load_data
+from pycompress.data import load_data, sample_groups
+from pycompress.data.images import SKIMAGE_CALIBRATION_PHOTOS
 from pycompress.export.onnx_spans import initializer_spans
 from pycompress.export.packed import pack_file
 from pycompress.fidelity import collect_activations
@@ -89,6 +90,9 @@ def main() -> int:
     parser.add_argument("--validation", type=int, default=160,
                         help="new builtin:skimage crops after the calibration ones (calibration photos; the "
                              "figure to choose configurations by, never the held-out one)")
+    parser.add_argument("--validate-photo", default=None,
+                        help="leave this calibration photo out (e.g. rocket): layer costs and apply use crops of the "
+                             "other four, validation is crops of this one (a photo the compression never saw)")
     parser.add_argument("--work", default=None, help="folder for the models (default: a new temporary one)")
     args = parser.parse_args()
 
@@ -100,8 +104,16 @@ def main() -> int:
     name = model.graph.inputs[0].name
     # Crop i depends only on (seed, i): crops calibration..calibration+validation-1 are new crops of the same
     # photos, seen by neither the layer costs nor the apply.
-    crops = np.asarray(load_data(f"builtin:skimage:{args.calibration + args.validation}", model).inputs[name][:])
-    calibration, validation = crops[:args.calibration], crops[args.calibration:]
+    if args.validate_photo is None:
+        crops = np.asarray(load_data(f"builtin:skimage:{args.calibration + args.validation}", model).inputs[name][:])
+        calibration, validation = crops[:args.calibration], crops[args.calibration:]
+    else:
+        if args.validate_photo not in SKIMAGE_CALIBRATION_PHOTOS:
+            parser.error(f"--validate-photo: one of {', '.join(SKIMAGE_CALIBRATION_PHOTOS)}")
+        pool = load_data(f"builtin:skimage:{4 * (args.calibration + args.validation)}", model).inputs
+        left_out = sample_groups(pool) == SKIMAGE_CALIBRATION_PHOTOS.index(args.validate_photo)
+        calibration = np.asarray(pool[name][np.flatnonzero(~left_out)[:args.calibration]])
+        validation = np.asarray(pool[name][np.flatnonzero(left_out)[:args.validation]])
     held = np.asarray(load_data(f"builtin:skimage-heldout:{args.heldout}", model).inputs[name][:])
     share = get_rewrite("share")
     sites = [s.name for s in share.sites(model) if share.starting_decision(model, s, bits=8) is not None]
@@ -150,7 +162,7 @@ def main() -> int:
     for target in (float(t) for t in args.targets.split(",")):
         budget = target * fp32_bytes - fixed
         plan = allocation_plan(costs, budget, params)
-        tag = (f"{target}{'_comp' if args.compensate else ''}{'_weighted' if args.weighted else ''}"
+        tag = (f"{target}{'_' + args.validate_photo if args.validate_photo else ''}{'_comp' if args.compensate else ''}{'_weighted' if args.weighted else ''}"
                f"{'_uniform' if args.levels == 'uniform' else ''}{'_drift' if args.drift else ''}")
         plan_path = work / f"share_alloc_{tag}.plan.json"
         plan.save(plan_path)
