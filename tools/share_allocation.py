@@ -162,8 +162,10 @@ def main() -> int:
     for target in (float(t) for t in args.targets.split(",")):
         budget = target * fp32_bytes - fixed
         plan = allocation_plan(costs, budget, params)
-        tag = (f"{target}{'_' + args.validate_photo if args.validate_photo else ''}{'_comp' if args.compensate else ''}{'_weighted' if args.weighted else ''}"
-               f"{'_uniform' if args.levels == 'uniform' else ''}{'_drift' if args.drift else ''}")
+        flags = [args.validate_photo if args.validate_photo else "", "comp" if args.compensate else "",
+                 "weighted" if args.weighted else "", "uniform" if args.levels == "uniform" else "",
+                 "drift" if args.drift else ""]
+        tag = "_".join([str(target)] + [f for f in flags if f])
         plan_path = work / f"share_alloc_{tag}.plan.json"
         plan.save(plan_path)
         candidate = load_model(original)

@@ -56,6 +56,13 @@ Deviations from ALGORITHMS.md, measured on EfficientNet-Lite0
   unweighted k-means). ALGORITHMS.md 1.5 clusters the weights alone. Measured
   on EfficientNet-Lite0 it did not help (docs/sharing-export-bench.md).
 
+- ``drift_correction`` (default off; with bias correction and the original
+  model's activations, ``ctx.reference_activations``): the bias also absorbs
+  the output-mean shift that earlier rewritten layers left in this layer's
+  input, ``W (E[x] - E[x_orig])`` (DFQ's empirical bias correction). On
+  digits it lowers the held-out output error; on EfficientNet-Lite0 it helped
+  the calibration photos only (docs/sharing-export-bench.md).
+
 - ``levels="uniform"`` (default ``kmeans``): evenly spaced values with the
   k-means error instead of the ``2^bits`` k-means values (``uniform_levels``):
   fewer bits once the packed container Huffman-codes the indices (used where
