@@ -129,10 +129,10 @@ def container(mlp_files):
     return data, header, 16 + header_len + 4
 
 
-def rebuild(header, sections_blob):
+def rebuild(header, sections_blob, version=2, flags=1):
     """A container with a (tampered) header whose checksums are recomputed: only the SHA-256 can catch it."""
     body = json.dumps(header, separators=(",", ":")).encode()
-    prefix = MAGIC + struct.pack("<HHI", 1, 0, len(body))
+    prefix = MAGIC + struct.pack("<HHI", version, flags, len(body))
     return prefix + body + struct.pack("<I", zlib.crc32(prefix[8:] + body)) + sections_blob
 
 
@@ -146,7 +146,7 @@ def damaged(container):
     skeleton_end = start + sections[0]["length"]
     cases = {
         "bad magic": (b"PK\x03\x04" + data[4:], "not a pycompress packed file"),
-        "newer version": (data[:8] + struct.pack("<H", 2) + data[10:], "version 2 is not supported"),
+        "newer version": (data[:8] + struct.pack("<H", 3) + data[10:], "version 3 is not supported"),
         "header byte": (flip(data, 30), "corrupted header"),
         "skeleton byte": (flip(data, start + 10), "section 0 checksum mismatch"),
         "stream byte": (flip(data, skeleton_end + 300), "section 1 checksum mismatch"),
@@ -157,11 +157,23 @@ def damaged(container):
     for cut in (5, 12, 40, start - 1, start + 7, skeleton_end + 1, len(data) - 1):
         cases[f"truncated at {cut}"] = (data[:cut], "truncated")
     blob = data[start:]
-    tampered = bytearray(blob)
-    tampered[100] ^= 1
-    forged = json.loads(json.dumps(header))
-    forged["sections"][0]["crc32"] = zlib.crc32(bytes(tampered[:sections[0]["length"]]))
-    cases["skeleton changed, checksums forged"] = (rebuild(forged, bytes(tampered)), "SHA-256")
+    assert struct.unpack_from("<H", data, 10)[0] == 1            # the skeleton is deflated
+    skeleton = bytearray(zlib.decompress(blob[:sections[0]["length"]]))
+    skeleton[100] ^= 1
+
+    def with_skeleton(deflated, **fields):
+        forged = json.loads(json.dumps(header))
+        forged["sections"][0] = {"length": len(deflated), "crc32": zlib.crc32(deflated)}
+        forged.update(fields)
+        return rebuild(forged, deflated + blob[sections[0]["length"]:])
+
+    cases["skeleton changed, checksums forged"] = (with_skeleton(zlib.compress(bytes(skeleton))), "SHA-256")
+    cases["skeleton not deflate data, checksums forged"] = (with_skeleton(b"\x00garbage" * 50),
+                                                             "skeleton does not inflate")
+    original = zlib.compress(zlib.decompress(blob[:sections[0]["length"]]))
+    cases["skeleton longer than said, checksums forged"] = (
+        with_skeleton(original, skeleton_bytes=header["skeleton_bytes"] - 1), "inflates to other than")
+    cases["deflate flag in a version 1 file"] = (rebuild(header, blob, version=1), "corrupted header")
     forged = json.loads(json.dumps(header))
     forged["streams"][0]["offset"] += 3
     cases["stream moved, checksums forged"] = (rebuild(forged, blob), "SHA-256")
@@ -182,7 +194,7 @@ def damaged(container):
 
 def test_damaged_containers_are_refused_with_one_line_naming_the_file(container, tmp_path):
     cases = damaged(container)
-    assert len(cases) == 21
+    assert len(cases) == 24
     for name, (data, message) in cases.items():
         path = tmp_path / "bad.pcz"
         path.write_bytes(data)
@@ -322,3 +334,15 @@ def test_efficientnet_int8_fp16_ort_exports_load_and_run(efficientnet_onnx, crop
     config = (tmp_path / "eff.required_operators.config").read_text()
     assert reports["ort"].files == [str(tmp_path / "eff.required_operators.config")]
     assert "Conv" in config and "Gemm" in config
+
+
+def test_version_1_containers_still_unpack(container, mlp_files):
+    """Files written before the skeleton was deflated (version 1, flags 0) read back the same bytes."""
+    data, header, start = container
+    length = header["sections"][0]["length"]
+    skeleton = zlib.decompress(data[start:start + length])
+    old = {key: value for key, value in header.items() if key != "skeleton_bytes"}
+    old["sections"] = [{"length": len(skeleton), "crc32": zlib.crc32(skeleton)}] + header["sections"][1:]
+    packed = rebuild(old, skeleton + data[start + length:], version=1, flags=0)
+    assert unpack_bytes(packed) == mlp_files["pruned"].read_bytes()
+    assert len(packed) > len(data)

@@ -131,7 +131,8 @@ def _run(args) -> int:
     ctx = ApplyContext()
     if calibration is not None:
         ctx = ApplyContext(_activation_source(model, calibration, args.batch_size),
-                           {"data_aware": not args.weight_only, "token_mask": token_mask_input(model)})
+                           {"data_aware": not args.weight_only, "token_mask": token_mask_input(model)},
+                           reference_activations=_activation_source(reference, calibration, args.batch_size))
     before = {**_sizes(model), "file_bytes": _file_bytes(model_path, model)}
     # With data, rewrites stream activations: say what is being done (it can take minutes).
     log = (lambda line: print(f"apply {line}", file=sys.stderr, flush=True)) if calibration is not None else None

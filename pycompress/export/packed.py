@@ -4,7 +4,10 @@ Deep Compression's storage step (ALGORITHMS.md 1.5). Every uint8/int8
 initializer (the index streams of weight sharing, and the weights of int8
 models) is cut out of the ONNX file and canonical-Huffman coded
 (``kernels.huffman_*``); the rest of the file (the "skeleton": graph,
-codebooks, biases, float weights) is stored as is. Unpacking puts the decoded
+codebooks, biases, float weights) is deflated (zlib) when that is smaller
+(flag ``SKELETON_DEFLATED``; 276 KB -> 211 KB on EfficientNet-Lite0 shared
+per layer, 0.35% of the fp32 file, bytes the bit allocation spends on the
+indices instead). Unpacking puts the decoded
 bytes back at their offsets, which restores the *same bytes* (no protobuf
 re-serialization; see ``onnx_spans``). A stream dominated by one symbol (index
 0 = 0.0 after magnitude pruning) is coded as zero runs when that is smaller:
@@ -16,14 +19,16 @@ Layout (integers little-endian)::
 
     magic       8 bytes   b"\\x89PCZ\\r\\n\\x1a\\n"
     version     u16       FORMAT_VERSION
-    flags       u16       0
+    flags       u16       SKELETON_DEFLATED (1) or 0 (version 1: always 0)
     header_len  u32
     header      header_len bytes of UTF-8 JSON: onnx size + SHA-256, sections
                 (length, crc32 each), streams (tensor, offset, count, coding)
     header_crc  u32       CRC-32 of version .. header
     sections    the bytes of each section, in header order, nothing after
 
-A Huffman section is 256 code lengths (one byte per symbol) then the payload.
+Section 0 is the skeleton (zlib-deflated with the flag; the header's
+``skeleton_bytes`` is then its inflated length). A Huffman section is 256 code
+lengths (one byte per symbol) then the payload.
 Reading checks, in order: magic, version, header CRC, header schema, exact
 total size (truncation), each section's CRC, each stream's decoding, offsets,
 and the SHA-256 of the restored file: a damaged file is refused with a
@@ -47,7 +52,9 @@ from pycompress.export.onnx_spans import DATA_TYPES, TensorSpan, initializer_spa
 from pycompress.ir import atomic_write_bytes
 
 MAGIC = b"\x89PCZ\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)   # version 1: the same layout, skeleton always stored as is (flags 0)
+SKELETON_DEFLATED = 1
 _PREFIX = struct.Struct("<8sHHI")
 _CRC = struct.Struct("<I")
 _TABLE_BYTES = 256
@@ -184,16 +191,20 @@ def pack_bytes(onnx_bytes: bytes, *, where: str = "model") -> tuple[bytes, list[
         reports.append(StreamReport(span.name, kind, span.length, entry["coding"], size,
                                     size * 8 / span.length, entropy_bits(symbols)))
     skeleton_parts.append(onnx_bytes[cursor:])
-    sections.insert(0, b"".join(skeleton_parts))
+    skeleton = b"".join(skeleton_parts)
+    deflated = zlib.compress(skeleton, 9)
+    flags = SKELETON_DEFLATED if len(deflated) < len(skeleton) else 0
+    sections.insert(0, deflated if flags else skeleton)
     header = {
         "format": "pycompress-packed",
         "onnx_bytes": len(onnx_bytes),
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        **({"skeleton_bytes": len(skeleton)} if flags else {}),
         "sections": [{"length": len(s), "crc32": zlib.crc32(s)} for s in sections],
         "streams": streams,
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes))
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(header_bytes))
     crc = zlib.crc32(prefix[8:] + header_bytes)
     return prefix + header_bytes + _CRC.pack(crc) + b"".join(sections), reports
 
@@ -228,15 +239,15 @@ def _int(value, where: str, what: str, low: int = 0, high: int | None = None) ->
     return value
 
 
-def _read_header(data: bytes, where: str) -> tuple[dict, int]:
+def _read_header(data: bytes, where: str) -> tuple[dict, int, int]:
     if len(data) < _PREFIX.size or data[:8] != MAGIC:
         if len(data) < _PREFIX.size and MAGIC.startswith(data[:8]) and data:
             raise _fail(where, f"truncated packed file ({len(data)} bytes)")
         raise _fail(where, "not a pycompress packed file (bad magic bytes)")
     _, version, flags, header_len = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise _fail(where, f"packed format version {version} is not supported (this pycompress reads "
-                           f"version {FORMAT_VERSION})")
+                           f"versions {', '.join(map(str, READ_VERSIONS))})")
     if header_len > _MAX_HEADER_BYTES:
         raise _fail(where, f"corrupted header (length {header_len})")
     end = _PREFIX.size + header_len + _CRC.size
@@ -244,7 +255,8 @@ def _read_header(data: bytes, where: str) -> tuple[dict, int]:
         raise _fail(where, f"truncated packed file ({len(data)} bytes, the header alone needs {end})")
     header_bytes = data[_PREFIX.size:_PREFIX.size + header_len]
     (crc,) = _CRC.unpack_from(data, _PREFIX.size + header_len)
-    if zlib.crc32(data[8:_PREFIX.size] + header_bytes) != crc or flags != 0:
+    known = SKELETON_DEFLATED if version >= 2 else 0
+    if zlib.crc32(data[8:_PREFIX.size] + header_bytes) != crc or flags & ~known:
         raise _fail(where, "corrupted header (checksum mismatch)")
     try:
         header = json.loads(header_bytes.decode("utf-8"))
@@ -254,12 +266,12 @@ def _read_header(data: bytes, where: str) -> tuple[dict, int]:
         raise _fail(where, "corrupted header (nested too deeply)") from None
     if not isinstance(header, dict) or header.get("format") != "pycompress-packed":
         raise _fail(where, "corrupted header (unknown format)")
-    return header, end
+    return header, end, flags
 
 
 def unpack_bytes(data: bytes, *, where: str = "packed file") -> bytes:
     """The original ONNX bytes; PycompressError if the container is damaged in any way."""
-    header, pos = _read_header(data, where)
+    header, pos, flags = _read_header(data, where)
     # Bounded by what the file can hold: Huffman codes take >= 1 bit per symbol
     # and a zero-run pair stands for at most 256 symbols, so a restored model is
     # never more than 2048x the container; a larger claim would only allocate.
@@ -289,6 +301,8 @@ def unpack_bytes(data: bytes, *, where: str = "packed file") -> bytes:
         pos += length
 
     skeleton = sections[0]
+    if flags & SKELETON_DEFLATED:
+        skeleton = _inflate(skeleton, _int(header.get("skeleton_bytes"), where, "skeleton_bytes", 0, total), where)
     pieces, cursor, restored = [], 0, len(skeleton)
     for entry in streams:
         stream = _decode_stream(entry, sections, where)
@@ -308,6 +322,18 @@ def unpack_bytes(data: bytes, *, where: str = "packed file") -> bytes:
     if hashlib.sha256(onnx_bytes).hexdigest() != digest:
         raise _fail(where, "restored model does not match its SHA-256 checksum; the file is corrupted")
     return onnx_bytes
+
+
+def _inflate(section: bytes, size: int, where: str) -> bytes:
+    """The deflated skeleton, exactly ``size`` bytes (never more is allocated: a bomb stops at ``size + 1``)."""
+    inflater = zlib.decompressobj()
+    try:
+        skeleton = inflater.decompress(section, size + 1)
+    except zlib.error as exc:
+        raise _fail(where, f"corrupted packed file (the skeleton does not inflate: {exc})") from None
+    if len(skeleton) != size or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
+        raise _fail(where, f"corrupted packed file (the skeleton inflates to other than its {size} bytes)")
+    return skeleton
 
 
 def _decode_stream(entry, sections: list[bytes], where: str) -> bytes:

@@ -46,6 +46,9 @@ class ApplyContext:
     activations: ActivationSource | None = None
     options: dict[str, Any] = field(default_factory=dict)
     model_activations: ModelActivationSource | None = None
+    # The same calibration batches through the model as it was before the plan (names unchanged by
+    # weight rewrites): for corrections toward the original's values, not only the layer's own error.
+    reference_activations: ActivationSource | None = None
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",

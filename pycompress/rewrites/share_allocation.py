@@ -41,7 +41,7 @@ from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import apply_plan
 from pycompress.rewrites.base import ApplyContext
 from pycompress.rewrites.weight_sharing import REWRITE as SHARE
-from pycompress.rewrites.weight_sharing import share_weights
+from pycompress.rewrites.weight_sharing import layer_importance, share_weights
 
 PACKED_MIN_STREAM = 512     # export/packed.py codes uint8 streams of at least this many bytes
 HUFFMAN_TABLE_BYTES = 256   # one code length per symbol
@@ -79,7 +79,7 @@ def packed_layer_bytes(indices: np.ndarray, clusters: int, channels: int) -> flo
 
 
 def layer_costs(model: ir.Model, sites: list[str], measure: Callable[[ir.Model], float], *,
-                bits: tuple[int, ...] = (3, 4, 5, 6, 7, 8), probe_bits: int = 6,
+                bits: tuple[int, ...] = (3, 4, 5, 6, 7, 8), probe_bits: int | tuple[int, int] = 6,
                 ctx: ApplyContext | None = None, params: dict[str, Any] | None = None,
                 progress: Callable[[str], None] | None = None) -> list[LayerCost]:
     """Bytes and predicted output error of each site at each of ``bits``.
@@ -90,8 +90,19 @@ def layer_costs(model: ir.Model, sites: list[str], measure: Callable[[ir.Model],
     shared at ``probe_bits`` (through ``apply`` with ``ctx``, so bias
     correction is part of the probe when ``ctx`` has data). ``params``: other
     `share` parameters of the probe and of the plan (e.g. ``error_compensation``).
+    ``probe_bits`` may name two widths: each layer is then measured at both and
+    the error at width ``b`` is ``e_1 (w_b / w_1)^a``, with ``w`` the weight
+    errors and the exponent ``a`` fitted through the two measurements
+    (clamped to [0.25, 4]) instead of 1: the output error does not follow the
+    weight error one to one (bias correction and error compensation remove
+    more of it at some widths than at others). Two model runs per layer.
+    With ``activation_weighting`` in ``params`` the k-means of every width is
+    weighted as the rewrite weights it (input second moments on ``ctx``'s
+    data), and the weight errors that carry the probe to the other widths are
+    weighted the same way.
     """
     ctx = ctx or ApplyContext()
+    probes = (probe_bits,) if isinstance(probe_bits, int) else tuple(sorted(set(probe_bits)))
     costs = []
     for count, name in enumerate(sites, 1):
         node = node_by_name(model, name)
@@ -99,25 +110,39 @@ def layer_costs(model: ir.Model, sites: list[str], measure: Callable[[ir.Model],
         weights = constant_array(node.inputs[site.info["input"]])
         axis = output_channel_axis(node, site.info["input"], weights.ndim)
         cost = LayerCost(name, int(weights.size))
-        norm = float(np.square(weights, dtype=np.float64).sum()) or 1.0
-        for b in sorted(set(bits) | {probe_bits}):
-            codebook, indices, scale, _ = share_weights(weights, b, channel_axis=axis)
+        importance = (layer_importance(node, weights, ctx) if (params or {}).get("activation_weighting")
+                      and site.info["input"] == 1 else None)
+        factor = 1.0 if importance is None else importance
+        norm = float((factor * np.square(weights, dtype=np.float64)).sum()) or 1.0
+        for b in sorted(set(bits) | set(probes)):
+            codebook, indices, scale, _ = share_weights(weights, b, channel_axis=axis, importance=importance,
+                                                        levels=(params or {}).get("levels", "kmeans"))
             shared = codebook[indices].astype(np.float64) * (scale if scale is not None else 1.0)
-            cost.weight_error[b] = float(np.square(shared - weights).sum()) / norm
-            cost.bytes[b] = packed_layer_bytes(indices, 2 ** b, site.info.get("channels", 0))
-        probe = model.clone()
-        apply_plan(probe, Plan([LayerDecision(name, SHARE.action, {**(params or {}), "bits": probe_bits})]), ctx)
-        cost.probe_error = float(measure(probe))
-        reference = cost.weight_error[probe_bits]
+            cost.weight_error[b] = float((factor * np.square(shared - weights)).sum()) / norm
+            cost.bytes[b] = packed_layer_bytes(indices, codebook.size, site.info.get("channels", 0))
+        measured = {}
+        for b in probes:
+            probe = model.clone()
+            apply_plan(probe, Plan([LayerDecision(name, SHARE.action, {**(params or {}), "bits": b})]), ctx)
+            measured[b] = float(measure(probe))
+        first = probes[0]
+        cost.probe_error = measured[first]
+        exponent = 1.0
+        if len(probes) > 1:
+            last = probes[-1]
+            weight_ratio = cost.weight_error[last] / cost.weight_error[first] if cost.weight_error[first] > 0 else 0.0
+            if measured[first] > 0 and measured[last] > 0 and 0 < weight_ratio < 1:
+                exponent = float(np.clip(np.log(measured[last] / measured[first]) / np.log(weight_ratio), 0.25, 4.0))
+        reference = cost.weight_error[first]
         for b in bits:
             ratio = cost.weight_error[b] / reference if reference > 0 else 0.0
-            cost.error[b] = cost.probe_error * ratio
+            cost.error[b] = cost.probe_error * ratio ** exponent
         cost.bytes = {b: cost.bytes[b] for b in bits}
         cost.weight_error = {b: cost.weight_error[b] for b in bits}
         costs.append(cost)
         if progress is not None:
-            progress(f"[{count}/{len(sites)}] {name}: {cost.params} weights, error at {probe_bits} bits "
-                     f"{cost.probe_error:.4g}")
+            progress(f"[{count}/{len(sites)}] {name}: {cost.params} weights, error at "
+                     + ", ".join(f"{b} bits {e:.4g}" for b, e in measured.items()))
     return costs
 
 
