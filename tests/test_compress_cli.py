@@ -208,6 +208,9 @@ def test_digits_mlp_svd_certified_and_accurate(digits_mlp, tmp_path, capsys):
     assert acc_after >= acc_before - 0.02, (acc_before, acc_after, summary)
     plan = Plan.load(tmp_path / "mlp_svd.plan.json")
     assert {d.action for d in plan.decisions} == {"svd"} and len(plan.decisions) == 3
+    # The certifying step also passed the robust check; the trace says with what output-scale factor.
+    last = json.loads((tmp_path / "mlp_svd.trace.json").read_text())["search"]["trace"][-1]
+    assert last["robust_factor"] is not None and last["robust_factor"] > 1.0
 
 
 def _compress_process(argv, env):

@@ -486,6 +486,8 @@ def _trace(config: dict[str, Any], space, result, summary: dict[str, Any]) -> di
             "z_max": None if step is None else step.z_max,
             "probability": None if step is None else step.probability,
             "incumbent_J": None if step is None else step.incumbent_value,
+            # the robust check's output-scale factor (None: MAP did not certify at that step)
+            "robust_factor": None if step is None else getattr(step, "robust_factor", None),
             "seconds": obs.seconds,
             **{k: v for k, v in obs.extras.items() if k in ("agreement", "accuracy", "cosine")},
         })
