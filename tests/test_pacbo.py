@@ -316,6 +316,26 @@ def test_resume_refuses_changed_settings(tmp_path):
         PACBO(1, lambda t, i: (0.0, 1.0), run_dir=tmp_path / "missing").run(resume=True)
 
 
+def test_a_run_saved_with_the_fixed_robust_factor_resumes_with_it(tmp_path):
+    """States written before the robust factor came from the posterior (no robust_quantile saved, the
+    fixed x2) resume with their x2 instead of being refused for a setting no CLI flag sets."""
+    settings = dict(max_evals=11, initial=10, candidates=FAST)
+    PACBO(1, lambda t, i: (float(t[0]), 1e-2), PACBOSettings(robust_outputscale=2.0, **settings),
+          run_dir=tmp_path).run()
+    path = tmp_path / "state.json"
+    state = json.loads(path.read_text())
+    del state["settings"]["robust_quantile"]
+    path.write_text(json.dumps(state))
+    resumed = PACBO(1, lambda t, i: (float(t[0]), 1e-2), PACBOSettings(**settings), run_dir=tmp_path)
+    assert resumed.run(resume=True).evaluations == 11
+    assert resumed.settings.robust_outputscale == 2.0
+    # A state of this version with another factor is still refused.
+    PACBO(1, lambda t, i: (float(t[0]), 1e-2), PACBOSettings(robust_outputscale=2.0, **settings),
+          run_dir=tmp_path / "new").run()
+    with pytest.raises(PycompressError, match="robust_outputscale"):
+        PACBO(1, lambda t, i: (0.0, 1.0), PACBOSettings(**settings), run_dir=tmp_path / "new").run(resume=True)
+
+
 def test_a_finished_search_is_not_extended_on_resume_unless_its_budget_is_raised(tmp_path):
     calls = []
 

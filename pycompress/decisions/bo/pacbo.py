@@ -49,7 +49,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -317,6 +317,10 @@ class PACBO:
         if data["d"] != self.d:
             raise PycompressError(f"{path}: the saved search has {data['d']} dimensions, this one {self.d}")
         saved = PACBOSettings.from_dict(data["settings"]).to_dict()
+        if "robust_quantile" not in data["settings"] and self.settings.robust_outputscale is None:
+            # Saved before the robust check took its factor from the posterior: the run keeps the
+            # fixed factor it was searched with (the CLI sets neither; a finished run stays resumable).
+            self.settings = replace(self.settings, robust_outputscale=saved["robust_outputscale"])
         mine = self.settings.to_dict()
         changed = sorted(k for k in mine if mine[k] != saved[k] and k not in _RESUMABLE_CHANGES)
         if changed:
