@@ -415,13 +415,14 @@ def test_compress_cli_finetune_writes_a_report_that_matches_a_recomputation(digi
     out = tmp_path / "small.onnx"
     code = main(["compress", str(d["path"]), "--data", str(d["folder"] / "calib.npz"), "-o", str(out),
                  "--method", str(d["folder"] / "plan.json"), "--finetune", "--finetune-epochs", "2",
-                 "--threads", "1", "--quiet", "--json"])
+                 "--finetune-batch", "32", "--threads", "1", "--quiet", "--json"])
     assert code == 0
     report = json.loads((tmp_path / "small.report" / "report.json").read_text())
     names = [s["name"] for s in report["stages"]]
     assert names.index("recover") < names.index("finetune") < names.index("verify")
     ft = report["finetune"]
     assert ft["kept"] and ft["settings"]["optimizer"] == "rmsprop" and ft["settings"]["labels"]
+    assert ft["settings"]["batch_size"] == 32
     assert len(ft["epochs"]) == 2
 
     # recompute the held-out numbers from the written model

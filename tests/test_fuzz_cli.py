@@ -415,7 +415,7 @@ BAD_NUMBERS = {
                  "--epsilon": ["0", "1", "nan", "2"], "--max-evals": ["0", "-5", "1.5"],
                  "--time-limit": ["0", "-1", "nan", "inf"], "--max-prune": ["0", "2", "nan"],
                  "--align": ["0", "-1"], "--energy": ["0", "nan", "2"], "--recover-samples": ["0", "-2"],
-                 "--finetune-epochs": ["0"], "--finetune-lr": ["0", "nan", "-1"], "--latency-runs": ["0"],
+                 "--finetune-epochs": ["0"], "--finetune-batch": ["0", "-2"], "--finetune-lr": ["0", "nan", "-1"], "--latency-runs": ["0"],
                  "--initial": ["-1"], "--seed": ["-1"], "--threads": ["-1", "100000"]},
     "apply": {"--samples": ["0", "-1"], "--batch-size": ["0", "-4"], "--seed": ["-1"]},
     "bench": {"--iters": ["0", "-1"], "--warmup": ["-1"], "--batch": ["0"], "--samples": ["-1"],

@@ -65,6 +65,7 @@ def add_parser(sub) -> None:
     p.add_argument("--finetune-lr", type=float, default=None,
                    help="fine-tuning learning rate (default: the best of 1e-3, 1e-4, 1e-5 for rmsprop/adam, "
                         "1e-2 .. 1e-4 for sgd, each tried for a quarter epoch)")
+    p.add_argument("--finetune-batch", type=int, default=64, help="fine-tuning batch size (default 64)")
     p.add_argument("--finetune-optimizer", choices=("rmsprop", "adam", "sgd"), default="rmsprop",
                    help="fine-tuning optimizer (default rmsprop, as CramNet)")
     p.add_argument("--finetune-data", default=None, metavar="DATA",
@@ -221,13 +222,15 @@ def _settings(args):
                     time_limit=args.time_limit, energy=args.energy, target_size=args.target_size,
                     recover_samples=args.recover_samples, no_recover=bool(args.no_recover),
                     finetune=bool(args.finetune or args.finetune_data), finetune_epochs=args.finetune_epochs,
-                    finetune_lr=args.finetune_lr, finetune_optimizer=args.finetune_optimizer,
+                    finetune_lr=args.finetune_lr, finetune_batch=args.finetune_batch,
+                    finetune_optimizer=args.finetune_optimizer,
                     finetune_data=args.finetune_data, heldout=args.heldout, quiet=args.quiet)
 
 
 def run(args) -> int:
     # Every check before any work: numbers, then the output-path policy (see pycompress.files).
     check_numbers(args, energy=FRACTION, recover_samples=AT_LEAST_ONE, finetune_epochs=AT_LEAST_ONE,
+                  finetune_batch=AT_LEAST_ONE,
                   finetune_lr=POSITIVE, latency_runs=AT_LEAST_ONE, max_prune=FRACTION, align=AT_LEAST_ONE,
                   target_size=FRACTION, gamma=POSITIVE, samples=AT_LEAST_ONE, delta=NON_NEGATIVE,
                   epsilon=PROBABILITY, max_evals=AT_LEAST_ONE, time_limit=POSITIVE, initial=Range(0),

@@ -49,6 +49,7 @@ class Settings:
     finetune: bool = False
     finetune_epochs: int = 3
     finetune_lr: float | None = None
+    finetune_batch: int = 64
     finetune_optimizer: str = "rmsprop"
     finetune_data: str | None = None        # fine-tune on this source instead of the calibration data
     heldout: str | None = None
@@ -152,6 +153,7 @@ def finetune_stage(run: Run) -> str | None:
         groups = None
     run.finetuned = finetune(run.model, run.compressed, source.inputs, source.labels, groups=groups,
                              epochs=settings.finetune_epochs, lr=settings.finetune_lr,
+                             batch_size=settings.finetune_batch,
                              optimizer=settings.finetune_optimizer, seed=run.config["seed"],
                              progress=None if settings.quiet else run.log, threads=settings.threads).to_dict()
     run.finetuned["fidelity_before"] = before.mean
