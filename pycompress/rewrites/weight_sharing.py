@@ -160,13 +160,12 @@ def share_weights(weights: np.ndarray, bits: int, prune_fraction: float = 0.0, c
     info: dict[str, Any] = {"pruned": pruned}
     if pruned == 0:
         codebook, indices, iterations, converged = kernels.kmeans1d(flat, clusters)
-        if importance is not None:
-            weight = np.ascontiguousarray(np.broadcast_to(importance, np.shape(weights)), np.float64).ravel()
+        weight = (None if importance is None else
+                  np.ascontiguousarray(np.broadcast_to(importance, np.shape(weights)), np.float64).ravel())
+        if weight is not None:
             codebook, indices, more, converged = weighted_lloyd(flat, weight, codebook)
             iterations += more
         if levels == "uniform":
-            weight = (None if importance is None else
-                      np.ascontiguousarray(np.broadcast_to(importance, np.shape(weights)), np.float64).ravel())
             error = codebook[indices].astype(np.float64) - flat
             target = float(np.average(np.square(error), weights=weight))
             uniform = uniform_levels(flat, target, weight)
@@ -566,11 +565,8 @@ def _input_statistics(node: ir.Node, ctx: ApplyContext, second: bool = False):
     total, gram, square, count, samples, rows = None, None, None, 0, 0, 0
     for batch in ctx.activations([name]):
         raw = np.asarray(batch[name], np.float64)
-        samples += raw.shape[1] if node.op_type != "Conv" and attr_int(node, "transA", 0) else raw.shape[0]
-        if node.op_type == "Conv":
-            x = np.moveaxis(raw, 1, -1).reshape(-1, raw.shape[1])
-        else:
-            x = raw.T if attr_int(node, "transA", 0) else raw
+        x, in_batch = _channel_rows(node, raw)
+        samples += in_batch
         total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
         square = np.square(x).sum(axis=0) if square is None else square + np.square(x).sum(axis=0)
         if patches:
@@ -603,6 +599,15 @@ def _input_statistics(node: ir.Node, ctx: ApplyContext, second: bool = False):
     return total / count, moment, square / count, samples
 
 
+def _channel_rows(node: ir.Node, raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """A batch of the node's data input as rows of its channels ``[rows, C]`` (a Conv's positions are rows
+    too; Gemm's ``transA`` undone), and how many samples the batch holds."""
+    trans_a = node.op_type != "Conv" and attr_int(node, "transA", 0)
+    if node.op_type == "Conv":
+        return np.moveaxis(raw, 1, -1).reshape(-1, raw.shape[1]), raw.shape[0]
+    return (raw.T, raw.shape[1]) if trans_a else (raw, raw.shape[0])
+
+
 def _reference_mean(node: ir.Node, ctx: ApplyContext, samples: int) -> np.ndarray:
     """Per-channel mean of the node's data input in the original model over the first ``samples`` samples.
 
@@ -612,12 +617,8 @@ def _reference_mean(node: ir.Node, ctx: ApplyContext, samples: int) -> np.ndarra
     name = node.inputs[0].name
     total, count, read = None, 0, 0
     for batch in ctx.reference_activations([name]):
-        x = np.asarray(batch[name], np.float64)
-        read += x.shape[1] if node.op_type != "Conv" and attr_int(node, "transA", 0) else x.shape[0]
-        if node.op_type == "Conv":
-            x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
-        elif attr_int(node, "transA", 0):
-            x = x.T
+        x, in_batch = _channel_rows(node, np.asarray(batch[name], np.float64))
+        read += in_batch
         total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
         count += x.shape[0]
         if read >= samples:
