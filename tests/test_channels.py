@@ -280,3 +280,76 @@ def test_the_shape_evaluator_works_on_its_own():
     target = next(n for n in model.graph if n.op_type == "Reshape").inputs[1]
     assert shape_entries(model, target) == ["N", 48]
     assert ShapeEvaluator().shape_entries(target) == ["N", 48]
+
+
+# ---- the cache kept valid across prunes and clones (ir/channels/reuse.py) --------------------------
+
+def _canonical(groups):
+    """Everything a prune reads from the groups, by name (the records' node objects aside)."""
+    return [(g.id, g.width, g.blocked_by,
+             [(p.node, p.output, p.axis, p.channels.tolist()) for p in g.producers],
+             sorted((s.role, s.node, s.input_index, s.tensor, s.axis, s.positions.tolist(), s.channels.tolist())
+                    for s in g.slices),
+             sorted((c.kind, c.node, c.input_index, c.entry, c.positions.tolist(), c.channels.tolist())
+                    for c in g.counts),
+             sorted((c.tensor, c.axis, c.positions.tolist(), c.channels.tolist()) for c in g.carriers))
+            for g in groups]
+
+
+def _prune_all_and_compare_with_a_walk(model, seed=0):
+    """Prune every prunable group in a random order, each to a random subset of its channels; after
+    each prune the updated cache must equal a fresh walk of the pruned graph, bound to its nodes."""
+    from pycompress.ir.channels.groups import cached_channel_groups
+    from pycompress.rewrites.prune_channels import prune_group
+
+    rng = np.random.default_rng(seed)
+    ids = [g.id for g in channel_groups(model) if g.prunable]
+    assert ids
+    for gid in rng.permutation(ids):
+        group = channel_group(model, str(gid))
+        count = int(rng.integers(2, group.width)) if group.width > 2 else 2
+        keep = np.sort(rng.choice(group.width, size=count, replace=False))
+        prune_group(model, group, keep)
+        updated = cached_channel_groups(model)
+        assert updated is not None, f"the cache was dropped after pruning {gid}"
+        assert _canonical(updated) == _canonical(channel_groups(model, cache=False)), gid
+        nodes = {id(n) for n in model.graph}
+        assert all(id(s.ir_node) in nodes for g in updated for s in g.slices)
+    return model
+
+
+@pytest.mark.parametrize("cls", pm.ARCHITECTURES, ids=lambda c: c.__name__)
+def test_pruning_updates_the_groups_exactly_as_a_new_walk_finds_them(cls, tmp_path):
+    """Concat offsets (DenseBlock), residual couplings, flattened consumers, squeeze-excite."""
+    _, model = load_arch(cls, tmp_path)
+    _prune_all_and_compare_with_a_walk(model)
+
+
+def test_pruning_efficientnet_lite0_and_a_transformer_updates_the_groups_exactly(efficientnet_onnx, tmp_path):
+    from transformer_models import export_tiny_encoder
+
+    _prune_all_and_compare_with_a_walk(load_model(efficientnet_onnx), seed=1)
+    _prune_all_and_compare_with_a_walk(load_model(export_tiny_encoder(tmp_path / "enc.onnx")), seed=2)
+
+
+def test_a_clone_gets_the_groups_without_a_walk(efficientnet_onnx, monkeypatch):
+    from pycompress.ir.channels import share_channel_groups
+    from pycompress.ir.channels import groups as groups_module
+
+    model = load_model(efficientnet_onnx)
+    channel_groups(model)
+    clone = model.clone()
+    walks = []
+    monkeypatch.setattr(groups_module, "Walk", lambda *a: walks.append(a) or (_ for _ in ()).throw(AssertionError))
+    share_channel_groups(model, clone)
+    shared = channel_groups(clone)
+    assert not walks
+    monkeypatch.undo()
+    assert _canonical(shared) == _canonical(channel_groups(clone, cache=False))
+    nodes = {id(n) for n in clone.graph}
+    assert all(id(p.ir_node) in nodes for g in shared for p in g.producers)
+    assert all(id(s.ir_node) in nodes for g in shared for s in g.slices)
+    values = {id(v) for n in clone.graph for v in n.outputs} | {id(v) for v in clone.graph.inputs}
+    assert all(id(c.ir_value) in values for g in shared for c in g.carriers)
+    # The original's records still point at the original.
+    assert all(id(p.ir_node) not in nodes for g in channel_groups(model) for p in g.producers)

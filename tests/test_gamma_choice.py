@@ -74,3 +74,20 @@ def test_a_clear_trade_off_is_unchanged_by_its_noise():
         blind = gamma_from_observations(quality, ratio, target)
         aware = gamma_from_observations(quality, ratio, target, var)
         assert aware.reachable and aware.gamma == blind.gamma
+
+
+def test_a_trade_off_that_stops_growing_well_below_the_target_gives_gamma_1():
+    """EfficientNet-Lite0 before recovery: the design's best quality is at ratio 0.36 and nothing larger
+    measurably beats it. Twice the last tie gave gammas of 0.55-17 across seeds; no slope exists at the
+    target, so gamma 1, said plainly. Within the band of the target the old rule stays."""
+    ratio = np.array([0.1, 0.2, 0.36, 0.5, 0.62, 0.75, 0.78])
+    quality = np.array([-0.9, -0.6, -0.3, -0.45, -0.5, -0.4, -0.35])
+    var = np.full(7, 0.02 ** 2)
+    old = gamma_from_observations(quality, ratio, 0.75, var)
+    assert old.gamma > 1 and not old.reachable
+    flat = gamma_from_observations(quality, ratio, 0.75, var, band=0.04)
+    assert flat.gamma == 1.0 and not flat.reachable and flat.predicted_ratio == pytest.approx(0.36)
+    assert "does not measurably grow with size up to the target" in flat.notes[0]
+    # The best quality just below the target (inside the band): the slope there still counts.
+    near = gamma_from_observations(quality, ratio, 0.39, var, band=0.04)
+    assert near.gamma == old.gamma

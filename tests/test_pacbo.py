@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,32 @@ def test_a_run_saved_with_the_fixed_robust_factor_resumes_with_it(tmp_path):
           run_dir=tmp_path / "new").run()
     with pytest.raises(PycompressError, match="robust_outputscale"):
         PACBO(1, lambda t, i: (0.0, 1.0), PACBOSettings(**settings), run_dir=tmp_path / "new").run(resume=True)
+
+
+def test_delta_scale_is_the_certificate_gap_in_units_of_j_saved_and_resumed(tmp_path):
+    """The CLI means delta in units of J's heavier term (``delta_scale = max(1, gamma)``): every step's
+    gap is delta times the scale; the scale is saved; states saved before it resume at scale 1."""
+    settings = PACBOSettings(delta=0.05, max_evals=12, initial=10, candidates=FAST)
+    run = PACBO(1, lambda t, i: (float(t[0]), 1e-2), settings, run_dir=tmp_path)
+    run.delta_scale = 4.0
+    result = run.run()
+    assert result.history and all(h.delta == pytest.approx(0.2) for h in result.history)
+    path = tmp_path / "state.json"
+    state = json.loads(path.read_text())
+    assert state["delta_scale"] == 4.0
+    again = PACBO(1, lambda t, i: (float(t[0]), 1e-2), settings, run_dir=tmp_path)
+    again.load()
+    assert again.delta_scale == 4.0
+    del state["delta_scale"]
+    path.write_text(json.dumps(state))
+    old = PACBO(1, lambda t, i: (float(t[0]), 1e-2), settings, run_dir=tmp_path)
+    old.load()
+    assert old.delta_scale == 1.0
+    # A relative delta is already scale-free: the scale does not apply.
+    relative = PACBO(1, lambda t, i: (float(t[0]), 1e-2), replace(settings, relative_delta=True, max_evals=11))
+    relative.delta_scale = 4.0
+    steps = relative.run().history
+    assert steps and all(h.delta == pytest.approx(0.05 * abs(h.incumbent_value)) for h in steps)
 
 
 def test_a_finished_search_is_not_extended_on_resume_unless_its_budget_is_raised(tmp_path):

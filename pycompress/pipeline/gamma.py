@@ -90,7 +90,7 @@ def select_gamma(objective: CompressionObjective, points: np.ndarray, measuremen
 
 
 def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], target: float,
-                            quality_var: Sequence[float] | None = None) -> GammaChoice:
+                            quality_var: Sequence[float] | None = None, band: float | None = None) -> GammaChoice:
     """Gamma at which the best *evaluated* point of ``gamma Q + 1/R`` crosses ratio ``target``.
 
     The maximizers of ``gamma q_i + 1/r_i`` over the evaluations, as gamma
@@ -104,6 +104,12 @@ def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], ta
     target by a wide margin). When every hull point lies on one side of the
     target, the nearest one's gamma range is used and the choice is marked
     unreachable for now (the search's later rounds see more points).
+
+    With ``band`` (the search's target band): when the best quality was measured at a ratio more than
+    ``band`` below the target, the quality does not measurably grow with size between there and the
+    target, so there is no slope at the target to measure: gamma 1, as when no step is significant.
+    (Twice the last tie, the rule before, turned that flat stretch into gammas of 0.55-17 across seeds
+    of one model, EfficientNet-Lite0's pre-recovery stage search; docs/pacbo.md.)
     """
     if not 0 < target <= 1:
         raise PycompressError(f"target size must be in (0, 1], got {target}")
@@ -143,6 +149,10 @@ def gamma_from_observations(quality: Sequence[float], ratio: Sequence[float], ta
         note = (f"no evaluated point is at or below the target {target:g} on the trade-off yet "
                 f"(smallest {ratios[first]:.3g})")
         return GammaChoice(gamma, target, float(ratios[first]), False, [note])
+    if band is not None and ratios[last] < target - band:
+        note = (f"the best evaluated quality is at ratio {ratios[last]:.3g}, below the target {target:g}: the "
+                "quality does not measurably grow with size up to the target; gamma 1")
+        return GammaChoice(1.0, target, float(ratios[last]), False, [note])
     gamma = 2 * hull[-1][1] if hull[-1][1] > 0 else 1.0
     return GammaChoice(gamma, target, float(ratios[last]), False,
                        [f"the best evaluated quality is at ratio {ratios[last]:.3g}, below the target {target:g}"])

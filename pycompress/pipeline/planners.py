@@ -296,7 +296,8 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
         if feasible is not None:
             seeds.insert(0, _target_point(objective, config["target_size"]))
         planner.seeds = [planner._point(p) for p in seeds]
-    if target_mode and "gamma" not in planner.meta:
+    chosen_now = target_mode and "gamma" not in planner.meta
+    if chosen_now:
         # Gamma for the target size, from the initial design: evaluated (and saved) by the planner like
         # any evaluation, so a kill here resumes without redoing it; the search reuses them.
         log(f"choosing gamma for target size {config['target_size']:g} on the initial design")
@@ -308,6 +309,15 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
         planner.meta["gamma"] = planner.meta["gamma_choice"]["gamma"]
     gamma = float(planner.meta["gamma"] if target_mode else config["gamma"])
     objective.gamma = gamma
+    if not resumed or chosen_now:
+        # delta is meant in the unit of J's heavier term: of Q when gamma > 1 (Q = -log of the relative
+        # error: delta 0.05 is a 5% difference in error), of 1/R otherwise. In units of J alone, a gamma
+        # of 17 asked for 0.3% of error and no run on EfficientNet-Lite0 certified (docs/pacbo.md).
+        # A resumed run keeps the scale it was saved with (1 for states saved before the scale).
+        planner.delta_scale = max(1.0, gamma)
+    if not config["relative_delta"]:
+        log(f"certificate tolerance: delta {config['delta']:g} in units of "
+            f"{'Q' if planner.delta_scale > 1 else '1/R'}, {config['delta'] * planner.delta_scale:.4g} in units of J")
     # Every observation's J at this gamma, from its saved quality and ratio (the same arithmetic in an
     # uninterrupted and a resumed run); saved with the gamma choice in one write.
     planner.reweigh(lambda o: objective_from_extras(gamma, o.extras))
@@ -333,7 +343,7 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
         "method": config["method"], "certified": result.certified,
         "probability": result.probability, "z_max": result.z_max, "stop_reason": result.stop_reason,
         "delta": result.history[-1].delta if result.history else config["delta"], "epsilon": config["epsilon"],
-        "gamma": config["gamma"], "target_size": config["target_size"], "objective": objective.objective,
+        "delta_scale": planner.delta_scale, "gamma": config["gamma"], "target_size": config["target_size"], "objective": objective.objective,
         "ratio": objective.ratio_of(compressed),
         "J": result.value, "evaluations": result.evaluations, "search_seconds": result.seconds,
         "decisions": describe_point(space, result.theta),
@@ -406,7 +416,7 @@ def _choose_gamma(planner, config, log) -> dict[str, Any]:
 
     choice = gamma_from_observations([o.extras["quality"] for o in planner.observations],
                                      [o.extras["ratio"] for o in planner.observations], config["target_size"],
-                                     [o.extras["quality_var"] for o in planner.observations])
+                                     [o.extras["quality_var"] for o in planner.observations], band=TARGET_BAND)
     for note in choice.notes:
         log(f"note: {note}")
     log(f"gamma = {choice.gamma:.6g} (the measured trade-off's slope at the target, from "

@@ -38,6 +38,8 @@ from pycompress.errors import PycompressError
 from pycompress.ir import (add_initializer, attr_float, constant_array, node_macs, remove_unused_initializers,
                            token_mask_input)
 from pycompress.ir.channels import ChannelGroup, channel_group, channel_groups
+from pycompress.ir.channels.groups import cached_channel_groups, remember_channel_groups
+from pycompress.ir.channels.reuse import groups_after_prune
 from pycompress.ir.heads import AttentionHeads, attention_head_group, attention_heads
 from pycompress.plan import LayerDecision
 from pycompress.rewrites.base import (ApplyContext, ParamSpec, RefitSpec, Rewrite, SearchRange, SearchSettings, Site,
@@ -246,6 +248,9 @@ def prune_group(model: ir.Model, group: ChannelGroup, keep: np.ndarray,
     ``apply_plan`` re-runs shape inference and the checker afterwards.
     """
     keep = np.asarray(keep, dtype=np.int64)
+    groups_before = cached_channel_groups(model)
+    if groups_before is not None and not any(g is group for g in groups_before):
+        groups_before = None                  # a group of another analysis: the cache cannot follow
     nodes = _unique_nodes([s.ir_node for s in group.slices] + [c.ir_node for c in group.counts])
     params_before, macs_before = _affected_cost(model, nodes)
     compensated = _compensate_biases(model, group, keep, stats) if stats else []
@@ -289,6 +294,10 @@ def prune_group(model: ir.Model, group: ChannelGroup, keep: np.ndarray,
                 value.shape = ir.Shape(dims)
     _remove_dead_constants(model)
     remove_unused_initializers(model)
+    if groups_before is not None and len(np.unique(keep)) > 1:
+        # The next prune of this plan needs the groups of the pruned graph: updated, not walked again.
+        # (One channel left: a per-channel constant may now broadcast; a walk decides.)
+        remember_channel_groups(model, groups_after_prune(groups_before, group, keep))
     params_after, macs_after = _affected_cost(model, nodes)
     consumers = _unique_nodes([s.ir_node for s in group.slices if s.role == "consumer weight"])
     return {"width": group.width, "kept": int(len(keep)), "removed": int(group.width - len(keep)),

@@ -279,6 +279,9 @@ class PACBO:
         self.design_size = 0
         # The caller's own state, saved atomically with the search's (e.g. the gamma the CLI chose).
         self.meta: dict[str, Any] = {}
+        # J units per unit of ``settings.delta`` (absolute deltas only): the caller's J may weigh its
+        # terms, and delta is meant in the unit of the heavier one (the CLI: max(1, gamma)). Saved.
+        self.delta_scale = 1.0
         self.status = "new"
 
     # -- state -------------------------------------------------------------
@@ -296,6 +299,7 @@ class PACBO:
             "rng": self.rng.bit_generator.state,
             "history": [h.to_dict() for h in self.history],
             "elapsed": self.elapsed, "design_size": self.design_size, "meta": self.meta,
+            "delta_scale": self.delta_scale,
         }
 
     def save(self) -> None:
@@ -333,6 +337,7 @@ class PACBO:
         self.elapsed = float(data["elapsed"])
         self.design_size = int(data.get("design_size", 0))
         self.meta = dict(data.get("meta") or {})
+        self.delta_scale = float(data.get("delta_scale", 1.0))   # states saved before it: delta in J
         self.status = data["status"]
 
     # -- the loop ----------------------------------------------------------
@@ -422,7 +427,7 @@ class PACBO:
         allowed = self._allowed(visited)
         index, mu_hat = select_incumbent(model, visited[allowed])
         index = int(np.nonzero(allowed)[0][index])
-        delta = resolve_delta(s.delta, s.relative_delta, mu_hat)
+        delta = self._delta(mu_hat)
         acquisition = self._restricted(PACAcquisition(model, visited[index], delta))
         theta, z_max = maximize_acquisition(acquisition, self.d, self.rng,
                                             anchors=self._anchors(model, visited, index, allowed),
@@ -521,6 +526,11 @@ class PACBO:
         if s.time_limit is not None and time.monotonic() - started >= s.time_limit:
             return "time_limit"
         return None
+
+    def _delta(self, mu_hat: float) -> float:
+        """The certificate's gap in units of J: ``delta * delta_scale``, or relative to ``|mu(t^)|``."""
+        s = self.settings
+        return resolve_delta(s.delta if s.relative_delta else s.delta * self.delta_scale, s.relative_delta, mu_hat)
 
     def _target_sd(self, delta: float) -> float | None:
         nt = self.settings.noise_target
@@ -629,7 +639,7 @@ class RandomSearch(PACBO):
         y = np.where(self._allowed(self._x()), self._y(), -np.inf)
         best = int(np.argmax(y))
         step = Step(len(self.observations), list(map(float, self._x()[best])), float(y[best]), math.nan, math.nan,
-                    resolve_delta(self.settings.delta, self.settings.relative_delta, float(y[best])))
+                    self._delta(float(y[best])))
         batch = [(self._uniform_point(), None, None) for _ in range(self.settings.batch_size)]
         return step, None, batch
 

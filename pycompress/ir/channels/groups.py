@@ -15,6 +15,7 @@ from pycompress.ir.channels.model import (
 )
 from pycompress.ir.graph import node_label as label
 from pycompress.ir.graph import site_by_id
+from pycompress.ir.channels.reuse import groups_on_clone
 from pycompress.ir.channels.rules import PRODUCER_OPS, RULES
 from pycompress.ir.channels.walk import Walk
 
@@ -111,23 +112,47 @@ def _fingerprint(model: ir.Model) -> tuple:
     return tuple(parts)
 
 
+_CACHE = "pycompress.channel_groups"
+
+
+def cached_channel_groups(model: ir.Model) -> list[ChannelGroup] | None:
+    """The groups cached on ``model`` if no node or node input was replaced since, else None."""
+    cached = model.meta.get(_CACHE)
+    return cached[1] if cached is not None and cached[0] == _fingerprint(model) else None
+
+
+def remember_channel_groups(model: ir.Model, groups: list[ChannelGroup]) -> None:
+    """Cache ``groups`` as the model's groups as it is now."""
+    model.meta[_CACHE] = (_fingerprint(model), groups)
+
+
 def channel_groups(model: ir.Model, *, cache: bool = True) -> list[ChannelGroup]:
     """Every channel group of the model, prunable or blocked, in graph order of first producers.
 
     Shapes must be inferred (``load_model`` does it, and folds constants so
     exporter padding chains are gone). The result is cached on the model
-    until a node or one of its inputs is replaced.
+    until a node or one of its inputs is replaced (pruning keeps it up to
+    date itself: ``reuse.groups_after_prune``).
     """
-    key = _fingerprint(model) if cache else None
-    cached = model.meta.get("pycompress.channel_groups") if cache else None
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cache:
+        cached = cached_channel_groups(model)
+        if cached is not None:
+            return cached
     walk = Walk(model, RULES, PRODUCER_OPS)
     walk.run()
     groups = build_groups(walk)
     if cache:
-        model.meta["pycompress.channel_groups"] = (key, groups)
+        remember_channel_groups(model, groups)
     return groups
+
+
+def share_channel_groups(source: ir.Model, clone: ir.Model) -> None:
+    """Give ``clone`` (from ``source.clone()``) the groups cached on ``source``, without a walk."""
+    groups = cached_channel_groups(source)
+    if groups is not None:
+        rebound = groups_on_clone(groups, source, clone)
+        if rebound is not None:
+            remember_channel_groups(clone, rebound)
 
 
 def channel_group(model: ir.Model, group_id: str) -> ChannelGroup:
