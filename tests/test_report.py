@@ -27,7 +27,11 @@ def test_write_report_files_and_numbers(tmp_path):
     assert json.loads(paths["json"].read_text())["after"]["params"] == 250
     md = paths["md"].read_text()
     assert "| parameters | 1,000 | 250 | 0.250 |" in md and "| MACs | 5,000 | 1,500 | 0.300 |" in md
-    assert "certified" in md and "15 evaluations" in md
+    assert "certified: P(J(t*) - J(t^) < 0.05) >= 0.995" in md and "15 evaluations" in md
+    # delta meant in units of Q (gamma 2.5): the report says so next to the gap in J.
+    report["search"].update(delta=0.125, delta_scale=2.5)
+    md = write_report(report, tmp_path / "scaled")["md"].read_text()
+    assert "certified: P(J(t*) - J(t^) < 0.125) (delta 0.05 in units of Q) >= 0.995" in md
     assert "<table>" in paths["html"].read_text()
     assert paths["bo_trace.png"].read_bytes()[:4] == b"\x89PNG"
 

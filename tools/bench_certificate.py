@@ -12,7 +12,8 @@ Per seed: `pycompress compress ... --seed S --no-recover` (the search alone; wal
 whole command in this process), then the certified answer t^ is evaluated exactly (on the whole
 calibration pool, where J has no noise) and compared with the best J, on the same objective (the
 run's gamma, the same target band), of 10x as many uniform random points of that band, also
-evaluated exactly. "within delta" means J(t^) >= J(best random) - delta. The random points are the
+evaluated exactly. "within delta" means J(t^) >= J(best random) - delta, with delta in units of J as
+the run certified it (the run's summary: delta * max(1, gamma), docs/pacbo.md "The unit of delta"). The random points are the
 same for every seed; their exact (Q, R) are cached per case, and per seed where the CLI prunes by
 statistics drawn with the seed (case b).
 

@@ -503,7 +503,8 @@ def _trace(config: dict[str, Any], space, result, summary: dict[str, Any]) -> di
         })
     search = {"method": config["method"], "gamma": config["gamma"], "target_size": config["target_size"],
               "certificate": result.certified, "probability": result.probability, "z_max": result.z_max,
-              "delta": summary["delta"], "epsilon": config["epsilon"], "stop_reason": result.stop_reason,
+              "delta": summary["delta"], "delta_scale": summary["delta_scale"], "epsilon": config["epsilon"],
+              "stop_reason": result.stop_reason,
               "evaluations": result.evaluations, "seconds": result.seconds, "trace": trace}
     return {"config": config,
             "dimensions": [{"site": d.site, "action": d.action, "r_max": d.high, "untouched_from": d.untouched_from,

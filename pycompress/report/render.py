@@ -6,7 +6,7 @@ except ``before``/``after``):
     model, output, method, actions, seconds, stages [{name, seconds}],
     before / after {params, macs, bytes, file_bytes, latency_ms_p50, latency_ms_p90},
     fidelity {function_norm, function_norm_se, top1_agreement, accuracy_before, accuracy_after},
-    search {gamma, certificate, probability, delta, epsilon, stop_reason,
+    search {gamma, certificate, probability, delta, delta_scale, epsilon, stop_reason,
             trace [{eval, ratio, fidelity_mean, fidelity_se, J, z_max}]},
     layers [{site, action, params, params_before, params_after}],
     recovery {layers [{nodes, error_before, error_after, kept}]}.
@@ -137,9 +137,12 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     lines.append(f"- method: {report.get('method', '-')}, actions: {', '.join(report.get('actions', []))}")
     search = report.get("search") or {}
     if search:
-        cert = ("certified: P(J(t*) - J(t^) < {delta}) >= {p}".format(
-            delta=search.get("delta"), p=_fmt(1 - search.get("epsilon", 0))) if search.get("certificate")
-            else f"no certificate ({search.get('stop_reason', 'budget')})")
+        scale = search.get("delta_scale") or 1.0
+        unit = (f" (delta {_fmt(search['delta'] / scale)} in units of Q)"
+                if scale > 1 and search.get("delta") is not None else "")
+        cert = ("certified: P(J(t*) - J(t^) < {delta}){unit} >= {p}".format(
+            delta=_fmt(search.get("delta")), unit=unit, p=_fmt(1 - search.get("epsilon", 0)))
+            if search.get("certificate") else f"no certificate ({search.get('stop_reason', 'budget')})")
         lines.append(f"- search: {len(search.get('trace', []))} evaluations, gamma {_fmt(search.get('gamma'))}, {cert}")
     if report.get("seconds") is not None:
         lines.append(f"- total time: {report['seconds']:.1f} s")
