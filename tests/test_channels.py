@@ -282,7 +282,7 @@ def test_the_shape_evaluator_works_on_its_own():
     assert ShapeEvaluator().shape_entries(target) == ["N", 48]
 
 
-# ---- the cache kept valid across prunes and clones (ir/channels/reuse.py) --------------------------
+# ---- the cache kept valid across prunes (ir/channels/reuse.py) --------------------------
 
 def _canonical(groups):
     """Everything a prune reads from the groups, by name (the records' node objects aside)."""
@@ -330,26 +330,3 @@ def test_pruning_efficientnet_lite0_and_a_transformer_updates_the_groups_exactly
 
     _prune_all_and_compare_with_a_walk(load_model(efficientnet_onnx), seed=1)
     _prune_all_and_compare_with_a_walk(load_model(export_tiny_encoder(tmp_path / "enc.onnx")), seed=2)
-
-
-def test_a_clone_gets_the_groups_without_a_walk(efficientnet_onnx, monkeypatch):
-    from pycompress.ir.channels import share_channel_groups
-    from pycompress.ir.channels import groups as groups_module
-
-    model = load_model(efficientnet_onnx)
-    channel_groups(model)
-    clone = model.clone()
-    walks = []
-    monkeypatch.setattr(groups_module, "Walk", lambda *a: walks.append(a) or (_ for _ in ()).throw(AssertionError))
-    share_channel_groups(model, clone)
-    shared = channel_groups(clone)
-    assert not walks
-    monkeypatch.undo()
-    assert _canonical(shared) == _canonical(channel_groups(clone, cache=False))
-    nodes = {id(n) for n in clone.graph}
-    assert all(id(p.ir_node) in nodes for g in shared for p in g.producers)
-    assert all(id(s.ir_node) in nodes for g in shared for s in g.slices)
-    values = {id(v) for n in clone.graph for v in n.outputs} | {id(v) for v in clone.graph.inputs}
-    assert all(id(c.ir_value) in values for g in shared for c in g.carriers)
-    # The original's records still point at the original.
-    assert all(id(p.ir_node) not in nodes for g in channel_groups(model) for p in g.producers)

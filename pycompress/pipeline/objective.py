@@ -39,7 +39,6 @@ from pycompress.decisions.bo import Dimension, SearchSpace
 from pycompress.errors import PycompressError
 from pycompress.fidelity import Estimate, FidelityEstimator
 from pycompress.ir import model_cost
-from pycompress.ir.channels import share_channel_groups
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 from pycompress.rewrites.base import Site
@@ -230,14 +229,8 @@ class CompressionObjective:
         self._cache: dict[tuple[int, tuple[float, ...]], Measurement] = {}
 
     # -- sizes ---------------------------------------------------------------
-    def _clone(self) -> ir.Model:
-        """A copy of the original to rewrite; its channel groups come along (no walk per candidate)."""
-        model = self.model.clone()
-        share_channel_groups(self.model, model)
-        return model
-
     def _apply(self, decisions: list[LayerDecision]) -> tuple[ir.Model, Plan]:
-        model = self._clone()
+        model = self.model.clone()
         plan = apply_plan(model, Plan(decisions), self.context, check=False)
         return model, plan
 
@@ -316,7 +309,7 @@ class CompressionObjective:
     # -- evaluation ----------------------------------------------------------
     def compress(self, theta: Sequence[float]) -> tuple[ir.Model, Plan]:
         """The compressed model and applied plan at ``theta`` (checked by the ONNX checker)."""
-        model = self._clone()
+        model = self.model.clone()
         plan = apply_plan(model, self.space.to_plan(theta), self.context)
         return model, plan
 

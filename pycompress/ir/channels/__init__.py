@@ -50,10 +50,10 @@ The package, one concept per module:
 - ``shapes``: the static shape evaluator (``shape_entries``), usable on its own.
 - ``nodes``: reading node inputs/attributes, raising ``MalformedNode`` on a malformed node.
 - ``groups``: walk records -> ``ChannelGroup``s; ``channel_groups`` / ``channel_group`` (cached).
-- ``reuse``: the cached groups kept valid after a prune and carried to a clone, without a walk.
+- ``reuse``: the cached groups kept valid after a prune, without a walk.
 """
 
-from pycompress.ir.channels.groups import channel_group, channel_groups, share_channel_groups
+from pycompress.ir.channels.groups import channel_group, channel_groups
 from pycompress.ir.channels.model import (
     ChannelCarrier,
     ChannelCount,
@@ -64,4 +64,4 @@ from pycompress.ir.channels.model import (
 from pycompress.ir.channels.shapes import shape_entries
 
 __all__ = ["ChannelCarrier", "ChannelCount", "ChannelGroup", "ChannelProducer", "ChannelSlice",
-           "channel_group", "channel_groups", "shape_entries", "share_channel_groups"]
+           "channel_group", "channel_groups", "shape_entries"]

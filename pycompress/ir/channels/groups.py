@@ -15,7 +15,6 @@ from pycompress.ir.channels.model import (
 )
 from pycompress.ir.graph import node_label as label
 from pycompress.ir.graph import site_by_id
-from pycompress.ir.channels.reuse import groups_on_clone
 from pycompress.ir.channels.rules import PRODUCER_OPS, RULES
 from pycompress.ir.channels.walk import Walk
 
@@ -144,15 +143,6 @@ def channel_groups(model: ir.Model, *, cache: bool = True) -> list[ChannelGroup]
     if cache:
         remember_channel_groups(model, groups)
     return groups
-
-
-def share_channel_groups(source: ir.Model, clone: ir.Model) -> None:
-    """Give ``clone`` (from ``source.clone()``) the groups cached on ``source``, without a walk."""
-    groups = cached_channel_groups(source)
-    if groups is not None:
-        rebound = groups_on_clone(groups, source, clone)
-        if rebound is not None:
-            remember_channel_groups(clone, rebound)
 
 
 def channel_group(model: ir.Model, group_id: str) -> ChannelGroup:
