@@ -66,33 +66,23 @@ def groups_after_prune(groups: list[ChannelGroup], pruned: ChannelGroup, keep: n
         mask = np.isin(channels, keep)
         return mask, np.searchsorted(keep, channels[mask])
 
+    def moved(record, mine: bool, cut: dict[tuple, np.ndarray], key: tuple) -> dict[str, np.ndarray]:
+        """A record's positions and channels after the prune."""
+        positions, channels = record.positions, record.channels
+        if mine:
+            mask, channels = renumber(channels)
+            positions = positions[mask]
+        return {"positions": _shift(positions, cut.get(key)), "channels": channels}
+
     out = []
     for group in groups:
         mine = group is pruned
-        slices, counts, carriers, producers = [], [], [], []
-        for s in group.slices:
-            positions, channels = s.positions, s.channels
-            if mine:
-                mask, channels = renumber(channels)
-                positions = positions[mask]
-            tensor = (s.ir_node.inputs[s.input_index].name or "") if s.ir_node is not None else s.tensor
-            slices.append(replace(s, positions=_shift(positions, cut_slices.get(_slice_key(s))),
-                                  channels=channels, tensor=tensor))
-        for c in group.counts:
-            positions, channels = c.positions, c.channels
-            if mine:
-                mask, channels = renumber(channels)
-                positions = positions[mask]
-            counts.append(replace(c, positions=_shift(positions, cut_counts.get(_count_key(c))), channels=channels))
-        for c in group.carriers:
-            positions, channels = c.positions, c.channels
-            if mine:
-                mask, channels = renumber(channels)
-                positions = positions[mask]
-            carriers.append(replace(c, positions=_shift(positions, cut_carriers.get(_carrier_key(c))),
-                                    channels=channels))
-        for p in group.producers:
-            producers.append(replace(p, channels=renumber(p.channels)[1]) if mine else replace(p))
+        slices = [replace(s, **moved(s, mine, cut_slices, _slice_key(s)),
+                          tensor=(s.ir_node.inputs[s.input_index].name or "") if s.ir_node is not None else s.tensor)
+                  for s in group.slices]
+        counts = [replace(c, **moved(c, mine, cut_counts, _count_key(c))) for c in group.counts]
+        carriers = [replace(c, **moved(c, mine, cut_carriers, _carrier_key(c))) for c in group.carriers]
+        producers = [replace(p, channels=renumber(p.channels)[1]) if mine else replace(p) for p in group.producers]
         out.append(replace(group, width=len(keep) if mine else group.width, producers=producers,
                            slices=slices, counts=counts, carriers=carriers))
     return out
