@@ -13,9 +13,9 @@ Per seed: `pycompress compress ... --seed S --no-recover` (the search alone; wal
 whole command in this process), then the certified answer t^ is evaluated exactly (on the whole
 calibration pool, where J has no noise) and compared with the best J, on the same objective (the
 run's gamma, the same target band), of 10x as many uniform random points of that band, also
-evaluated exactly. "within delta" means J(t^) >= J(best random) - delta, with delta in units of J as
-the run certified it (the run's summary: delta * max(1, gamma), docs/pacbo.md "The unit of delta"). The random points are the
-same for every seed; their exact (Q, R) are cached per case, and per seed where the CLI prunes by
+evaluated exactly. "within delta" means J(t^) >= J(best random) - delta, with delta in units of J
+as the run certified it (delta * max(1, gamma), docs/pacbo.md "The unit of delta"). The random
+points are the same for every seed; their exact (Q, R) are cached per case, and per seed where the CLI prunes by
 statistics drawn with the seed (case b).
 
 Also prints the cost of one GP hyperparameter fit at n = 100, d = 16.
@@ -228,7 +228,8 @@ def cross_check(rows: list[dict], exact: ExactPoints) -> None:
 
 
 def table(results: list[dict]) -> None:
-    print("\n| case | seeds | certified | median s | max s | certified within delta of 10x random |")
+    print("\n| case | seeds | certified | median s | max s | certified within delta (a, b: of 10x random; "
+          "c: of the other seeds' answers) |")
     print("|---|---|---|---|---|---|")
     for res in results:
         rows = [r for r in res["rows"] if "error" not in r]
@@ -262,18 +263,16 @@ def main_() -> int:
 
 
 def cross_check_saved(folder: Path) -> int:
-    """The cross-check of case c's seeds already run in ``folder`` (their states and summaries)."""
+    """The cross-check of case c's seeds already run in ``folder`` (from their saved search states)."""
     model_path, data = prepare("c", folder)
     rows = []
     for state_path in sorted(folder.glob("c_seed*.run/state.json")):
         state = json.loads(state_path.read_text())
         if state["status"] not in ("certificate", "time_limit", "max_evals"):
             continue                                    # a run that was stopped
-        scale = state.get("delta_scale", 1.0)
         rows.append({"seed": int(state_path.parent.name[len("c_seed"):-len(".run")]),
                      "certified": state["status"] == "certificate", "gamma": float(state["meta"]["gamma"]),
-                     "incumbent": state["history"][-1]["incumbent"], "delta": state["history"][-1]["delta"],
-                     "delta_scale": scale})
+                     "incumbent": state["history"][-1]["incumbent"], "delta": state["history"][-1]["delta"]})
     cross_check(rows, ExactPoints(model_path, data, CASES["c"]))
     honest = [r for r in rows if r.get("within_delta")]
     print(f"certified {sum(r['certified'] for r in rows)}/{len(rows)}; within delta of the other seeds' best: "

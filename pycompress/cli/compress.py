@@ -104,9 +104,9 @@ def add_parser(sub) -> None:
                    help="fidelity loss (default: norm, i.e. ||f~(x) - f*(x)||^2; error with --labels)")
     p.add_argument("--outputs", default=None, help="comma-separated model outputs compared (default: all)")
     p.add_argument("--samples", type=int, default=50, help="fresh subsample size per evaluation (default 50)")
-    p.add_argument("--delta", type=float, default=0.05, help="tolerated gap to the optimum of J, in units of its heavier term: "
-                   "of Q when gamma > 1 (without labels 0.05 is a 5%% difference in output error), "
-                   "else of 1/R (default 0.05)")
+    p.add_argument("--delta", type=float, default=0.05,
+                   help="tolerated gap to the optimum of J, in units of its heavier term: of Q when gamma > 1 "
+                   "(without labels 0.05 is a 5%% difference in output error), else of 1/R (default 0.05)")
     p.add_argument("--relative-delta", action="store_true", help="delta is a fraction of |J(incumbent)|")
     p.add_argument("--epsilon", type=float, default=0.005, help="certificate failure probability (default 0.005)")
     p.add_argument("--max-evals", type=int, default=None,

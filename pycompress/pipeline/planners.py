@@ -316,8 +316,9 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
         # A resumed run keeps the scale it was saved with (1 for states saved before the scale).
         planner.delta_scale = max(1.0, gamma)
     if not config["relative_delta"]:
-        log(f"certificate tolerance: delta {config['delta']:g} in units of "
-            f"{'Q' if planner.delta_scale > 1 else '1/R'}, {config['delta'] * planner.delta_scale:.4g} in units of J")
+        unit = "Q" if planner.delta_scale > 1 else "1/R"
+        log(f"certificate tolerance: delta {config['delta']:g} in units of {unit}, "
+            f"{config['delta'] * planner.delta_scale:.4g} in units of J")
     # Every observation's J at this gamma, from its saved quality and ratio (the same arithmetic in an
     # uninterrupted and a resumed run); saved with the gamma choice in one write.
     planner.reweigh(lambda o: objective_from_extras(gamma, o.extras))
@@ -343,7 +344,8 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
         "method": config["method"], "certified": result.certified,
         "probability": result.probability, "z_max": result.z_max, "stop_reason": result.stop_reason,
         "delta": result.history[-1].delta if result.history else config["delta"], "epsilon": config["epsilon"],
-        "delta_scale": planner.delta_scale, "gamma": config["gamma"], "target_size": config["target_size"], "objective": objective.objective,
+        "delta_scale": planner.delta_scale, "gamma": config["gamma"], "target_size": config["target_size"],
+        "objective": objective.objective,
         "ratio": objective.ratio_of(compressed),
         "J": result.value, "evaluations": result.evaluations, "search_seconds": result.seconds,
         "decisions": describe_point(space, result.theta),
