@@ -31,6 +31,8 @@ NOISE_TARGET = 0.25
 # --target-size is a constraint: the search (its initial design excepted), the incumbent and the
 # certificate are restricted to points whose ratio is within this of the target (docs/pacbo.md).
 TARGET_BAND = 0.04
+# The initial design also evaluates the band's edges, at this fraction of the band from the target.
+EDGE_FRACTION = 0.9
 # Whole-graph calibrations (int8 ranges) of each candidate in a search use this many samples
 # (ApplyContext.options["calibration_samples"]); the result's, after recovery, use more
 # (pipeline.stages.FINAL_CALIBRATION_SAMPLES).
@@ -294,7 +296,7 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
             seeds += [space.encode(p, strict=False)
                       for p in get_rewrite(action).search_seeds(model, options, target_macs)]
         if feasible is not None:
-            seeds.insert(0, _target_point(objective, config["target_size"]))
+            seeds[:0] = _band_points(objective, config["target_size"], feasible)
         planner.seeds = [planner._point(p) for p in seeds]
     chosen_now = target_mode and "gamma" not in planner.meta
     if chosen_now:
@@ -427,9 +429,26 @@ def _choose_gamma(planner, config, log) -> dict[str, Any]:
             "notes": choice.notes}
 
 
+def _band_points(objective, target: float, feasible) -> list[np.ndarray]:
+    """The first points of the initial design: the target point, then the points at the band's upper
+    and lower edges (each with every coordinate at one fraction), those the band holds.
+
+    Why the edges: the design's Sobol points mostly lie outside the band, and the GP reverts to its mean
+    where it has seen nothing. On EfficientNet-Lite0's stage search the band's two edges are two basins
+    (the upper edge a fifth less output error, the lower edge 0.14 more of 1/R), and 8 of 11 seeds
+    certified the lower edge without having evaluated the upper one, 1.7-2.8 delta below it
+    (docs/pacbo.md, "Certificate honesty")."""
+    points = [_target_point(objective, target)]
+    for edge in (target + EDGE_FRACTION * TARGET_BAND, target - EDGE_FRACTION * TARGET_BAND):
+        point = _target_point(objective, edge)
+        if feasible(point[None, :])[0] and not any(np.array_equal(point, p) for p in points):
+            points.append(point)
+    return points
+
+
 def _target_point(objective, target: float) -> np.ndarray:
     """The point with every coordinate at one fraction u whose ratio is the target (bisection on u):
-    a first point inside the target's band for the initial design."""
+    the smallest such u whose ratio reaches the target."""
     d = objective.space.d
     lo, hi = 0.0, 1.0
     for _ in range(40):
