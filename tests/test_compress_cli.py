@@ -87,6 +87,29 @@ def test_objective_ratio_is_exact_and_matches_the_linear_cost_model(small_mlp):
         assert extras["fidelity_std_error"] == pytest.approx(np.sqrt(m.estimate.variance))
 
 
+def test_the_initial_design_starts_at_the_target_and_at_both_edges_of_its_band(small_mlp):
+    """The target point, then the band's upper and lower edges, each with one fraction in every
+    coordinate: the GP sees both edges of the band (on EfficientNet-Lite0 each holds a basin)."""
+    from pycompress.pipeline.planners import EDGE_FRACTION, TARGET_BAND, _band_points, _target_domain
+
+    path, data, _ = small_mlp
+    _, objective = _objective(path, data)
+    target = 0.4
+    feasible, why = _target_domain(objective, target)
+    assert why is None
+    points = _band_points(objective, target, feasible)
+    ratios = [objective.predicted_ratio(p)[0] for p in points]
+    assert len(points) == 3 and all(abs(r - target) <= TARGET_BAND for r in ratios)
+    assert ratios[1] > target + EDGE_FRACTION * TARGET_BAND / 2 > target > target - EDGE_FRACTION * TARGET_BAND / 2 > ratios[2]
+    # each reaches the ratio it aims at (the smallest uniform fraction that does)
+    for point, aim in zip(points, (target, target + EDGE_FRACTION * TARGET_BAND, target - EDGE_FRACTION * TARGET_BAND)):
+        assert objective.predicted_ratio(point)[0] >= aim
+    # an edge below every reachable ratio adds no copy of the target point
+    low = objective.predicted_ratio(objective.space.snap(np.zeros(objective.space.d)))[0]
+    feasible_low, _ = _target_domain(objective, low)
+    assert len(_band_points(objective, low, feasible_low)) < 3
+
+
 def test_select_gamma_is_monotone_in_the_target(small_mlp):
     path, data, _ = small_mlp
     _, objective = _objective(path, data, loss="error")

@@ -21,6 +21,7 @@ statistics drawn with the seed (case b).
 Also prints the cost of one GP hyperparameter fit at n = 100, d = 16.
 
     python tools/bench_certificate.py [--cases a,b] [--seeds 20] [--workdir DIR]
+    python tools/bench_certificate.py --cross-check-only --workdir DIR [--compare-with OLDDIR]
 """
 
 from __future__ import annotations
@@ -207,22 +208,25 @@ def run_case(case: str, seeds: list[int], folder: Path, factor: int) -> dict:
     return {"case": case, "rows": rows}
 
 
-def cross_check(rows: list[dict], exact: ExactPoints) -> None:
+def cross_check(rows: list[dict], exact: ExactPoints, others: list[dict] = ()) -> None:
     """Case c has no random search (an exact evaluation costs seconds): instead, each certified answer
     is compared, exactly and on its own run's objective, with the answers of all the other seeds
-    (each the result of a few hundred evaluations). ``within_delta``: J(t^) >= their best - delta."""
+    (each the result of a few hundred evaluations), and with ``others`` (answers of earlier runs, e.g.
+    of another version of the search). ``within_delta``: J(t^) >= their best - delta."""
     done = [r for r in rows if "error" not in r]
+    rivals = {str(r["seed"]): r["incumbent"] for r in done}
+    rivals.update({f"{r['folder']}:{r['seed']}": r["incumbent"] for r in others})
     for row in done:
         if not row["certified"]:
             continue
         gamma, seed = row["gamma"], row["seed"]
         values = {}
-        for other in done:
-            q, r = exact.exact(np.asarray(other["incumbent"]), seed)
-            values[other["seed"]] = gamma * q + 1 / r
+        for name, incumbent in rivals.items():
+            q, r = exact.exact(np.asarray(incumbent), seed)
+            values[name] = gamma * q + 1 / r
         best_seed = max(values, key=values.get)
-        row.update(J_hat=values[seed], J_best_other_seed=values[best_seed], best_seed=best_seed,
-                   within_delta=bool(values[seed] >= values[best_seed] - row["delta"]))
+        row.update(J_hat=values[str(seed)], J_best_other_seed=values[best_seed], best_seed=best_seed,
+                   within_delta=bool(values[str(seed)] >= values[best_seed] - row["delta"]))
         print(json.dumps({k: row[k] for k in ("seed", "J_hat", "J_best_other_seed", "best_seed", "within_delta")}),
               flush=True)
 
@@ -250,9 +254,11 @@ def main_() -> int:
     parser.add_argument("--workdir", default="bench-certificate")
     parser.add_argument("--cross-check-only", action="store_true",
                         help="case c: only the cross-check of the finished seeds' answers in --workdir")
+    parser.add_argument("--compare-with", action="append", default=[], metavar="DIR",
+                        help="with --cross-check-only: also compare with the answers of case c's runs in DIR")
     args = parser.parse_args()
     if args.cross_check_only:
-        return cross_check_saved(Path(args.workdir))
+        return cross_check_saved(Path(args.workdir), [Path(d) for d in args.compare_with])
     gp_fit_timing()
     folder = Path(args.workdir)
     seeds = [int(s) for s in args.only.split(",")] if args.only else list(range(args.seeds))
@@ -262,18 +268,26 @@ def main_() -> int:
     return 0
 
 
-def cross_check_saved(folder: Path) -> int:
-    """The cross-check of case c's seeds already run in ``folder`` (from their saved search states)."""
-    model_path, data = prepare("c", folder)
+def saved_answers(folder: Path) -> list[dict]:
+    """Case c's finished seeds in ``folder``, from their saved search states (stopped runs left out)."""
     rows = []
     for state_path in sorted(folder.glob("c_seed*.run/state.json")):
         state = json.loads(state_path.read_text())
         if state["status"] not in ("certificate", "time_limit", "max_evals"):
-            continue                                    # a run that was stopped
-        rows.append({"seed": int(state_path.parent.name[len("c_seed"):-len(".run")]),
+            continue
+        rows.append({"seed": int(state_path.parent.name[len("c_seed"):-len(".run")]), "folder": str(folder),
                      "certified": state["status"] == "certificate", "gamma": float(state["meta"]["gamma"]),
                      "incumbent": state["history"][-1]["incumbent"], "delta": state["history"][-1]["delta"]})
-    cross_check(rows, ExactPoints(model_path, data, CASES["c"]))
+    return rows
+
+
+def cross_check_saved(folder: Path, compare_with: list[Path] = ()) -> int:
+    """The cross-check of case c's seeds already run in ``folder``, optionally against the answers of
+    the runs in ``compare_with`` too."""
+    model_path, data = prepare("c", folder)
+    rows = saved_answers(folder)
+    others = [r for other in compare_with for r in saved_answers(other)]
+    cross_check(rows, ExactPoints(model_path, data, CASES["c"]), others)
     honest = [r for r in rows if r.get("within_delta")]
     print(f"certified {sum(r['certified'] for r in rows)}/{len(rows)}; within delta of the other seeds' best: "
           f"{len(honest)}/{sum(r['certified'] for r in rows)}")
