@@ -412,10 +412,14 @@ def test_acquisition_points_carry_a_noise_target_and_the_domain_is_respected():
 
     result = PACBO(1, objective, PACBOSettings(delta=0.01, initial=10, max_evals=20, noise_target=0.25,
                                                candidates=FAST), feasible=feasible).run()
-    assert seen[:10] == [None] * 10                      # the design at the base sample size
-    assert all(sd == pytest.approx(0.25 * 0.01) for sd in seen[10:])
+    # The design: 3 distinct Sobol points of the domain (initial_feasible's default), then 10 of the cube.
+    inside = [o.theta[0] for o in result.observations[:3]]
+    assert all(t <= 0.5 for t in inside) and len(set(inside)) == 3
+    assert sum(o.theta[0] > 0.5 for o in result.observations[3:13]) >= 3
+    assert seen[:13] == [None] * 13                      # the design at the base sample size
+    assert all(sd == pytest.approx(0.25 * 0.01) for sd in seen[13:])
     assert result.theta[0] <= 0.5
-    assert all(o.theta[0] <= 0.5 for o in result.observations[10:])
+    assert all(o.theta[0] <= 0.5 for o in result.observations[13:])
 
 
 def test_rank_positions_decode_encode_and_snap_consistently():

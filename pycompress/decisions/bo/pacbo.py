@@ -137,6 +137,8 @@ class PACBOSettings:
     relative_delta: bool = False     # delta * |mu(t^)| instead of delta
     epsilon: float = 0.005
     initial: int | None = None       # Sobol points; default max(10, min(2 d, 40))
+    # More Sobol points drawn inside the feasible domain (only with one); default max(3, min(d, 20)).
+    initial_feasible: int | None = None
     max_evals: int = 100
     time_limit: float | None = None  # seconds, over all resumes
     seed: int = 0
@@ -156,6 +158,9 @@ class PACBOSettings:
 
     def initial_points(self, d: int) -> int:
         return self.initial if self.initial is not None else max(10, min(2 * d, 40))
+
+    def initial_feasible_points(self, d: int) -> int:
+        return self.initial_feasible if self.initial_feasible is not None else max(3, min(d, 20))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -342,19 +347,48 @@ class PACBO:
 
     # -- the loop ----------------------------------------------------------
     def initial_design(self) -> list[np.ndarray]:
-        """The initial points (seeds, then scrambled Sobol), drawn once; they stay pending until evaluated."""
+        """The initial points (seeds, Sobol points of the feasible domain, then scrambled Sobol points
+        of the cube), drawn once; they stay pending until evaluated."""
         if not self.observations and not self.pending:
             n0 = self.settings.initial_points(self.d)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "balance properties need a power of 2": fine for a design
                 sobol = (qmc.Sobol(self.d, scramble=True, seed=sobol_seed(self.rng)).random(n0) if n0
                          else np.empty((0, self.d)))
-            initial = [self._point(p) for p in list(self.seeds) + list(sobol)]
+            inside = self._feasible_design(self.settings.initial_feasible_points(self.d))
+            initial = [self._point(p) for p in list(self.seeds) + inside + list(sobol)]
             self.pending = [(self.snap(p[None, :])[0], None, None) for p in initial]
             self.design_size = len(self.pending)
             self.status = "running"
             self.save()
         return [theta.copy() for theta, _, _ in self.pending]
+
+    def _feasible_design(self, count: int) -> list[np.ndarray]:
+        """``count`` distinct lattice points of the feasible domain, space-filling: the feasible ones
+        among scrambled Sobol points, in Sobol order (fewer if 8192 draws hold fewer).
+
+        Why: the cube's design mostly lies outside a narrow domain (a target band), and the acquisition
+        then samples where the incumbent is. On EfficientNet-Lite0's stage search 3 of 160 evaluations
+        lay in the upper half of the band, where the GP predicted the quality 0.4 too low with a
+        standard error of 0.07, and the run certified the lower edge, 2.7 delta below the upper one's
+        best (docs/pacbo.md, "Certificate honesty")."""
+        if self.feasible is None or count <= 0:
+            return []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sobol = qmc.Sobol(self.d, scramble=True, seed=sobol_seed(self.rng))
+            out: list[np.ndarray] = []
+            seen = {tuple(np.round(p, 12)) for p in self.seeds}
+            for _ in range(8):
+                points = self.snap(sobol.random(1024))
+                for p in points[np.asarray(self.feasible(points), dtype=bool)]:
+                    key = tuple(np.round(p, 12))
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(p)
+                        if len(out) == count:
+                            return out
+        return out
 
     def run(self, *, resume: bool = False) -> PACBOResult:
         """Search until a certificate or the budget. A resumed search that had
