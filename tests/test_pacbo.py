@@ -400,6 +400,13 @@ def test_the_design_is_evaluated_within_the_time_limit_and_saved_as_it_goes(tmp_
     assert saved["design_size"] == 10
 
 
+def test_the_design_draws_min_d_20_half_initial_points_inside_the_domain_by_default():
+    s = PACBOSettings()
+    assert [s.initial_feasible_points(d) for d in (1, 3, 6, 9, 30)] == [1, 3, 6, 9, 20]
+    assert PACBOSettings(initial=4).initial_feasible_points(12) == 2
+    assert PACBOSettings(initial_feasible=0).initial_feasible_points(6) == 0
+
+
 def test_acquisition_points_carry_a_noise_target_and_the_domain_is_respected():
     seen = []
 
@@ -410,9 +417,9 @@ def test_acquisition_points_carry_a_noise_target_and_the_domain_is_respected():
     def feasible(x):
         return np.atleast_2d(x)[:, 0] <= 0.5
 
-    result = PACBO(1, objective, PACBOSettings(delta=0.01, initial=10, max_evals=20, noise_target=0.25,
-                                               candidates=FAST), feasible=feasible).run()
-    # The design: 3 distinct Sobol points of the domain (initial_feasible's default), then 10 of the cube.
+    result = PACBO(1, objective, PACBOSettings(delta=0.01, initial=10, initial_feasible=3, max_evals=20,
+                                               noise_target=0.25, candidates=FAST), feasible=feasible).run()
+    # The design: 3 distinct Sobol points of the domain, then 10 of the cube.
     inside = [o.theta[0] for o in result.observations[:3]]
     assert all(t <= 0.5 for t in inside) and len(set(inside)) == 3
     assert sum(o.theta[0] > 0.5 for o in result.observations[3:13]) >= 3

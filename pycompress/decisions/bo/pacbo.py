@@ -137,7 +137,7 @@ class PACBOSettings:
     relative_delta: bool = False     # delta * |mu(t^)| instead of delta
     epsilon: float = 0.005
     initial: int | None = None       # Sobol points; default max(10, min(2 d, 40))
-    # More Sobol points drawn inside the feasible domain (only with one); default max(3, min(d, 20)).
+    # More Sobol points drawn inside the feasible domain (only with one); default min(d, 20, initial / 2).
     initial_feasible: int | None = None
     max_evals: int = 100
     time_limit: float | None = None  # seconds, over all resumes
@@ -160,7 +160,9 @@ class PACBOSettings:
         return self.initial if self.initial is not None else max(10, min(2 * d, 40))
 
     def initial_feasible_points(self, d: int) -> int:
-        return self.initial_feasible if self.initial_feasible is not None else max(3, min(d, 20))
+        if self.initial_feasible is not None:
+            return self.initial_feasible
+        return min(d, 20, self.initial_points(d) // 2)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
