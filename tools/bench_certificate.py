@@ -22,6 +22,7 @@ Also prints the cost of one GP hyperparameter fit at n = 100, d = 16.
 
     python tools/bench_certificate.py [--cases a,b] [--seeds 20] [--workdir DIR]
     python tools/bench_certificate.py --cross-check-only --workdir DIR [--compare-with OLDDIR]
+    python tools/bench_certificate.py --random-probe 600 --probe-seed 0 --workdir DIR
 """
 
 from __future__ import annotations
@@ -231,6 +232,41 @@ def cross_check(rows: list[dict], exact: ExactPoints, others: list[dict] = ()) -
               flush=True)
 
 
+def random_probe(folder: Path, count: int, seed: int, top: int) -> int:
+    """Case c's random search, scaled down: ``count`` uniform lattice points of the band on seed
+    ``seed``'s objective at m = 50 (~1 s each), the ``top`` best of them evaluated again exactly; then,
+    for each finished seed in ``folder``, how many of the exactly evaluated points beat its answer
+    (on this objective, at gamma 1) by more than delta. The issue's 10x random search (~2,000-3,000
+    exact evaluations a seed) costs hours here; this says how often a random point of the band beats
+    a certified answer, from which what the full random search would find follows."""
+    from pycompress.pipeline.planners import TARGET_BAND
+
+    model_path, data = prepare("c", folder)
+    exact = ExactPoints(model_path, data, CASES["c"])
+    objective = exact.objective(seed)
+    t0 = time.monotonic()
+    cheap = []
+    for i, theta in enumerate(exact.random_points(count, TARGET_BAND)):
+        m = objective.measure(theta, 10_000 + i)
+        cheap.append((m.quality + 1 / m.ratio, theta))
+        if (i + 1) % 100 == 0:
+            print(f"{i + 1}/{count} random points, {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    cheap.sort(key=lambda item: -item[0])
+    top_exact = [exact.exact(theta, seed) for _, theta in cheap[:top]]
+    values = np.array([v for v, _ in cheap])
+    print(json.dumps({"seed_objective": seed, "points": count, "J_m50_quantiles (gamma 1)": {
+        str(p): float(np.percentile(values, p)) for p in (50, 90, 99, 100)},
+        "J_exact_of_the_top (gamma 1)": sorted((q + 1 / r for q, r in top_exact), reverse=True)}), flush=True)
+    for row in saved_answers(folder):
+        gamma = row["gamma"]
+        q, r = exact.exact(np.asarray(row["incumbent"]), seed)
+        j = gamma * q + 1 / r
+        better = sum(gamma * qq + 1 / rr > j + row["delta"] for qq, rr in top_exact)
+        print(json.dumps({"answer_of_seed": row["seed"], "certified": row["certified"], "J": j,
+                          "random_points_better_by_delta": int(better)}), flush=True)
+    return 0
+
+
 def table(results: list[dict]) -> None:
     print("\n| case | seeds | certified | median s | max s | certified within delta (a, b: of 10x random; "
           "c: of the other seeds' answers) |")
@@ -256,7 +292,14 @@ def main_() -> int:
                         help="case c: only the cross-check of the finished seeds' answers in --workdir")
     parser.add_argument("--compare-with", action="append", default=[], metavar="DIR",
                         help="with --cross-check-only: also compare with the answers of case c's runs in DIR")
+    parser.add_argument("--random-probe", type=int, default=0, metavar="N",
+                        help="case c: N random band points on --probe-seed's objective against the answers "
+                             "in --workdir")
+    parser.add_argument("--probe-seed", type=int, default=0)
+    parser.add_argument("--probe-top", type=int, default=20, help="random points re-evaluated exactly")
     args = parser.parse_args()
+    if args.random_probe:
+        return random_probe(Path(args.workdir), args.random_probe, args.probe_seed, args.probe_top)
     if args.cross_check_only:
         return cross_check_saved(Path(args.workdir), [Path(d) for d in args.compare_with])
     gp_fit_timing()
