@@ -296,7 +296,9 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
             seeds += [space.encode(p, strict=False)
                       for p in get_rewrite(action).search_seeds(model, options, target_macs)]
         if feasible is not None:
-            seeds[:0] = _band_points(objective, config["target_size"], feasible)
+            # The target point first, the seeds (informed guesses) next, then the band's edges.
+            band = _band_points(objective, config["target_size"], feasible)
+            seeds = band[:1] + seeds + band[1:]
         planner.seeds = [planner._point(p) for p in seeds]
     chosen_now = target_mode and "gamma" not in planner.meta
     if chosen_now:
