@@ -90,7 +90,12 @@ def test_objective_ratio_is_exact_and_matches_the_linear_cost_model(small_mlp):
 def test_the_initial_design_starts_at_the_target_and_at_both_edges_of_its_band(small_mlp):
     """The target point, then the band's upper and lower edges, each with one fraction in every
     coordinate: the GP sees both edges of the band (on EfficientNet-Lite0 each holds a basin)."""
-    from pycompress.pipeline.planners import EDGE_FRACTION, TARGET_BAND, _band_points, _target_domain
+    from pycompress.pipeline.planners import (
+        EDGE_FRACTION,
+        TARGET_BAND,
+        _band_points,
+        _target_domain,
+    )
 
     path, data, _ = small_mlp
     _, objective = _objective(path, data)
@@ -100,9 +105,10 @@ def test_the_initial_design_starts_at_the_target_and_at_both_edges_of_its_band(s
     points = _band_points(objective, target, feasible)
     ratios = [objective.predicted_ratio(p)[0] for p in points]
     assert len(points) == 3 and all(abs(r - target) <= TARGET_BAND for r in ratios)
-    assert ratios[1] > target + EDGE_FRACTION * TARGET_BAND / 2 > target > target - EDGE_FRACTION * TARGET_BAND / 2 > ratios[2]
+    edge = EDGE_FRACTION * TARGET_BAND
+    assert ratios[1] > target + edge / 2 and ratios[2] < target - edge / 2
     # each reaches the ratio it aims at (the smallest uniform fraction that does)
-    for point, aim in zip(points, (target, target + EDGE_FRACTION * TARGET_BAND, target - EDGE_FRACTION * TARGET_BAND)):
+    for point, aim in zip(points, (target, target + edge, target - edge)):
         assert objective.predicted_ratio(point)[0] >= aim
     # an edge below every reachable ratio adds no copy of the target point
     low = objective.predicted_ratio(objective.space.snap(np.zeros(objective.space.d)))[0]

@@ -198,7 +198,8 @@ def test_compress_searches_quant_and_quantizes_after_recovery(tmp_path, capsys):
     out = tmp_path / "small.onnx"
     # --max-prune 0.25: pruning alone keeps over half the bytes, so the 0.4 band needs int8 layers.
     args = ["compress", str(path), "--data", "builtin:digits", "-o", str(out), "--actions", "prune,quant",
-            "--target-size", "0.4", "--max-prune", "0.25", "--max-evals", "6", "--samples", "32", "--quiet", "--json"]
+            "--target-size", "0.4", "--max-prune", "0.25", "--max-evals", "6", "--samples", "32",
+            "--quiet", "--json"]
     assert main([*args, "--objective", "size"]) == 2
     assert "--actions quant reduces bytes and latency" in capsys.readouterr().err
     assert main([*args, "--objective", "bytes"]) == 0, capsys.readouterr().err

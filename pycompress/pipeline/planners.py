@@ -449,8 +449,8 @@ def _band_points(objective, target: float, feasible) -> list[np.ndarray]:
 
 
 def _target_point(objective, target: float) -> np.ndarray:
-    """The point with every coordinate at one fraction u whose ratio is the target (bisection on u):
-    the smallest such u whose ratio reaches the target."""
+    """The point with every coordinate at one fraction u: the smallest u whose ratio reaches
+    ``target`` (bisection on u)."""
     d = objective.space.d
     lo, hi = 0.0, 1.0
     for _ in range(40):
