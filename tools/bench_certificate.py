@@ -236,7 +236,9 @@ def random_probe(folder: Path, count: int, seed: int, top: int) -> int:
     """Case c's random search, scaled down: ``count`` uniform lattice points of the band on seed
     ``seed``'s objective at m = 50 (~1 s each), the ``top`` best of them evaluated again exactly; then,
     for each finished seed in ``folder``, how many of the exactly evaluated points beat its answer
-    (on this objective, at gamma 1) by more than delta. The issue's 10x random search (~2,000-3,000
+    by more than delta (on this objective, at that run's gamma; the random points are ranked at
+    gamma 1, the gamma of every case c run so far). J here is on the calibration pool (the search's
+    objective), not a held-out figure. The issue's 10x random search (~2,000-3,000
     exact evaluations a seed) costs hours here; this says how often a random point of the band beats
     a certified answer, from which what the full random search would find follows."""
     from pycompress.pipeline.planners import TARGET_BAND
@@ -313,10 +315,12 @@ def main_() -> int:
 
 def saved_answers(folder: Path) -> list[dict]:
     """Case c's finished seeds in ``folder``, from their saved search states (stopped runs left out)."""
+    from pycompress.decisions.bo.pacbo import FINISHED
+
     rows = []
     for state_path in sorted(folder.glob("c_seed*.run/state.json")):
         state = json.loads(state_path.read_text())
-        if state["status"] not in ("certificate", "time_limit", "max_evals"):
+        if state["status"] not in FINISHED:
             continue
         rows.append({"seed": int(state_path.parent.name[len("c_seed"):-len(".run")]), "folder": str(folder),
                      "certified": state["status"] == "certificate", "gamma": float(state["meta"]["gamma"]),

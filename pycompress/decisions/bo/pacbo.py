@@ -381,7 +381,7 @@ class PACBO:
             warnings.simplefilter("ignore")
             sobol = qmc.Sobol(self.d, scramble=True, seed=sobol_seed(self.rng))
             out: list[np.ndarray] = []
-            seen = {tuple(np.round(p, 12)) for p in self.seeds}
+            seen = {tuple(np.round(self.snap(p[None, :])[0], 12)) for p in self.seeds}
             for _ in range(8):
                 points = self.snap(sobol.random(1024))
                 for p in points[np.asarray(self.feasible(points), dtype=bool)]:
