@@ -72,6 +72,14 @@ def add_parser(sub) -> None:
                    help="fine-tune on this data instead of --data (implies --finetune): more unlabeled samples "
                         "of the same kind, e.g. builtin:skimage:2048 (more crops of the calibration photos); "
                         "must not be the --heldout data")
+    p.add_argument("--finetune-hidden", action="store_true",
+                   help="fine-tuning also matches the original's hidden states (the outputs of its "
+                        "LayerNormalization nodes, per token) besides the output: for transformer encoders, "
+                        "more to learn from few sentences (implies --finetune; docs/transformers.md)")
+    p.add_argument("--finetune-augment", type=int, default=0, metavar="N",
+                   help="token models: fine-tune each epoch also on N new sequences per calibration sentence, "
+                        "made from spans of the sentences' own tokens and labelled by the original "
+                        "(implies --finetune; default 0)")
     p.add_argument("--report-dir", default=None,
                    help="folder for report.json / report.md / report.html and plots (default OUT.report)")
     p.add_argument("--actions", default="svd",
@@ -223,16 +231,19 @@ def _settings(args):
                     latency_runs=args.latency_runs, points_per_fit=args.points_per_fit, max_evals=args.max_evals,
                     time_limit=args.time_limit, energy=args.energy, target_size=args.target_size,
                     recover_samples=args.recover_samples, no_recover=bool(args.no_recover),
-                    finetune=bool(args.finetune or args.finetune_data), finetune_epochs=args.finetune_epochs,
+                    finetune=bool(args.finetune or args.finetune_data or args.finetune_hidden
+                                  or args.finetune_augment),
+                    finetune_epochs=args.finetune_epochs,
                     finetune_lr=args.finetune_lr, finetune_batch=args.finetune_batch,
                     finetune_optimizer=args.finetune_optimizer,
-                    finetune_data=args.finetune_data, heldout=args.heldout, quiet=args.quiet)
+                    finetune_data=args.finetune_data, finetune_hidden=bool(args.finetune_hidden),
+                    finetune_augment=args.finetune_augment, heldout=args.heldout, quiet=args.quiet)
 
 
 def run(args) -> int:
     # Every check before any work: numbers, then the output-path policy (see pycompress.files).
     check_numbers(args, energy=FRACTION, recover_samples=AT_LEAST_ONE, finetune_epochs=AT_LEAST_ONE,
-                  finetune_batch=AT_LEAST_ONE,
+                  finetune_batch=AT_LEAST_ONE, finetune_augment=Range(0),
                   finetune_lr=POSITIVE, latency_runs=AT_LEAST_ONE, max_prune=FRACTION, align=AT_LEAST_ONE,
                   target_size=FRACTION, gamma=POSITIVE, samples=AT_LEAST_ONE, delta=NON_NEGATIVE,
                   epsilon=PROBABILITY, max_evals=AT_LEAST_ONE, time_limit=POSITIVE, initial=Range(0),

@@ -52,6 +52,8 @@ class Settings:
     finetune_batch: int = 64
     finetune_optimizer: str = "rmsprop"
     finetune_data: str | None = None        # fine-tune on this source instead of the calibration data
+    finetune_hidden: bool = False           # also distil the hidden states (recover.finetune)
+    finetune_augment: int = 0               # new token sequences per sample per epoch (recover.augment)
     heldout: str | None = None
     quiet: bool = False
 
@@ -155,6 +157,7 @@ def finetune_stage(run: Run) -> str | None:
                              epochs=settings.finetune_epochs, lr=settings.finetune_lr,
                              batch_size=settings.finetune_batch,
                              optimizer=settings.finetune_optimizer, seed=run.config["seed"],
+                             hidden=settings.finetune_hidden, augment=settings.finetune_augment,
                              progress=None if settings.quiet else run.log, threads=settings.threads).to_dict()
     run.finetuned["fidelity_before"] = before.mean
     return "finetune"

@@ -468,9 +468,11 @@ class TorchGraph(nn.Module):
 
     ``trainable``: names of floating-point initializers that get gradients;
     ``None``: all of them except BatchNormalization statistics.
+    ``extra_outputs``: intermediate values returned after the graph's outputs
+    (e.g. hidden states to distil).
     """
 
-    def __init__(self, model: ir.Model, trainable: Iterable[str] | None = None):
+    def __init__(self, model: ir.Model, trainable: Iterable[str] | None = None, extra_outputs: Sequence[str] = ()):
         super().__init__()
         graph = model.graph
         if any(n.op_type in ("If", "Loop", "Scan") for n in graph):
@@ -500,6 +502,12 @@ class TorchGraph(nn.Module):
         self.input_names = [v.name for v in graph.inputs if v.name not in initializers]
         self.model = model
         self.output_names = [v.name for v in graph.outputs]
+        produced = {v.name for node in graph for v in node.outputs}
+        for name in extra_outputs:
+            if name not in produced:
+                raise PycompressError(f"tensor '{name}' is not produced by any node of the model")
+            if name not in self.output_names:
+                self.output_names.append(name)
 
         self._steps: list[tuple[str, Fn, list[str | None], list[str]]] = []
         for node in graph:
