@@ -330,6 +330,9 @@ def test_a_run_saved_with_the_fixed_robust_factor_resumes_with_it(tmp_path):
     resumed = PACBO(1, lambda t, i: (float(t[0]), 1e-2), PACBOSettings(**settings), run_dir=tmp_path)
     assert resumed.run(resume=True).evaluations == 11
     assert resumed.settings.robust_outputscale == 2.0
+    # Its save holds the new settings' names; it resumes again, with the same factor.
+    again = PACBO(1, lambda t, i: (float(t[0]), 1e-2), PACBOSettings(**settings), run_dir=tmp_path)
+    assert again.run(resume=True).evaluations == 11 and again.settings.robust_outputscale == 2.0
     # A state of this version with another factor is still refused.
     PACBO(1, lambda t, i: (float(t[0]), 1e-2), PACBOSettings(robust_outputscale=2.0, **settings),
           run_dir=tmp_path / "new").run()

@@ -289,6 +289,7 @@ class PACBO:
         # J units per unit of ``settings.delta`` (absolute deltas only): the caller's J may weigh its
         # terms, and delta is meant in the unit of the heavier one (the CLI: max(1, gamma)). Saved.
         self.delta_scale = 1.0
+        self.kept_fixed_robust_factor = False   # resumed from a state of the fixed robust factor (load)
         self.status = "new"
 
     # -- state -------------------------------------------------------------
@@ -306,7 +307,7 @@ class PACBO:
             "rng": self.rng.bit_generator.state,
             "history": [h.to_dict() for h in self.history],
             "elapsed": self.elapsed, "design_size": self.design_size, "meta": self.meta,
-            "delta_scale": self.delta_scale,
+            "delta_scale": self.delta_scale, "kept_fixed_robust_factor": self.kept_fixed_robust_factor,
         }
 
     def save(self) -> None:
@@ -328,10 +329,13 @@ class PACBO:
         if data["d"] != self.d:
             raise PycompressError(f"{path}: the saved search has {data['d']} dimensions, this one {self.d}")
         saved = PACBOSettings.from_dict(data["settings"]).to_dict()
-        if "robust_quantile" not in data["settings"] and self.settings.robust_outputscale is None:
-            # Saved before the robust check took its factor from the posterior: the run keeps the
-            # fixed factor it was searched with (the CLI sets neither; a finished run stays resumable).
+        old = "robust_quantile" not in data["settings"] or data.get("kept_fixed_robust_factor", False)
+        if old and self.settings.robust_outputscale is None:
+            # Saved before the robust check took its factor from the posterior (or resumed from such a
+            # state, whose save holds the new settings' names): the run keeps the fixed factor it was
+            # searched with (the CLI sets neither; a finished run stays resumable, again and again).
             self.settings = replace(self.settings, robust_outputscale=saved["robust_outputscale"])
+            self.kept_fixed_robust_factor = True
         mine = self.settings.to_dict()
         changed = sorted(k for k in mine if mine[k] != saved[k] and k not in _RESUMABLE_CHANGES)
         if changed:
