@@ -55,6 +55,7 @@ from tqdm import tqdm
 from pycompress.errors import PycompressError
 from pycompress.fidelity.session import make_session, run_model
 from pycompress.ir import check_model
+from pycompress.recover.augment import MASK, TokenAugmenter
 from pycompress.recover.torch_graph import TorchGraph, batch_norm_statistics
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
@@ -157,8 +158,6 @@ def hidden_states(teacher: ir.Model, student: ir.Model) -> list[str]:
 
 def _token_weights(feeds: Mapping[str, np.ndarray], state: torch.Tensor) -> torch.Tensor | None:
     """[B, S, 1] weights of the real tokens (the attention mask) for a [B, S, ...] state, else None."""
-    from pycompress.recover.augment import MASK
-
     mask = feeds.get(MASK)
     if mask is None or state.dim() < 3 or tuple(mask.shape) != tuple(state.shape[:2]):
         return None
@@ -335,8 +334,6 @@ def finetune(teacher: ir.Model, student: ir.Model, inputs: Mapping[str, np.ndarr
         labels_t = None if labels is None else torch.from_numpy(labels)
         augmenter = None
         if augment:
-            from pycompress.recover.augment import TokenAugmenter
-
             augmenter = TokenAugmenter({name: np.asarray(inputs[name][train_idx]) for name in graph.input_names})
         distill = _Distillation(teacher, output, states, threads) if states or augment else None
         if distill is not None:
