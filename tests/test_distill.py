@@ -149,7 +149,8 @@ def test_hidden_and_augmented_finetuning_runs_trains_more_samples_and_verifies(e
     assert report.verification["max_abs_diff"] <= report.verification["tolerance"]
 
 
-def test_finetune_hidden_on_a_model_without_layer_norms_and_augment_with_labels_fail_clearly(encoder, tmp_path):
+def test_finetune_hidden_on_a_model_without_layer_norms_and_augment_with_labels_fail_clearly(encoder, tmp_path,
+                                                                                              capsys):
     import zoo
     from conftest import export
 
@@ -165,5 +166,8 @@ def test_finetune_hidden_on_a_model_without_layer_norms_and_augment_with_labels_
     with pytest.raises(PycompressError, match="--finetune-hidden: no LayerNormalization"):
         finetune(mlp, mlp.clone(), {mlp.graph.inputs[0].name: np.zeros((8, 64), np.float32)}, hidden=True,
                  trainable="all")
+    # The CLI refuses a negative count before any work (the search would run first otherwise).
     assert main(["compress", str(path), "--data", "builtin:digits", "-o", str(tmp_path / "s.onnx"),
-                 "--finetune-augment", "-1"]) != 0
+                 "--finetune-augment", "-1"]) == 2
+    assert "--finetune-augment -1: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "s.run").exists()
