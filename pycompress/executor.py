@@ -66,6 +66,7 @@ class ObjectiveRecipe:
     objective: str = "size"
     context_options: dict[str, Any] = field(default_factory=dict)
     latency: Any = None                   # a picklable latency probe (its baseline already timed)
+    search_recovery: int = 0              # --search-recovery samples (0: off)
     key: str = ""
 
     def __post_init__(self) -> None:
@@ -85,8 +86,14 @@ class ObjectiveRecipe:
         actions = self.space["actions"]
         space, _ = build_search_space(model, actions, self.space.get("granularity", "layer"),
                                       max_prune=self.space.get("max_prune", 1.0), align=self.space.get("align", 1))
+        recovery = None
+        if self.search_recovery:
+            from pycompress.pipeline.recovery import SearchRecovery
+
+            recovery = SearchRecovery(model, self.inputs, self.search_recovery, self.estimator.get("seed", 0))
+            estimator.reserve(recovery.reserved)
         return CompressionObjective(model, space, estimator, context=ApplyContext(options=dict(self.context_options)),
-                                    objective=self.objective, latency=self.latency)
+                                    objective=self.objective, latency=self.latency, search_recovery=recovery)
 
 
 # On a Ray worker: the objectives built so far, by recipe key (a worker serves many tasks).

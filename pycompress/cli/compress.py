@@ -57,6 +57,10 @@ def add_parser(sub) -> None:
                    help="skip the closed-form, teacher-guided layer-wise recovery after compressing")
     p.add_argument("--recover-samples", type=int, default=None,
                    help="calibration samples used by the recovery (default 512; with --resume: the saved run's)")
+    p.add_argument("--search-recovery", type=int, default=None, metavar="N",
+                   help="refit each candidate of the search on N calibration samples (closed form, as the "
+                        "recovery does) before scoring it on the others, so the search compares what recovery "
+                        "makes of each candidate (default 0: score candidates as applied; docs/pipeline.md)")
     p.add_argument("--finetune", action="store_true",
                    help="after recovery, fine-tune the compressed ONNX graph's weights against the original "
                         "(MSE to its outputs + cross-entropy with labels when the data has them); kept only if "
@@ -196,6 +200,9 @@ def _config_from_args(args) -> dict[str, Any]:
     if args.init == "pfa" and PFA_ACTION not in args.actions.split(","):
         raise PycompressError("--init pfa seeds pruning decisions: add prune to --actions")
     searching = args.method in PLANNERS and PLANNERS[args.method].searches
+    if args.search_recovery and not searching:
+        raise PycompressError(f"--search-recovery refits the candidates of a search; --method {args.method} "
+                              "does not search")
     # Each searched rewrite says what it reduces (``Rewrite.reduces``); in rewrite order.
     known = sorted((REGISTRY[a] for a in {a.strip() for a in args.actions.split(",")} if a in REGISTRY),
                    key=lambda r: r.order)
@@ -220,6 +227,7 @@ def _config_from_args(args) -> dict[str, Any]:
         "max_evals": args.max_evals if args.max_evals is not None else 100, "time_limit": args.time_limit,
         "recover_samples": args.recover_samples if args.recover_samples is not None else 512,
         "no_recover": bool(args.no_recover),
+        "search_recovery": args.search_recovery or 0,
     }
 
 
@@ -244,7 +252,8 @@ def run(args) -> int:
     # Every check before any work: numbers, then the output-path policy (see pycompress.files).
     check_numbers(args, energy=FRACTION, recover_samples=AT_LEAST_ONE, finetune_epochs=AT_LEAST_ONE,
                   finetune_batch=AT_LEAST_ONE, finetune_augment=Range(0),
-                  finetune_lr=POSITIVE, latency_runs=AT_LEAST_ONE, max_prune=FRACTION, align=AT_LEAST_ONE,
+                  finetune_lr=POSITIVE, latency_runs=AT_LEAST_ONE, search_recovery=Range(0),
+                  max_prune=FRACTION, align=AT_LEAST_ONE,
                   target_size=FRACTION, gamma=POSITIVE, samples=AT_LEAST_ONE, delta=NON_NEGATIVE,
                   epsilon=PROBABILITY, max_evals=AT_LEAST_ONE, time_limit=POSITIVE, initial=Range(0),
                   seed=NON_NEGATIVE, threads=Range(0, 1024))
@@ -301,6 +310,10 @@ def _run(args) -> int:
         check_state_file(run_dir / "state.json")
         if config.get("model_sha256") != model_hash:
             raise PycompressError(f"{model_path}: this is not the model the run in {run_dir} was searching")
+        if args.search_recovery is not None and args.search_recovery != config.get("search_recovery", 0):
+            raise PycompressError(f"--search-recovery {args.search_recovery}: the run in {run_dir} scores "
+                                  f"candidates with --search-recovery {config.get('search_recovery', 0)}; "
+                                  "a resumed search keeps it")
     else:
         run_dir = Path(args.run_dir) if args.run_dir else output.with_name(output.stem + ".run")
         if (run_dir / "state.json").exists():

@@ -151,10 +151,25 @@ class FidelityEstimator:
         self._cached = np.zeros(self.pool, dtype=bool)
         self._lock = threading.Lock()
         self._energy: float | None = None
+        # Pool samples evaluate() never draws (``reserve``); what it estimates is the rest's mean.
+        self._reserved = np.zeros(self.pool, dtype=bool)
+        self.drawable = self.pool
+
+    def reserve(self, idx: np.ndarray) -> None:
+        """Keep pool samples ``idx`` out of every subsample ``evaluate`` draws from now on: a search
+        that refits each candidate on them (``pipeline.recovery.SearchRecovery``) must not score the
+        refit on the samples it was fitted to. ``evaluate_on`` still takes any sample."""
+        self._reserved[np.asarray(idx, dtype=np.int64)] = True
+        self.drawable = int(self.pool - self._reserved.sum())
+        if self.drawable < self.samples:
+            raise PycompressError(f"the calibration pool has {self.drawable} samples besides the "
+                                  f"{self.pool - self.drawable} reserved for refitting candidates, fewer than "
+                                  f"--samples {self.samples}")
 
     def order(self, index: int) -> np.ndarray:
-        """The pool in the order evaluation ``index`` draws it (a permutation seeded by (seed, index))."""
-        return np.random.default_rng([self.seed, int(index)]).permutation(self.pool)
+        """The drawable pool in the order evaluation ``index`` draws it (a permutation seeded by (seed, index))."""
+        order = np.random.default_rng([self.seed, int(index)]).permutation(self.pool)
+        return order[~self._reserved[order]] if self.drawable < self.pool else order
 
     def subsample(self, index: int, samples: int | None = None) -> np.ndarray:
         """Pool indices of evaluation ``index``: the first ``samples`` (default m) of its order, sorted."""
@@ -199,28 +214,28 @@ class FidelityEstimator:
         m = self.samples
         idx = np.sort(order[:m])
         losses, student = self._losses(session, idx)
-        while target_se is not None and m < self.pool:
-            mean, var = self._mean_var(losses)
+        while target_se is not None and m < self.drawable:
+            mean, var = self._mean_var(losses, self.drawable)
             t = float(target_se(mean) if callable(target_se) else target_se)
             if var <= t * t:
                 break
             s2 = float(np.var(losses, ddof=1))
             # 1/m' = 1/N + t^2 / s^2 (the finite-population variance at m' is t^2); 10% margin.
-            need = self.pool if s2 <= 0 else math.ceil(1.1 / (1.0 / self.pool + t * t / s2))
-            grown = min(self.pool, max(need, m + max(2, m // 4)))
+            need = self.drawable if s2 <= 0 else math.ceil(1.1 / (1.0 / self.drawable + t * t / s2))
+            grown = min(self.drawable, max(need, m + max(2, m // 4)))
             more = np.sort(order[m:grown])
             more_losses, more_student = self._losses(session, more)
             idx = np.concatenate([idx, more])
             losses = np.concatenate([losses, more_losses])
             student = [np.concatenate([a, b]) for a, b in zip(student, more_student)]
             m = grown
-        return self._finish(losses, student, idx)
+        return self._finish(losses, student, idx, self.drawable)
 
     def evaluate_on(self, model: ir.Model, idx: np.ndarray) -> Estimate:
         """The estimate on given pool samples (e.g. all of them, for a report)."""
         idx = np.asarray(idx, dtype=np.int64)
         losses, student = self._losses(make_session(model, threads=self.threads), idx)
-        return self._finish(losses, student, idx)
+        return self._finish(losses, student, idx, self.pool)
 
     def _losses(self, session, idx: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Per-sample losses of the student session on pool samples ``idx``, and its outputs."""
@@ -240,11 +255,11 @@ class FidelityEstimator:
             losses = cross_entropy_losses(student[0], labels)
         return losses, student
 
-    def _mean_var(self, losses: np.ndarray) -> tuple[float, float]:
-        return mean_and_variance(losses, binary=self.loss == "error", population=self.pool)
+    def _mean_var(self, losses: np.ndarray, population: int) -> tuple[float, float]:
+        return mean_and_variance(losses, binary=self.loss == "error", population=population)
 
-    def _finish(self, losses: np.ndarray, student: list[np.ndarray], idx: np.ndarray) -> Estimate:
-        mean, var = self._mean_var(losses)
+    def _finish(self, losses: np.ndarray, student: list[np.ndarray], idx: np.ndarray, population: int) -> Estimate:
+        mean, var = self._mean_var(losses, population)
         extras: dict[str, Any] = {}
         logits = _as_2d(student[0])
         teacher = self.teacher_outputs(idx)

@@ -193,7 +193,7 @@ class CompressionObjective:
 
     def __init__(self, model: ir.Model, space: SearchSpace, estimator: FidelityEstimator, *,
                  gamma: float = 1.0, context: ApplyContext | None = None, objective: str = "size",
-                 latency=None):
+                 latency=None, search_recovery=None):
         if objective not in OBJECTIVES:
             raise PycompressError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if objective == "latency" and latency is None:
@@ -206,6 +206,8 @@ class CompressionObjective:
         self.quality_scale = quality_scale(estimator)
         self.objective = objective
         self.latency = latency
+        # pipeline.recovery.SearchRecovery: refit each candidate before scoring it (None: score it as applied).
+        self.search_recovery = search_recovery
         self.counted = COUNTED[objective]
         # The original's counted cost per node: the reference of every ratio and prediction.
         self.node_costs = cost = self._node_costs(model)
@@ -331,7 +333,7 @@ class CompressionObjective:
         if key in self._cache:
             return self._cache[key]
         t0 = time.perf_counter()
-        model, plan = self._apply(self.space.decisions(theta))
+        model, plan = self._candidate(self.space.decisions(theta))
         target_se = None
         if target_sd is not None and self.gamma > 0:
             target_se = quality_target(self.loss, self.quality_scale, target_sd / self.gamma)
@@ -346,6 +348,19 @@ class CompressionObjective:
         m = Measurement(quality, quality_var, ratio, estimate, plan, time.perf_counter() - t0, ratio_var)
         self._cache[key] = m
         return m
+
+    def _candidate(self, decisions: list[LayerDecision]) -> tuple[ir.Model, Plan]:
+        """The model the search scores: the decisions applied, then (with a search recovery) refitted,
+        with the decisions applied after recovery (``Rewrite.after_recovery``: quantization) last, as
+        the compress pipeline does with the final model."""
+        if self.search_recovery is None:
+            return self._apply(decisions)
+        late = [d for d in decisions if get_rewrite(d.action).after_recovery]
+        model, plan = self._apply([d for d in decisions if not get_rewrite(d.action).after_recovery])
+        self.search_recovery(model, plan)
+        if late:
+            plan = Plan(plan.decisions + apply_plan(model, Plan(late), self.context, check=False).decisions)
+        return model, plan
 
     def __call__(self, theta: np.ndarray, index: int,
                  target_sd: float | None = None) -> tuple[float, float, dict[str, Any]]:

@@ -238,9 +238,11 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
                                **prepared_options(run, None, config["actions"])}
     # Each candidate's whole-graph calibrations run on a small fixed sample of its own values.
     activations = model_activations(data, SEARCH_CALIBRATION_SAMPLES, config["seed"])
+    search_recovery = _search_recovery(run)
     objective = CompressionObjective(model, space, run.estimator,
                                      context=ApplyContext(options=options, model_activations=activations),
-                                     objective=config.get("objective", "size"), latency=latency)
+                                     objective=config.get("objective", "size"), latency=latency,
+                                     search_recovery=search_recovery)
     space = objective.space
     if space.grouped:
         log(f"searching {space.d} coordinates over {len(space.dimensions)} sites: "
@@ -367,10 +369,36 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
         if note:
             summary["target_note"] = note
             log(f"note: {note}")
+    if search_recovery is not None:
+        # The certificate's J is on the pool less these samples (or these sources' samples).
+        summary["search_recovery"] = {"samples": int(len(search_recovery.indices)),
+                                      "sources": search_recovery.sources,
+                                      "scored_on": int(run.estimator.drawable)}
     if space.grouped:
         summary["groups"] = {name: [space.dimensions[i].site for i in idx]
                              for name, idx in zip(space.coordinate_names(), space.members) if len(idx) > 1}
     return Decided(compressed, plan, summary, _trace(config, space, result, summary), objective)
+
+
+def _search_recovery(run):
+    """``--search-recovery N``: the refit each candidate gets before it is scored (None: off)."""
+    from pycompress.pipeline.recovery import SearchRecovery
+
+    samples = int(run.config.get("search_recovery") or 0)
+    if not samples:
+        return None
+    if run.config.get("no_recover"):
+        raise PycompressError("--search-recovery scores candidates after a refit that --no-recover turns off; "
+                              "drop one of them")
+    try:
+        recovery = SearchRecovery(run.model, run.data.inputs, samples, run.config["seed"])
+    except ValueError as exc:
+        raise PycompressError(str(exc)) from None
+    run.estimator.reserve(recovery.reserved)
+    sources = f" of {', '.join(recovery.sources)}" if recovery.sources else ""
+    run.log(f"search recovery: each candidate is refitted on {len(recovery.indices)} calibration samples{sources} "
+            f"before it is scored on {run.estimator.drawable} others" + (" (other sources)" if sources else ""))
+    return recovery
 
 
 def _executor(run: Run, objective):
@@ -392,7 +420,8 @@ def _executor(run: Run, objective):
              "seed": config["seed"], "threads": settings.threads},
             {"actions": config["actions"], "granularity": config.get("granularity", "layer"),
              "max_prune": config.get("max_prune", 1.0), "align": config.get("align", 1)},
-            objective.objective, dict(objective.context.options), objective.latency)
+            objective.objective, dict(objective.context.options), objective.latency,
+            search_recovery=int(config.get("search_recovery") or 0))
         executor = RayExecutor(recipe, address)
         run.log(f"evaluations run as Ray tasks on {executor.workers} workers" + (f" ({address})" if address else ""))
         return executor
