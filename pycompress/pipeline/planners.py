@@ -395,9 +395,10 @@ def _search_recovery(run):
     except ValueError as exc:
         raise PycompressError(str(exc)) from None
     run.estimator.reserve(recovery.reserved)
-    sources = f" of {', '.join(recovery.sources)}" if recovery.sources else ""
-    run.log(f"search recovery: each candidate is refitted on {len(recovery.indices)} calibration samples{sources} "
-            f"before it is scored on {run.estimator.drawable} others" + (" (other sources)" if sources else ""))
+    sources = (f" from {len(recovery.sources)} of the data's sources (ids {', '.join(recovery.sources)}; "
+               "their other samples are not scored either)") if recovery.sources else ""
+    run.log(f"search recovery: each candidate is refitted on {len(recovery.indices)} calibration samples{sources}, "
+            f"then scored on the other {run.estimator.drawable}")
     return recovery
 
 

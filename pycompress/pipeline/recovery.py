@@ -143,9 +143,9 @@ class SearchRecovery:
     (``FidelityEstimator.reserve``): a candidate is scored on samples it was not fitted to. Where
     the data knows each sample's source (the photo of a built-in crop), the refit samples come from
     whole sources and every sample of those sources is reserved: other crops of the photos it was
-    fitted to would score a refit that learnt those photos, not one that generalises (on
-    EfficientNet-Lite0 a refit on 32 crops scored better on other crops of the same 5 photos than
-    the cross-validated full recovery, at 0.02 top-1 agreement on other photos). One batch, so the
+    fitted to would score a refit that learnt those photos, not one that generalises (on one
+    EfficientNet-Lite0 candidate a refit on 32 crops scored better on other crops of the same 5
+    photos than the cross-validated full recovery, at 0.02 top-1 agreement on other photos). One batch, so the
     ridge strength is the fixed default (no cross-validation folds): a proxy for the final
     recovery, which refits on ``--recover-samples`` with cross-validation.
     """
@@ -158,22 +158,21 @@ class SearchRecovery:
             raise ValueError(f"--search-recovery {samples}: give 2 to {n - 1} samples (the calibration pool has {n})")
         rng = np.random.default_rng([seed, 7])
         groups = sample_groups(inputs)
+        self.sources: list[str] = []         # the sources (group ids) the refit samples come from
         if groups is not None and len(np.unique(groups)) > 2:
             # Whole sources, in a seeded order, until they hold the samples; at most all but two sources.
-            order = rng.permutation(np.unique(groups))
             chosen: list = []
-            for group in order[:-2]:
+            for group in rng.permutation(np.unique(groups))[:-2]:
                 chosen.append(group)
                 if np.isin(groups, chosen).sum() >= samples:
                     break
-            self.reserved = np.flatnonzero(np.isin(groups, chosen))
+            candidates = np.flatnonzero(np.isin(groups, chosen))
             self.sources = [str(g) for g in chosen]
         else:
-            self.reserved = np.arange(n)
-            self.sources = []
-        self.indices = np.sort(rng.choice(self.reserved, min(samples, len(self.reserved)), replace=False))
-        if not self.sources:
-            self.reserved = self.indices
+            candidates = np.arange(n)
+        self.indices = np.sort(rng.choice(candidates, min(samples, len(candidates)), replace=False))
+        # What the scores never see: the refit samples, or every sample of their sources.
+        self.reserved = candidates if self.sources else self.indices
         self.teacher = teacher
         # Plain arrays: no sample groups, so one batch and no folds.
         self.inputs = {k: np.asarray(v[self.indices]) for k, v in inputs.items()}
