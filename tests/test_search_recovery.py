@@ -17,21 +17,16 @@ from pycompress.fidelity import FidelityEstimator
 from pycompress.ir import load_model
 from pycompress.pipeline import CompressionObjective, build_search_space
 from pycompress.pipeline.recovery import SearchRecovery, recover
+from pycompress.plan import LayerDecision, Plan
+from pycompress.rewrites import ApplyContext, apply_plan
 
 
 @pytest.fixture(scope="module")
 def digits_mlp(tmp_path_factory):
     """A 64-64-48-10 MLP trained on digits, exported, with its calibration data."""
-    import torch
-
     folder = tmp_path_factory.mktemp("search_recovery")
     (xtr, ytr), _ = zoo.digits()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        module = zoo.train(zoo.MLP((64, 64, 48, 10)), xtr, ytr, epochs=20)
-    finally:
-        torch.set_num_threads(threads)
+    module = zoo.train_one_thread(zoo.MLP((64, 64, 48, 10)), xtr, ytr, epochs=20)
     path = export(module, (1, 64), folder / "mlp.onnx")
     np.savez(folder / "calib.npz", x=xtr)
     return path, folder / "calib.npz"
@@ -53,9 +48,6 @@ def test_reserved_samples_are_never_drawn_and_the_rest_is_estimated_exactly(digi
         assert not np.isin(estimator.subsample(index), reserved).any()
     # Grown to the whole drawable pool: exact (no sampling variance), the mean over the other samples.
     student = model.clone()
-    from pycompress.rewrites import ApplyContext, apply_plan
-    from pycompress.plan import LayerDecision, Plan
-
     apply_plan(student, Plan([LayerDecision(next(n.name for n in model.graph if n.op_type == "Gemm"), "svd",
                                             {"rank": 4})]), ApplyContext())
     grown = estimator.evaluate(student, 0, target_se=0.0)
