@@ -390,10 +390,7 @@ def _search_recovery(run):
     if run.config.get("no_recover"):
         raise PycompressError("--search-recovery scores candidates after a refit that --no-recover turns off; "
                               "drop one of them")
-    try:
-        recovery = SearchRecovery(run.model, run.data.inputs, samples, run.config["seed"])
-    except ValueError as exc:
-        raise PycompressError(str(exc)) from None
+    recovery = SearchRecovery(run.model, run.data.inputs, samples, run.config["seed"])
     run.estimator.reserve(recovery.reserved)
     sources = (f" from {len(recovery.sources)} of the data's sources (ids {', '.join(recovery.sources)}; "
                "their other samples are not scored either)") if recovery.sources else ""

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from pycompress.errors import PycompressError
 from pycompress.ir import token_mask_input
 from pycompress.plan import Plan
 from pycompress.rewrites import get_rewrite
@@ -145,9 +146,9 @@ class SearchRecovery:
     whole sources and every sample of those sources is reserved: other crops of the photos it was
     fitted to would score a refit that learnt those photos, not one that generalises (on one
     EfficientNet-Lite0 candidate a refit on 32 crops scored better on other crops of the same 5
-    photos than the cross-validated full recovery, at 0.02 top-1 agreement on other photos). One batch, so the
-    ridge strength is the fixed default (no cross-validation folds): a proxy for the final
-    recovery, which refits on ``--recover-samples`` with cross-validation.
+    photos than the cross-validated full recovery, at 0.02 top-1 agreement on other photos).
+    One batch, so the ridge strength is the fixed default (no cross-validation folds): a proxy
+    for the final recovery, which refits on ``--recover-samples`` with cross-validation.
     """
 
     def __init__(self, teacher: ir.Model, inputs: dict[str, np.ndarray], samples: int, seed: int):
@@ -155,7 +156,8 @@ class SearchRecovery:
 
         n = len(next(iter(inputs.values())))
         if not 2 <= samples < n:
-            raise ValueError(f"--search-recovery {samples}: give 2 to {n - 1} samples (the calibration pool has {n})")
+            raise PycompressError(f"--search-recovery {samples}: give 2 to {n - 1} samples "
+                                  f"(the calibration pool has {n})")
         rng = np.random.default_rng([seed, 7])
         groups = sample_groups(inputs)
         self.sources: list[str] = []         # the sources (group ids) the refit samples come from
