@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from conftest import export
+from transformer_models import export_tiny_encoder
 from zoo import MLP, ResidualCNN
 
 from pycompress.cli import main
@@ -26,7 +27,8 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("specs")
     torch.manual_seed(0)
     return {"mlp": export(MLP(), (1, 64), folder / "mlp.onnx"),
-            "cnn": export(ResidualCNN(width=8), (1, 1, 8, 8), folder / "cnn.onnx")}
+            "cnn": export(ResidualCNN(width=8), (1, 1, 8, 8), folder / "cnn.onnx"),
+            "encoder": export_tiny_encoder(folder / "encoder.onnx")}
 
 
 @pytest.mark.parametrize("action", ACTIONS)

@@ -25,9 +25,10 @@ from pycompress.fidelity.compare import cosine_similarities
 from pycompress.fidelity.session import make_session
 from pycompress.ir import SEQUENCE_LENGTH, load_model, model_cost, save_model
 from pycompress.pipeline import recover, teacher_channel_statistics
+from pycompress.pipeline.statistics import teacher_activations
 from pycompress.plan import LayerDecision, Plan
-from pycompress.recover.finetune import finetune
 from pycompress.pretrained import export_minilm, minilm_inputs, stdlib_sentences
+from pycompress.recover.finetune import finetune
 from pycompress.rewrites import ApplyContext, apply_plan, get_rewrite
 from pycompress.rewrites.allocation import allocation_plan
 
@@ -55,6 +56,9 @@ def main() -> None:
     p.add_argument("--allocate", type=float, default=0.0,
                    help="instead of --heads/--keep: heads and FFN widths per layer from the global fluctuation "
                         "ranking (pycompress.rewrites.allocation) at this MACs ratio")
+    p.add_argument("--qk-rank", type=int, default=0,
+                   help="also keep this many query/key dimensions per head in every attention block (qk_rank, "
+                        "whitened on the calibration sentences; 0: untouched)")
     p.add_argument("--lam", type=float, default=1e-3, help="recovery ridge (relative to the mean input variance)")
     p.add_argument("--calib", type=int, default=400)
     p.add_argument("--held", type=int, default=200)
@@ -91,6 +95,8 @@ def main() -> None:
         raise SystemExit(f"--finetune {args.finetune}: only {len(sentences) - args.held} sentences are not held out")
     tag = f"a{args.allocate:g}_r{args.rank}" if args.allocate else \
         f"h{args.heads}_k{args.keep}_r{args.rank}_l{args.lam:g}"
+    if args.qk_rank:
+        tag += f"_qk{args.qk_rank}"
     if args.finetune:
         tag += f"_ft{args.finetune}"
     compressed = out / f"minilm_{tag}.onnx"
@@ -114,7 +120,13 @@ def main() -> None:
         if args.rank:
             decisions += [LayerDecision(s.name, "svd", {"rank": args.rank}) for s in get_rewrite("svd").sites(teacher)
                           if s.ok and "/attention/" in s.name]
-        plan = apply_plan(student, Plan(decisions), ApplyContext(options={"channel_statistics": stats}))
+        options = {"channel_statistics": stats}
+        if args.qk_rank:
+            qk = [LayerDecision(s.name, "qk_rank", {"rank": args.qk_rank}) for s in get_rewrite("qk_rank").sites(teacher)
+                  if s.ok]
+            decisions += qk
+            options.update(get_rewrite("qk_rank").prepare(teacher, qk, teacher_activations(teacher, calib), print))
+        plan = apply_plan(student, Plan(decisions), ApplyContext(options=options))
         before = cosine(student)
         report = recover(teacher, student, plan, calib, samples=args.calib, lam=args.lam)
         summary = {"refitted": sum(r["kept"] for r in report["layers"]), "cosine_before_recovery": before}

@@ -62,8 +62,9 @@ def attention(p, x, addmask):
     h = p["heads"]
     if h == 0:
         return x.new_zeros(B, Tn, h * D), p["ob"].expand(B, Tn, -1).clone()
-    q = (x @ p["q"].T + p["qb"]).view(B, Tn, h, D).transpose(1, 2)
-    k = (x @ p["k"].T + p["kb"]).view(B, Tn, h, D).transpose(1, 2)
+    r = p.get("dqk", D)                    # query/key width per head (qk_rank); the scale stays 1/sqrt(D)
+    q = (x @ p["q"].T + p["qb"]).view(B, Tn, h, r).transpose(1, 2)
+    k = (x @ p["k"].T + p["kb"]).view(B, Tn, h, r).transpose(1, 2)
     v = (x @ p["v"].T + p["vb"]).view(B, Tn, h, D).transpose(1, 2)
     s = (q @ k.transpose(-1, -2)) / math.sqrt(D) + addmask
     ctx = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, Tn, h * D)
@@ -103,7 +104,32 @@ def forward(emb, layers, ids, mask, capture=False):
 
 
 def macs(layers):
-    return sum(p["heads"] * HEAD_MACS + p["i"].shape[0] * NEURON_MACS + 2 * T * T * D for p in layers) / BASE_MACS
+    return sum(p["heads"] * T * 384 * (2 * p.get("dqk", D) + 2 * D) + p["i"].shape[0] * NEURON_MACS + 2 * T * T * D
+               for p in layers) / BASE_MACS
+
+
+def qk_factor(p, c, mask, r, whiten=True):
+    """Every head's query/key to rank r: the (whitened) SVD of its score form, as rewrites/qk_rank.py
+    (torch weights are [out, in]; the key bias and the query-only terms are dropped)."""
+    p = dict(p)
+    X = rows(c["x"], mask)
+    Xa = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
+    G = Xa.T @ Xa / X.shape[0]
+    S = torch.linalg.cholesky(G + 1e-6 * G.diagonal().mean() * torch.eye(385, dtype=X.dtype)) if whiten \
+        else torch.eye(385, dtype=X.dtype)
+    nq, nqb, nk = [], [], []
+    for h in range(p["heads"]):
+        sl = slice(h * D, (h + 1) * D)
+        M = torch.cat([p["q"][sl].T, p["qb"][sl][None]], 0) @ torch.cat([p["k"][sl].T, p["kb"][sl][None]], 0).T
+        M[:, -1] = 0
+        U, sv, Vt = torch.linalg.svd(S.T @ M @ S)
+        root = sv[:r].sqrt()
+        A = torch.linalg.solve_triangular(S.T, U[:, :r] * root, upper=True)
+        K = torch.linalg.solve_triangular(S.T, (root[:, None] * Vt[:r]).T, upper=True)
+        nq.append(A[:384].T), nqb.append(A[384]), nk.append(K[:384].T)
+    p["q"], p["qb"], p["k"] = torch.cat(nq, 0), torch.cat(nqb), torch.cat(nk, 0)
+    p["kb"], p["dqk"] = torch.zeros(p["k"].shape[0], dtype=X.dtype), r
+    return p
 
 
 def rows(t, mask):
@@ -472,6 +498,20 @@ def main():
                 evaluate(base, f"flap global {budget}")
                 st, _ = sequential_refit(emb, caps, base, ci["input_ids"], mask, "layer", "cv")
                 evaluate(st, f"flap global {budget} refit o+d layer")
+        if "qk" in exps:        # query/key rank per head, alone and with the global allocation
+            for r in (24, 16, 12, 8):
+                for whiten in (True, False):
+                    evaluate([qk_factor(p, c, mask, r, whiten) for p, c in zip(teacher, caps)],
+                             f"qk rank {r} {'whitened' if whiten else 'plain'}")
+            sc = scores(caps, teacher, mask, "flap")
+            for budget in (0.70, 0.78):
+                base = prune(teacher, caps, mask, *global_alloc(sc, budget, "none", caps, mask))
+                st, _ = sequential_refit(emb, caps, base, ci["input_ids"], mask, "layer", "cv")
+                evaluate(st, f"flap global {budget} refit")
+                for r in (16, 12):
+                    qk = [qk_factor(p, c, mask, r) for p, c in zip(base, caps)]
+                    st, _ = sequential_refit(emb, caps, qk, ci["input_ids"], mask, "layer", "cv")
+                    evaluate(st, f"flap global {budget} + qk rank {r} refit")
         if "refit" in exps:
             sc = scores(caps, teacher, mask, "flap")
             for hh, nn in ((12, 1152), (8, 1152), (12, 768)):

@@ -24,7 +24,7 @@ from pycompress.cli.common import (
     print_table,
 )
 from pycompress.errors import PycompressError
-from pycompress.ir import load_model
+from pycompress.ir import infer_model_shapes, load_model
 from pycompress.plan import Plan
 from pycompress.rewrites import REGISTRY, ApplyContext, get_rewrite
 from pycompress.rewrites.compose import _weight_only, check_plan_composes
@@ -138,6 +138,7 @@ def _run(args, actions: list[str]) -> int:
             working = working.clone() if working is model else working
             for decision in chosen:
                 rewrite.apply(working, _weight_only(decision), ApplyContext(options={"data_aware": False}))
+            infer_model_shapes(working, where="planned model")   # later actions may read shapes (qk_rank)
     # The guarantee: never write a plan `apply` would refuse.
     check_plan_composes(model, plan, where=str(args.output or "plan"))
     if args.output:

@@ -50,6 +50,11 @@ class AttentionHeads:
     output: ir.Node                          # O MatMul (weight [H*d, D'] on the right)
     counts: list[ShapeEntry] = field(default_factory=list)
     nodes_between: list[ir.Node] = field(default_factory=list)   # whose output shapes change
+    # The head width d of the Q and K split Reshapes (the query/key rank rewrite changes it;
+    # V keeps d); None where it is not a constant of its own.
+    qk_dims: list[ShapeEntry | None] = field(default_factory=list)
+    splits: list[ir.Node] = field(default_factory=list)   # the Q, K, V split Reshapes
+    scores: ir.Node | None = None                          # the q k^T MatMul
 
     @property
     def width(self) -> int:
@@ -181,7 +186,7 @@ def attention_heads(model: ir.Model) -> list[AttentionHeads]:
         head_dim = dims[0][3]
         heads = width // head_dim
         # The head count is spelled out (rewritten with the heads) or left to -1.
-        if any(d[3] != head_dim or d[2] not in (heads, -1) for d in dims) or heads < 2 or heads * head_dim != width:
+        if any(d[3] != head_dim or d[2] not in (heads, -1) for d in dims) or heads < 1 or heads * head_dim != width:
             continue
         counts = [_shape_entry(r, 2, 1) for (r, _), d in zip(splits, dims) if d[2] == heads]
         merge_dims = shape_entries(model, merge.inputs[1])
@@ -195,8 +200,10 @@ def attention_heads(model: ir.Model) -> list[AttentionHeads]:
             between += [r, *transposes]
         for lin in linears:
             between += [n for n in lin if n is not None]
+        qk_dims = [_shape_entry(r, 3, 0) for r, _ in splits[:2]]
         found.append(AttentionHeads(f"heads:{o_node.name}", heads, head_dim, [lin[0] for lin in linears], o_node,
-                                    counts, between))
+                                    counts, between, qk_dims, [r for r, _ in splits],
+                                    scores))
     return found
 
 

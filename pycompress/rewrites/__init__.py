@@ -16,7 +16,7 @@ from pycompress.ir import check_model, infer_model_shapes
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites.base import ActivationSource, ApplyContext, Rewrite, Site
 
-_MODULES: list[str] = ["prune_channels", "svd", "conv_lowrank", "weight_sharing", "quantize"]
+_MODULES: list[str] = ["prune_channels", "qk_rank", "svd", "conv_lowrank", "weight_sharing", "quantize"]
 
 REGISTRY: dict[str, Rewrite] = {}
 for _name in _MODULES:
@@ -54,6 +54,8 @@ def apply_plan(model: ir.Model, plan: Plan, ctx: ApplyContext | None = None, *, 
     ordered = sorted(enumerate(plan.decisions), key=lambda item: (get_rewrite(item[1].action).order, item[0]))
     finished: dict[str, Any] = {}
     for position, (_, decision) in enumerate(ordered):
+        if position and get_rewrite(decision.action).reads_shapes and ordered[position - 1][1].action != decision.action:
+            infer_model_shapes(model, where="rewritten model")   # what the earlier actions changed
         if progress:
             progress(f"[{position + 1}/{len(ordered)}] {decision.action} {decision.site}")
         result = get_rewrite(decision.action).apply(model, decision, ctx)

@@ -234,6 +234,9 @@ class Rewrite(ABC):
     # checking that nothing outside the rewrite matches them: the pipeline reads what
     # apply returned instead (tests/test_import_contracts.py scans it for these).
     created_names: ClassVar[tuple[str, ...]] = ()
+    # Finds its sites through inferred shapes (a Reshape's computed shape): apply_plan re-infers
+    # them before this action when an earlier action of the plan changed the graph.
+    reads_shapes: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

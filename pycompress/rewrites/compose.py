@@ -24,6 +24,7 @@ from itertools import groupby
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
+from pycompress.ir import infer_model_shapes
 from pycompress.plan import LayerDecision, Plan
 from pycompress.rewrites import ApplyContext, get_rewrite, validate_plan
 
@@ -78,3 +79,4 @@ def check_plan_composes(model: ir.Model, plan: Plan, *, where: str = "plan") -> 
         if i < len(levels) - 1:
             for decision in level:
                 get_rewrite(decision.action).apply(working, _weight_only(decision), context)
+            infer_model_shapes(working, where=where)    # later levels may find sites by shapes (qk_rank)
