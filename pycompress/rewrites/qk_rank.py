@@ -261,7 +261,10 @@ class QueryKeyRank(Rewrite):
         if given is not None and all(n in given for n in names):
             return given
         if ctx.activations is not None and (wanted or ctx.options.get("data_aware")):
-            return augmented_moments(names, ctx.activations, ctx.options.get("token_mask"))
+            # One pass for every block of the model, kept for the plan's other qk_rank decisions.
+            every = sorted({n for b in attention_heads(model) for n in _inputs(b)} | set(names))
+            ctx.options["qk_moments"] = augmented_moments(every, ctx.activations, ctx.options.get("token_mask"))
+            return ctx.options["qk_moments"]
         if wanted:
             raise PycompressError(f"site '{decision.site}': data-aware qk_rank needs calibration data (--data)")
         return None
