@@ -55,12 +55,24 @@ def rank_limited(path, rank):
     return model
 
 
-@pytest.mark.parametrize("data_aware", [False, True])
-def test_rank_r_scores_are_kept_exactly_against_onnxruntime(encoder, data_aware):
+def share_split_shapes(model):
+    """Q, K and V of each block read one shape tensor (Q's), as loading MiniLM merges them."""
+    from pycompress.ir.heads import attention_heads
+
+    for block in attention_heads(model):
+        for split in block.splits[1:]:
+            split.replace_input_with(1, block.splits[0].inputs[1])
+    return model
+
+
+@pytest.mark.parametrize("data_aware, shared", [(False, False), (True, False), (True, True)])
+def test_rank_r_scores_are_kept_exactly_against_onnxruntime(encoder, data_aware, shared):
     """When every head's score form has rank r, qk_rank at r changes nothing the attention sees:
-    the key bias (softmax-invariant per query) is dropped, Q and K shrink to H*r columns, the
-    shared shape Concat is copied for Q and K only, and any sequence length still runs."""
+    the key bias (softmax-invariant per query) is dropped, Q and K shrink to H*r columns, a
+    shape Concat V shares is copied for Q and K only, and any sequence length still runs."""
     teacher = rank_limited(encoder, 3)
+    if shared:
+        share_split_shapes(teacher)
     student = teacher.clone()
     calib, held = token_batch(48, seed=1), token_batch(32, seed=2)
     ctx = ApplyContext(activations=source(teacher, calib), options={"data_aware": data_aware,
