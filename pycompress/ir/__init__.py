@@ -50,6 +50,7 @@ from pycompress.ir.io import (
 )
 from pycompress.ir.linear import (
     as_matrix,
+    bias_add,
     from_matrix,
     matmul_weight_input,
     output_channel_axis,
@@ -64,6 +65,6 @@ __all__ = [
     "output_shapes", "producer", "remove_if_unused", "remove_unused_initializers", "shape_of", "token_mask_input", "truncated",
     "unique_name",
     "atomic_write_bytes", "atomic_write_text", "check_external_data", "check_model", "infer_model_shapes", "intermediate_shapes_hidden",
-    "as_matrix", "from_matrix", "matmul_weight_input", "output_channel_axis", "weight_input",
+    "as_matrix", "bias_add", "from_matrix", "matmul_weight_input", "output_channel_axis", "weight_input",
     "load_model", "model_nbytes", "save_model", "simplify_model",
 ]

@@ -62,3 +62,14 @@ def output_channel_axis(node: ir.Node, index: int, ndim: int) -> int | None:
     if ndim < 2:
         return None
     return ndim - 1 if index == 1 else ndim - 2  # MatMul: columns of B, rows of A
+
+
+def bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """The ``Add`` of a constant right after ``node`` (a MatMul's bias, as exporters write
+    ``nn.Linear``) and the input slot of the constant; None when the output goes elsewhere too."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add" and not node.outputs[0].is_graph_output():
+        add, slot = uses[0].node, 1 - uses[0].idx
+        if constant_array(add.inputs[slot]) is not None:
+            return add, slot
+    return None

@@ -35,8 +35,8 @@ import numpy as np
 import onnx_ir as ir
 
 from pycompress.errors import PycompressError
-from pycompress.ir import (add_initializer, attr_float, constant_array, node_macs, remove_unused_initializers,
-                           token_mask_input)
+from pycompress.ir import (add_initializer, attr_float, bias_add, constant_array, node_macs,
+                           remove_unused_initializers, token_mask_input)
 from pycompress.ir.channels import ChannelGroup, channel_group, channel_groups
 from pycompress.ir.channels.groups import cached_channel_groups, remember_channel_groups
 from pycompress.ir.channels.reuse import groups_after_prune
@@ -377,15 +377,6 @@ def head_scores(group: AttentionHeads, stats: dict[str, FeatureStatistics] | Non
     return per_row.reshape(group.heads, group.head_dim).sum(axis=1)
 
 
-def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
-    uses = list(node.outputs[0].uses())
-    if len(uses) == 1 and uses[0].node.op_type == "Add" and not node.outputs[0].is_graph_output():
-        add, slot = uses[0].node, 1 - uses[0].idx
-        if constant_array(add.inputs[slot]) is not None:
-            return add, slot
-    return None
-
-
 def _replace(model: ir.Model, node: ir.Node, index: int, array: np.ndarray) -> None:
     base = node.inputs[index].name or "weight"
     node.replace_input_with(index, add_initializer(model, _pruned_name(base), np.ascontiguousarray(array)))
@@ -404,7 +395,7 @@ def prune_heads(model: ir.Model, group: AttentionHeads, keep: np.ndarray,
     compensated = []
     w_o = constant_array(group.output.inputs[1])
     st = (stats or {}).get(group.output.inputs[0].name)
-    bias = _bias_add(group.output)
+    bias = bias_add(group.output)
     if st is not None and bias is not None and removed.size:
         add, slot = bias
         b = constant_array(add.inputs[slot])
@@ -413,7 +404,7 @@ def prune_heads(model: ir.Model, group: AttentionHeads, keep: np.ndarray,
         compensated.append(group.output.name)
     for node in group.projections:
         _replace(model, node, 1, constant_array(node.inputs[1])[:, cols])
-        bias = _bias_add(node)
+        bias = bias_add(node)
         if bias is not None:
             add, slot = bias
             b = constant_array(add.inputs[slot])

@@ -43,6 +43,7 @@ import onnx_ir as ir
 from pycompress.errors import PycompressError
 from pycompress.ir import (
     add_initializer,
+    bias_add,
     constant_array,
     node_macs,
     opset_version,
@@ -66,16 +67,6 @@ PREFIX = "qk:"
 JITTER = 1e-6           # of the moment's mean diagonal: a rank-deficient input stays invertible
 
 
-def _bias(node: ir.Node) -> tuple[ir.Node, int] | None:
-    """The ``Add`` of a constant bias right after ``node`` (the Add, the bias slot), if any."""
-    uses = list(node.outputs[0].uses())
-    if len(uses) == 1 and uses[0].node.op_type == "Add" and not node.outputs[0].is_graph_output():
-        add, slot = uses[0].node, 1 - uses[0].idx
-        if constant_array(add.inputs[slot]) is not None:
-            return add, slot
-    return None
-
-
 def _softmax_over_keys(model: ir.Model, block: AttentionHeads) -> bool:
     softmax = next((n for n in block.nodes_between if n.op_type == "Softmax"), None)
     if softmax is None:
@@ -97,7 +88,7 @@ def _why_not(model: ir.Model, block: AttentionHeads) -> str:
 def _split_columns(node: ir.Node, heads: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(W ``[D, H*d]``, bias ``[H*d]`` or None) of a projection, float64."""
     w = constant_array(node.inputs[1]).astype(np.float64)
-    bias = _bias(node)
+    bias = bias_add(node)
     b = None
     if bias is not None:
         raw = constant_array(bias[0].inputs[bias[1]])
@@ -289,7 +280,7 @@ class QueryKeyRank(Rewrite):
         dtype = constant_array(q_node.inputs[1]).dtype
         for node, w, b, tag in ((q_node, new_wq, new_bq, "query"), (k_node, new_wk, new_bk, "key")):
             _replace(model, node, 1, w.astype(dtype), f"qk_rank_{tag}_weight")
-            bias = _bias(node)
+            bias = bias_add(node)
             if bias is not None:
                 add, slot = bias
                 shape = constant_array(add.inputs[slot]).shape[:-1] + (heads * rank,)
