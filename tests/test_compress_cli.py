@@ -347,3 +347,17 @@ def test_help_and_info_import_no_heavy_module(small_mlp):
                               cwd=root, check=False)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == allowed, (argv, proc.stdout)
+
+
+def test_target_size_help_states_the_band():
+    """A user asking for "at most R" must know --target-size is a band: the help says its width."""
+    import argparse
+
+    from pycompress.cli import compress
+    from pycompress.pipeline.planners import TARGET_BAND
+
+    parser = argparse.ArgumentParser()
+    compress.add_parser(parser.add_subparsers())
+    action = next(a for a in parser._subparsers._group_actions[0].choices["compress"]._actions
+                  if "--target-size" in a.option_strings)
+    assert f"within {TARGET_BAND:g} of it" in action.help and f"ask for {TARGET_BAND:g} less" in action.help

@@ -211,3 +211,4 @@ def test_compress_searches_query_key_ranks_with_pruning_from_the_combined_seeds(
     assert [D // 2, D // 2] in ranks[:4] and [3, 3] in ranks[:4]
     small = load_model(out)
     assert run_model(small, token_batch(4, seed=32))[0].shape == (4, HIDDEN)
+

@@ -107,8 +107,9 @@ def add_parser(sub) -> None:
                         "stage and action (keeps the search small on deep networks)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--target-size", type=float, default=None,
-                      help="choose gamma so that the compressed layers keep about this fraction of their "
-                           "parameters (default 0.25 when --gamma is not given)")
+                      help="choose gamma so that the result keeps about this fraction of what --objective "
+                           "counts (parameters, bytes, MACs); the search keeps within 0.04 of it, so for a "
+                           "ceiling ask for 0.04 less (default 0.25 when --gamma is not given)")
     size.add_argument("--gamma", type=float, default=None, help="weight of the quality term in J (paper Eq. 2)")
     p.add_argument("--labels", nargs="?", const="", default=None, metavar="FILE.npy",
                    help="use labels (from the data, or FILE.npy): fidelity = top-1 error, Q = accuracy")

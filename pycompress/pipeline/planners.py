@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 # Points the acquisition picks are evaluated until se(J) <= this * delta (docs/pacbo.md, "Noise").
 NOISE_TARGET = 0.25
 # --target-size is a constraint: the search (its initial design excepted), the incumbent and the
-# certificate are restricted to points whose ratio is within this of the target (docs/pacbo.md).
+# certificate are restricted to points whose ratio is within this of the target (docs/pacbo.md;
+# the --target-size help states the number).
 TARGET_BAND = 0.04
 # The initial design also evaluates the band's edges, at this fraction of the band from the target.
 EDGE_FRACTION = 0.9
