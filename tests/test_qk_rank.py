@@ -123,6 +123,10 @@ def test_whitened_truncation_has_the_smaller_score_error_on_the_calibration_toke
     assert white[0] < 0.8 * plain[0] and plain[1] < white[1]
     # The new key has no bias: its query-only terms were dropped.
     assert np.allclose(factor_scores(wq, bq, wk, bk, heads, r, moment, moment)[3], 0)
+    # Projections without biases get none (up to rounding), whitened or not.
+    for m in (None, moment):
+        _, nbq, _, nbk, _ = factor_scores(wq, None, wk, None, heads, r, m, m)
+        assert np.abs(nbq).max() < 1e-9 and np.abs(nbk).max() < 1e-9
 
 
 def test_augmented_moments_leave_padding_out(encoder):
