@@ -216,3 +216,17 @@ def test_compress_searches_query_key_ranks_with_pruning_from_the_combined_seeds(
     small = load_model(out)
     assert run_model(small, token_batch(4, seed=32))[0].shape == (4, HIDDEN)
 
+
+
+def test_plan_with_pruning_writes_query_key_ranks_apply_accepts(encoder, tmp_path):
+    """`plan --actions prune,qk_rank`: the ranks are planned on the pruned model (its shapes
+    re-inferred first) and the plan composes; apply without data runs it."""
+    import json
+
+    from pycompress.cli import main
+
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(encoder), "--actions", "prune,qk_rank", "-o", str(plan)]) == 0
+    actions = [d["action"] for d in json.loads(plan.read_text())["decisions"]]
+    assert actions.count("qk_rank") == 2 and "prune" in actions
+    assert main(["apply", str(encoder), str(plan), "-o", str(tmp_path / "small.onnx")]) == 0

@@ -138,7 +138,8 @@ def _run(args, actions: list[str]) -> int:
             working = working.clone() if working is model else working
             for decision in chosen:
                 rewrite.apply(working, _weight_only(decision), ApplyContext(options={"data_aware": False}))
-            infer_model_shapes(working, where="planned model")   # later actions may read shapes (qk_rank)
+            if any(get_rewrite(a).reads_shapes for a in ordered[i + 1:]):
+                infer_model_shapes(working, where="planned model")   # as apply_plan does
     # The guarantee: never write a plan `apply` would refuse.
     check_plan_composes(model, plan, where=str(args.output or "plan"))
     if args.output:

@@ -21,12 +21,13 @@ channel analysis then reports the Reshape that blocks the projections).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir
 
 from pycompress.ir.channels import shape_entries
-from pycompress.ir.graph import attr_ints, constant_array, site_by_id
+from pycompress.ir.graph import add_initializer, attr_ints, constant_array, site_by_id
 
 _SCORE_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Where", "Cast", "Softmax", "Dropout", "Identity"})
 
@@ -73,6 +74,20 @@ class AttentionHeads:
         return {"width": self.heads, "heads": self.heads, "head_dim": self.head_dim, "kind": "attention heads",
                 "producers": [n.name for n in self.projections], "consumers": [self.output.name],
                 "producer_outputs": [n.outputs[0].name for n in self.projections]}
+
+
+def set_shape_entries(model: ir.Model, values: Iterable[tuple[ShapeEntry, int]], rename: Callable[[str], str]) -> None:
+    """Write each number into its entry's constant. Entries of one constant input share one new copy
+    (named ``rename(old name)``); the Reshape / Concat reads it, other readers keep the original."""
+    copies: dict[tuple[int, int], tuple[ShapeEntry, np.ndarray]] = {}
+    for entry, value in values:
+        key = (id(entry.node), entry.index)
+        if key not in copies:
+            copies[key] = (entry, np.array(constant_array(entry.node.inputs[entry.index]), copy=True))
+        copies[key][1].reshape(-1)[entry.entry] = value
+    for entry, array in copies.values():
+        old = entry.node.inputs[entry.index].name or "shape"
+        entry.node.replace_input_with(entry.index, add_initializer(model, rename(old), np.ascontiguousarray(array)))
 
 
 def _producer(value: ir.Value | None) -> ir.Node | None:

@@ -79,4 +79,5 @@ def check_plan_composes(model: ir.Model, plan: Plan, *, where: str = "plan") -> 
         if i < len(levels) - 1:
             for decision in level:
                 get_rewrite(decision.action).apply(working, _weight_only(decision), context)
-            infer_model_shapes(working, where=where)    # later levels may find sites by shapes (qk_rank)
+            if any(get_rewrite(d.action).reads_shapes for later in levels[i + 1:] for d in later):
+                infer_model_shapes(working, where=where)    # as apply_plan does

@@ -40,7 +40,7 @@ from pycompress.ir import (add_initializer, attr_float, bias_add, constant_array
 from pycompress.ir.channels import ChannelGroup, channel_group, channel_groups
 from pycompress.ir.channels.groups import cached_channel_groups, remember_channel_groups
 from pycompress.ir.channels.reuse import groups_after_prune
-from pycompress.ir.heads import AttentionHeads, attention_head_group, attention_heads
+from pycompress.ir.heads import AttentionHeads, attention_head_group, attention_heads, set_shape_entries
 from pycompress.plan import LayerDecision
 from pycompress.rewrites.base import (ApplyContext, ParamSpec, RefitSpec, Rewrite, SearchRange, SearchSettings, Site,
                                       param_specs)
@@ -411,15 +411,7 @@ def prune_heads(model: ir.Model, group: AttentionHeads, keep: np.ndarray,
             if b.shape[-1] == group.heads * group.head_dim:
                 _replace(model, add, slot, b[..., cols])
     _replace(model, group.output, 1, w_o[cols, :])
-    done = set()
-    for count in group.counts:
-        key = (id(count.node), count.index)
-        if key in done:
-            continue
-        done.add(key)
-        entries = np.array(constant_array(count.node.inputs[count.index]), copy=True)
-        entries.reshape(-1)[count.entry] = len(keep) * count.per_head
-        _replace(model, count.node, count.index, entries)
+    set_shape_entries(model, [(count, len(keep) * count.per_head) for count in group.counts], _pruned_name)
     for node in group.nodes_between:      # shapes are re-inferred by apply_plan
         for out in node.outputs:
             if out is not None and not out.is_graph_output():

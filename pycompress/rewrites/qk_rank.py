@@ -50,7 +50,7 @@ from pycompress.ir import (
     remove_unused_initializers,
 )
 from pycompress.ir.graph import attr_int, site_by_id
-from pycompress.ir.heads import AttentionHeads, ShapeEntry, attention_heads
+from pycompress.ir.heads import AttentionHeads, ShapeEntry, attention_heads, set_shape_entries
 from pycompress.plan import LayerDecision
 from pycompress.rewrites.base import (
     ApplyContext,
@@ -177,16 +177,6 @@ def _own_shapes(model: ir.Model, block: AttentionHeads) -> list[ShapeEntry]:
     return entries
 
 
-def _set_entry(model: ir.Model, entry: ShapeEntry, value: int, done: set) -> None:
-    key = (id(entry.node), entry.index)
-    if key in done:
-        return
-    done.add(key)
-    entries = np.array(constant_array(entry.node.inputs[entry.index]), copy=True)
-    entries.reshape(-1)[entry.entry] = value
-    entry.node.replace_input_with(entry.index, add_initializer(model, "qk_rank_shape", entries))
-
-
 def _replace(model: ir.Model, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
     node.replace_input_with(index, add_initializer(model, name, np.ascontiguousarray(array)))
 
@@ -288,9 +278,7 @@ class QueryKeyRank(Rewrite):
             elif np.abs(b).max(initial=0.0) > 1e-6 * max(1.0, float(np.abs(w).max(initial=0.0))):
                 # Without biases in, the new ones are zero up to rounding; more needs an Add to hold it.
                 raise PycompressError(f"site '{site.name}': '{node.name}' has no bias Add to take the new bias")
-        done: set = set()
-        for entry in _own_shapes(model, block):
-            _set_entry(model, entry, rank, done)
+        set_shape_entries(model, [(entry, rank) for entry in _own_shapes(model, block)], lambda old: f"{old}_qk_rank")
         for node in block.nodes_between:          # shapes are re-inferred by apply_plan
             for out in node.outputs:
                 if out is not None and not out.is_graph_output():
