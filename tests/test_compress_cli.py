@@ -100,7 +100,7 @@ def test_the_initial_design_starts_at_the_target_and_at_both_edges_of_its_band(s
     path, data, _ = small_mlp
     _, objective = _objective(path, data)
     target = 0.4
-    feasible, why = _target_domain(objective, target)
+    feasible, why = _target_domain(objective, {"target_size": target})
     assert why is None
     points = _band_points(objective, target, feasible)
     ratios = [objective.predicted_ratio(p)[0] for p in points]
@@ -112,8 +112,28 @@ def test_the_initial_design_starts_at_the_target_and_at_both_edges_of_its_band(s
         assert objective.predicted_ratio(point)[0] >= aim
     # an edge below every reachable ratio adds no copy of the target point
     low = objective.predicted_ratio(objective.space.snap(np.zeros(objective.space.d)))[0]
-    feasible_low, _ = _target_domain(objective, low)
+    feasible_low, _ = _target_domain(objective, {"target_size": low})
     assert len(_band_points(objective, low, feasible_low)) < 3
+
+
+def test_target_max_admits_no_ratio_above_the_ceiling(small_mlp):
+    """--target-max t: the feasible ratios are [t - 2 band, t] (the band under the ceiling), where
+    --target-size t admits up to t + band."""
+    from pycompress.pipeline.planners import TARGET_BAND, _target_domain
+
+    path, data, _ = small_mlp
+    _, objective = _objective(path, data)
+    rng = np.random.default_rng(0)
+    points = objective.space.snap(rng.random((4000, objective.space.d)))
+    ratios = objective.predicted_ratio(points)
+    ceiling = 0.5
+    under, why = _target_domain(objective, {"target_size": ceiling - TARGET_BAND, "target_max": ceiling})
+    around, _ = _target_domain(objective, {"target_size": ceiling})
+    assert why is None
+    kept = ratios[under(points)]
+    assert kept.size and kept.max() <= ceiling + 1e-9 and kept.min() >= ceiling - 2 * TARGET_BAND - 1e-9
+    # the same number as --target-size would admit points above it
+    assert (ratios[around(points)] > ceiling + 1e-9).any()
 
 
 def test_select_gamma_is_monotone_in_the_target(small_mlp):
@@ -186,6 +206,39 @@ def test_target_size_random_search_and_resume(small_mlp, tmp_path, capsys):
     assert main(args[:2] + ["-o", str(out), "--resume", str(run_dir), "--quiet", "--json"]) == 0
     third = json.loads(capsys.readouterr().out)
     assert third["evaluations"] == 15 and third["decisions"] == second["decisions"]
+
+
+def test_target_max_search_returns_a_result_under_the_ceiling(small_mlp, tmp_path, capsys):
+    """--target-max: a search aimed at the band under the ceiling, saved in the run folder, and a result
+    at or under the ceiling (where --target-size of the same number may return up to 0.04 more)."""
+    from pycompress.pipeline.planners import TARGET_BAND
+
+    path, data, _ = small_mlp
+    out = tmp_path / "m.onnx"
+    args = ["compress", str(path), "--data", str(data), "--actions", "test_truncate", "--method", "random",
+            "--initial", "10", "--max-evals", "12", "--seed", "1", "--quiet", "--json"]
+    assert main(args + ["-o", str(out), "--target-max", "0.45"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["target_max"] == 0.45 and result["target_size"] == pytest.approx(0.45 - TARGET_BAND)
+    assert 0.45 - 2 * TARGET_BAND - 1e-9 <= result["ratio"] <= 0.45 + 1e-9 and "target_note" not in result
+    assert json.loads((tmp_path / "m.run" / "compress.json").read_text())["target_max"] == 0.45
+    for flags, words in ((["--target-max", "0.05"], "must be more than 0.08"),
+                         (["--target-max", "0.5", "--objective", "latency"], "latency is timed"),
+                         (["--target-max", "0.5", "--target-size", "0.5"], "not allowed with")):
+        assert main(args + ["-o", str(tmp_path / "x.onnx")] + flags) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_a_result_above_the_ceiling_is_named():
+    from types import SimpleNamespace
+
+    from pycompress.pipeline.planners import _target_note
+
+    result, ceiling = SimpleNamespace(stop_reason="max_evals"), {"target_size": 0.66, "target_max": 0.7}
+    assert _target_note(ceiling, result, 0.7, "macs") is None
+    note = _target_note(ceiling, result, 0.72, "macs")
+    assert "--target-max 0.7 not met" in note and "keeps 0.720 of the macs" in note and "--max-evals" in note
+    assert _target_note({"target_size": 0.7}, result, 0.72, "macs") is None   # within --target-size's band
 
 
 def test_compress_errors(small_mlp, tmp_path, capsys):
@@ -360,4 +413,7 @@ def test_target_size_help_states_the_band():
     compress.add_parser(parser.add_subparsers())
     action = next(a for a in parser._subparsers._group_actions[0].choices["compress"]._actions
                   if "--target-size" in a.option_strings)
-    assert f"within {TARGET_BAND:g} of it" in action.help and f"ask for {TARGET_BAND:g} less" in action.help
+    assert f"within {TARGET_BAND:g} of it" in action.help and "--target-max" in action.help
+    ceiling = next(a for a in parser._subparsers._group_actions[0].choices["compress"]._actions
+                   if "--target-max" in a.option_strings)
+    assert f"aims {TARGET_BAND:g} below it" in ceiling.help and f"FRACTION - {2 * TARGET_BAND:g}" in ceiling.help

@@ -20,10 +20,6 @@ from pycompress.cli.common import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIV
 from pycompress.cli.run_folder import check_state_file, output_paths, read_run_config
 from pycompress.errors import PycompressError
 
-# Settings that define a search: a resumed run takes them from its run folder.
-_SEARCH_KEYS = ("method", "actions", "granularity", "objective", "max_prune", "align", "gamma", "target_size",
-                "loss", "use_labels", "labels", "outputs", "samples", "delta", "relative_delta", "epsilon", "seed",
-                "initial", "seed_plans", "data", "init", "energy", "points_per_fit")
 CONFIG_NAME = "compress.json"
 
 
@@ -109,7 +105,11 @@ def add_parser(sub) -> None:
     size.add_argument("--target-size", type=float, default=None,
                       help="choose gamma so that the result keeps about this fraction of what --objective "
                            "counts (parameters, bytes, MACs); the search keeps within 0.04 of it, so for a "
-                           "ceiling ask for 0.04 less (default 0.25 when --gamma is not given)")
+                           "ceiling use --target-max (default 0.25 when --gamma is not given)")
+    size.add_argument("--target-max", type=float, default=None, metavar="FRACTION",
+                      help="a ceiling: the result keeps at most this fraction of what --objective counts "
+                           "(parameters, bytes, MACs; not latency, which is timed); the search aims 0.04 "
+                           "below it and keeps within [FRACTION - 0.08, FRACTION]")
     size.add_argument("--gamma", type=float, default=None, help="weight of the quality term in J (paper Eq. 2)")
     p.add_argument("--labels", nargs="?", const="", default=None, metavar="FILE.npy",
                    help="use labels (from the data, or FILE.npy): fidelity = top-1 error, Q = accuracy")
@@ -185,6 +185,23 @@ def _words(objectives, conjunction: str) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
 
 
+def _target_size(args) -> float | None:
+    """The search's target: --target-size, or the middle of the band under --target-max (None with --gamma)."""
+    if args.gamma is not None:
+        return None
+    if args.target_max is None:
+        return args.target_size if args.target_size is not None else 0.25
+    from pycompress.pipeline.planners import TARGET_BAND
+
+    if args.objective == "latency":
+        raise PycompressError("--target-max is a ceiling on what --objective counts; latency is timed, not "
+                              "counted, so no search can promise it: use --target-size with --objective latency")
+    if args.target_max <= 2 * TARGET_BAND:
+        raise PycompressError(f"--target-max {args.target_max:g}: must be more than {2 * TARGET_BAND:g} (the search "
+                              f"keeps within [FRACTION - {2 * TARGET_BAND:g}, FRACTION])")
+    return args.target_max - TARGET_BAND
+
+
 def _config_from_args(args) -> dict[str, Any]:
     use_labels = args.labels is not None
     from pycompress.pipeline.planners import PLANNERS
@@ -217,8 +234,7 @@ def _config_from_args(args) -> dict[str, Any]:
         "method": args.method, "actions": [a.strip() for a in args.actions.split(",") if a.strip()],
         "granularity": args.granularity, "objective": args.objective, "max_prune": args.max_prune,
         "align": args.align,
-        "gamma": args.gamma, "target_size": (None if args.gamma is not None else
-                                             (args.target_size if args.target_size is not None else 0.25)),
+        "gamma": args.gamma, "target_size": _target_size(args), "target_max": args.target_max,
         "loss": args.loss or ("error" if use_labels else "norm"), "use_labels": use_labels,
         "labels": args.labels or None, "outputs": [o for o in (args.outputs or "").split(",") if o] or None,
         "samples": args.samples, "delta": args.delta, "relative_delta": args.relative_delta,
@@ -238,7 +254,9 @@ def _settings(args):
 
     return Settings(resume=args.resume, threads=args.threads, executor=args.executor, device=args.device,
                     latency_runs=args.latency_runs, points_per_fit=args.points_per_fit, max_evals=args.max_evals,
-                    time_limit=args.time_limit, energy=args.energy, target_size=args.target_size,
+                    time_limit=args.time_limit, energy=args.energy,
+                    # PFA's footprint target is already a ceiling ("keeps at most").
+                    target_size=args.target_max if args.target_max is not None else args.target_size,
                     recover_samples=args.recover_samples, no_recover=bool(args.no_recover),
                     finetune=bool(args.finetune or args.finetune_data or args.finetune_hidden
                                   or args.finetune_augment),
@@ -255,7 +273,7 @@ def run(args) -> int:
                   finetune_batch=AT_LEAST_ONE, finetune_augment=Range(0),
                   finetune_lr=POSITIVE, latency_runs=AT_LEAST_ONE, search_recovery=Range(0),
                   max_prune=FRACTION, align=AT_LEAST_ONE,
-                  target_size=FRACTION, gamma=POSITIVE, samples=AT_LEAST_ONE, delta=NON_NEGATIVE,
+                  target_size=FRACTION, target_max=FRACTION, gamma=POSITIVE, samples=AT_LEAST_ONE, delta=NON_NEGATIVE,
                   epsilon=PROBABILITY, max_evals=AT_LEAST_ONE, time_limit=POSITIVE, initial=Range(0),
                   seed=NON_NEGATIVE, threads=Range(0, 1024))
     paths = output_paths(args)

@@ -280,7 +280,7 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
     target_mode = config["gamma"] is None or config.get("gamma_from_target", False)
     feasible = None
     if target_mode and objective.objective != "latency":
-        feasible, why = _target_domain(objective, config["target_size"])
+        feasible, why = _target_domain(objective, config)
         if why:
             log(f"note: {why}")
     strategy = getattr(bo, planner_kind.strategy)
@@ -307,7 +307,10 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
     if chosen_now:
         # Gamma for the target size, from the initial design: evaluated (and saved) by the planner like
         # any evaluation, so a kill here resumes without redoing it; the search reuses them.
-        log(f"choosing gamma for target size {config['target_size']:g} on the initial design")
+        ceiling = config.get("target_max")
+        log(f"choosing gamma for target size {config['target_size']:g}"
+            + (f" (--target-max {ceiling:g}: the middle of [{ceiling - 2 * TARGET_BAND:g}, {ceiling:g}])"
+               if ceiling is not None else "") + " on the initial design")
         stop = planner.evaluate_design()
         if len(planner.observations) < 2:
             raise PycompressError(f"the budget ({stop}) ran out before 2 points of the initial design were "
@@ -363,6 +366,8 @@ def _search(run: Run, planner_kind: SearchPlanner) -> Decided:
         summary["latency_ms_before"] = latency.baseline.mean * 1e3
     if target_mode:
         summary["target_band"] = None if feasible is None else TARGET_BAND
+        if config.get("target_max") is not None:
+            summary["target_max"] = config["target_max"]
         # A latency target is checked against the timed ratio, not the counted one.
         timed = summary.get("latency_ratio")
         note = _target_note(config, result, summary["ratio"] if timed is None else timed,
@@ -490,34 +495,52 @@ def _target_point(objective, target: float) -> np.ndarray:
     return objective.space.snap(np.full(d, hi))
 
 
-def _target_domain(objective, target: float):
-    """(feasible, note): the points whose ratio is within TARGET_BAND of the target, or (None, why)
-    when no point the search can reach is there."""
+def target_bounds(config: dict[str, Any]) -> tuple[float, float]:
+    """The ratios a target search may return: --target-size +- TARGET_BAND, or [max - 2 TARGET_BAND, max]
+    under --target-max (whose ``target_size`` is the band's middle, max - TARGET_BAND)."""
+    ceiling = config.get("target_max")
+    if ceiling is not None:
+        return ceiling - 2 * TARGET_BAND, ceiling
+    return config["target_size"] - TARGET_BAND, config["target_size"] + TARGET_BAND
+
+
+def _target_domain(objective, config: dict[str, Any]):
+    """(feasible, note): the points whose ratio is within ``target_bounds``, or (None, why) when no
+    point the search can reach is there."""
     space = objective.space
+    target = config["target_size"]
+    bottom, top = target_bounds(config)
     low = objective.predicted_ratio(space.snap(np.zeros(space.d)))[0]
     high = objective.predicted_ratio(space.snap(np.ones(space.d)))[0]
-    if target < low - TARGET_BAND:
+    if top < low:
         return None, (f"target {target:g} cannot be reached: the searched actions keep at least {low:.3f} "
                       f"of the {objective.counted.replace('_', ' ')} (every site at its smallest value)")
-    if target > high + TARGET_BAND:
+    if bottom > high:
         return None, (f"target {target:g} cannot be reached: the searched sites keep at most {high:.3f} "
                       f"of the {objective.counted.replace('_', ' ')}")
+    # A hair of slack: --target-max 0.7 must admit a ratio of exactly 0.7 despite float rounding.
+    bottom, top = bottom - 1e-12, top + 1e-12
 
     def feasible(points: np.ndarray) -> np.ndarray:
-        return np.abs(objective.predicted_ratio(np.atleast_2d(points)) - target) <= TARGET_BAND
+        ratio = objective.predicted_ratio(np.atleast_2d(points))
+        return (ratio >= bottom) & (ratio <= top)
 
     return feasible, None
 
 
 def _target_note(config, result, ratio: float, counted: str) -> str | None:
-    """A plain sentence when the result misses --target-size by more than 0.05, saying why."""
-    target = config.get("target_size")
-    if target is None or abs(ratio - target) <= 0.05:
+    """A plain sentence when the result is above --target-max, or misses --target-size by more than
+    0.05, saying why."""
+    target, ceiling = config.get("target_size"), config.get("target_max")
+    if target is None or (ratio <= ceiling + 1e-9 if ceiling is not None else abs(ratio - target) <= 0.05):
         return None
     why = ({"max_evals": "the evaluation budget ran out first (raise --max-evals)",
             "time_limit": "the time limit ran out first (raise --time-limit)"}.get(result.stop_reason)
            or "no gamma puts the optimum of J = gamma Q + 1/R there: the fidelity changes steeply around that "
               "ratio, so the best trade-off jumps past it (choose --gamma, or another target)")
+    if ceiling is not None:
+        return (f"--target-max {ceiling:g} not met: the result keeps {ratio:.3f} of the {counted} (no evaluated "
+                f"point was at or under it); {why}")
     return f"target {target:g} not reached: the result keeps {ratio:.3f} of the {counted}; {why}"
 
 
