@@ -310,6 +310,29 @@ def test_global_allocation_prunes_the_layer_that_matters_least_and_meets_the_mac
     assert search_seeds(teacher, None) == []
 
 
+def test_aligned_allocation_cuts_channel_groups_in_whole_chunks():
+    """``allocate(..., align)``: channel groups keep multiples of ``align`` (onnxruntime pads other
+    widths), chunks go by their mean score per MAC, heads stay single units, and the MACs
+    removed reach the budget."""
+    from pycompress.rewrites.allocation import SiteUnits, allocate
+
+    rng = np.random.default_rng(0)
+    cheap = SiteUnits("group:a", rng.random(100) * 0.1, 1.0, 7)      # width 100: not a multiple
+    dear = SiteUnits("group:b", 1.0 + rng.random(64), 1.0, 4)
+    heads = SiteUnits("heads:c", np.array([0.05, 0.06, 3.0, 4.0]), 20.0, 1)
+    units = [cheap, dear, heads]
+    free = allocate(units, 57.0)
+    aligned = allocate(units, 57.0, align=16)
+    assert free["group:a"] % 16 != 0
+    assert aligned["group:a"] % 16 == 0 and aligned["group:b"] % 16 == 0 and aligned["group:a"] >= 16
+    assert aligned["group:b"] == 64          # the dear group is not touched before the cheap one is spent
+    assert aligned["heads:c"] < 4 and aligned["heads:c"] >= 1     # heads are units: not rounded to 16
+    removed = sum((u.width - aligned[u.site]) * u.unit_macs for u in units)
+    assert removed >= 57.0
+    # at most one chunk beyond what one-at-a-time removal takes
+    assert removed <= sum((u.width - free[u.site]) * u.unit_macs for u in units) + 16 + 20
+
+
 def test_compress_seeds_a_token_model_search_with_the_global_allocation(encoder, tmp_path, capsys):
     """A search over a token model evaluates the allocation plans (MACs 0.9, 0.8, 0.7 without a
     target) before its own design."""
