@@ -59,6 +59,8 @@ def test_reserved_samples_are_never_drawn_and_the_rest_is_estimated_exactly(digi
 
 
 def test_the_search_scores_each_candidate_after_its_refit(digits_mlp):
+    from pycompress.recover.layerwise import FOLDS
+
     path, data = digits_mlp
     model, calib, estimator = _estimator(path, data)
     space, _ = build_search_space(model, ["svd"])
@@ -72,11 +74,11 @@ def test_the_search_scores_each_candidate_after_its_refit(digits_mlp):
     objective = CompressionObjective(model, space, estimator2, search_recovery=refit)
     after = objective.measure(theta, 4)
     assert after.ratio == pytest.approx(before.ratio)
-    # The same as refitting the applied candidate by hand on the reserved samples and scoring it on
-    # evaluation 4's subsample, which holds none of them.
+    # The same as refitting the applied candidate by hand on the reserved samples (in FOLDS batches:
+    # the ridge by cross-validation) and scoring it on evaluation 4's subsample, which holds none of them.
     student, plan = objective._apply(objective.space.decisions(theta))
     recover(model, student, plan, {k: np.asarray(v)[refit.indices] for k, v in calib.inputs.items()},
-            samples=128, batch_size=128, seed=0)
+            samples=128, batch_size=128 // FOLDS, seed=0)
     by_hand = estimator2.evaluate(student, 4)
     assert after.estimate.mean == pytest.approx(by_hand.mean, rel=1e-6)
     assert not np.isin(estimator2.subsample(4), refit.indices).any()

@@ -147,8 +147,12 @@ class SearchRecovery:
     fitted to would score a refit that learnt those photos, not one that generalises (on one
     EfficientNet-Lite0 candidate a refit on 32 crops scored better on other crops of the same 5
     photos than the cross-validated full recovery, at 0.02 top-1 agreement on other photos).
-    One batch, so the ridge strength is the fixed default (no cross-validation folds): a proxy
-    for the final recovery, which refits on ``--recover-samples`` with cross-validation.
+    The samples go in ``FOLDS`` batches, so the refit chooses each layer's ridge strength by
+    cross-validation and keeps a refit only where it lowers the left-out error, as the final
+    recovery does. With one batch (a fixed ridge, every refit kept) a refit on 64 of MiniLM's
+    sentences made candidates *worse* on the other calibration sentences (output error 0.174
+    before the refit, 0.283 after it); with the folds it makes them better (0.130). Each refit
+    costs about 2x as much.
     """
 
     def __init__(self, teacher: ir.Model, inputs: dict[str, np.ndarray], samples: int, seed: int):
@@ -176,11 +180,13 @@ class SearchRecovery:
         # What the scores never see: the refit samples, or every sample of their sources.
         self.reserved = candidates if self.sources else self.indices
         self.teacher = teacher
-        # Plain arrays: no sample groups, so one batch and no folds.
+        # Plain arrays (no sample groups): the folds are the batches.
         self.inputs = {k: np.asarray(v[self.indices]) for k, v in inputs.items()}
         self.seed = seed
 
     def __call__(self, student: ir.Model, plan: Plan) -> None:
         """Refit ``student`` (compressed by ``plan``) in place."""
-        recover(self.teacher, student, plan, self.inputs, samples=len(self.indices), batch_size=len(self.indices),
-                seed=self.seed)
+        from pycompress.recover.layerwise import FOLDS
+
+        recover(self.teacher, student, plan, self.inputs, samples=len(self.indices),
+                batch_size=max(1, -(-len(self.indices) // FOLDS)), seed=self.seed)

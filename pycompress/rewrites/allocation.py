@@ -96,7 +96,7 @@ def allocate(units: list[SiteUnits], remove_macs: float, align: int = 1) -> dict
         cuts = [0, *range((u.width - floor) % step or step, len(ordered) + 1, step)] if ordered.size else [0]
         chunks = [(float(ordered[a:b].mean()), b - a) for a, b in zip(cuts, cuts[1:]) if b > a]
         # A running maximum keeps each site's steps in order in the global sort.
-        level = 0.0
+        level = -math.inf
         for mean, size in chunks:
             level = max(level, mean)
             steps.append((level / u.unit_macs, i, size))
