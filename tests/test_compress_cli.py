@@ -134,6 +134,10 @@ def test_target_max_admits_no_ratio_above_the_ceiling(small_mlp):
     assert kept.size and kept.max() <= ceiling + 1e-9 and kept.min() >= ceiling - 2 * TARGET_BAND - 1e-9
     # the same number as --target-size would admit points above it
     assert (ratios[around(points)] > ceiling + 1e-9).any()
+    # a ceiling under every reachable ratio is said in its own words
+    low = objective.predicted_ratio(objective.space.snap(np.zeros(objective.space.d)))[0]
+    none, why = _target_domain(objective, {"target_size": low / 2 - TARGET_BAND, "target_max": low / 2})
+    assert none is None and why.startswith(f"--target-max {low / 2:g} cannot be reached")
 
 
 def test_select_gamma_is_monotone_in_the_target(small_mlp):

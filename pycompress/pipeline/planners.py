@@ -508,15 +508,16 @@ def _target_domain(objective, config: dict[str, Any]):
     """(feasible, note): the points whose ratio is within ``target_bounds``, or (None, why) when no
     point the search can reach is there."""
     space = objective.space
-    target = config["target_size"]
+    ceiling = config.get("target_max")
+    target = f"--target-max {ceiling:g}" if ceiling is not None else f"target {config['target_size']:g}"
     bottom, top = target_bounds(config)
     low = objective.predicted_ratio(space.snap(np.zeros(space.d)))[0]
     high = objective.predicted_ratio(space.snap(np.ones(space.d)))[0]
     if top < low:
-        return None, (f"target {target:g} cannot be reached: the searched actions keep at least {low:.3f} "
+        return None, (f"{target} cannot be reached: the searched actions keep at least {low:.3f} "
                       f"of the {objective.counted.replace('_', ' ')} (every site at its smallest value)")
     if bottom > high:
-        return None, (f"target {target:g} cannot be reached: the searched sites keep at most {high:.3f} "
+        return None, (f"{target} cannot be reached: the searched sites keep at most {high:.3f} "
                       f"of the {objective.counted.replace('_', ' ')}")
     # A hair of slack: --target-max 0.7 must admit a ratio of exactly 0.7 despite float rounding.
     bottom, top = bottom - 1e-12, top + 1e-12
